@@ -1,0 +1,1 @@
+"""Calibration methods that choose better codes (GPTQ, AWQ, ...): see the open issues."""

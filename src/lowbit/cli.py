@@ -1,0 +1,202 @@
+"""The ``lowbit`` command: quantize, eval, compare, formats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+DEFAULT_FORMATS = (
+    "fp16,bf16,fp8-e4m3,fp8-e5m2,q8_0,int8,q5_1,q5_0,q4_1,q4_0,nf4,nf4-dq,fp4,"
+    "int4-g128,int4-asym-g128,int4-asym-g128-clip,int3-asym-g64-clip,int2-asym-g32-clip"
+)
+
+
+def _text(args: argparse.Namespace) -> tuple[str | None, str]:
+    if args.text:
+        from lowbit.eval.data import read_text_file
+
+        return read_text_file(args.text), Path(args.text).name
+    return None, "wiki-eval (gensim's Wikipedia articles, evaluation split)"
+
+
+def cmd_formats(args: argparse.Namespace) -> int:
+    from lowbit.formats import get_format, list_formats
+
+    shape = (4096, 4096)
+    print(f"{'format':<40} {'bpw (4096x4096)':>16}  description")
+    for name in list_formats():
+        if "<" in name:
+            print(f"{name:<40} {'':>16}  integer family, e.g. int4-g128, int3-asym-g64-clip")
+            continue
+        f = get_format(name)
+        gguf = " [GGUF]" if f.gguf_type is not None else ""
+        print(f"{name:<40} {f.bits_per_weight(shape):>16.4f}  {f.description}{gguf}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.formats import get_format
+    from lowbit.model.load import resolve_model_path
+
+    fmt = get_format(args.format)
+    src = resolve_model_path(args.model)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise LowbitError(f"{out}: already exists (use --force to overwrite)")
+    if out.suffix.lower() != ".gguf":
+        raise LowbitError(f"{out}: lowbit writes .gguf files (other engines' formats are on the roadmap)")
+    if not src.is_file():
+        raise LowbitError(f"{src}: GGUF output needs a GGUF source model for now (converting a Hugging Face directory is on the roadmap)")
+    from lowbit.io.gguf_out import write_gguf
+
+    report = write_gguf(src, out, fmt.name, progress=not args.quiet)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
+    print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.eval.runner import Evaluation, torch_logits_fn
+    from lowbit.model.load import load_model
+    from lowbit.model.quantize import quantize_model
+
+    text, text_name = _text(args)
+    if text is None:
+        from lowbit.eval.data import eval_text
+
+        text = eval_text()
+    ref = load_model(args.reference or args.model)
+    ev = Evaluation(ref, text, n_ctx=args.ctx, max_chunks=args.chunks, progress=not args.quiet)
+    try:
+        base = ev.run(torch_logits_fn(ref.model, args.ctx), "original", as_reference=True)
+        label = args.format or Path(args.model).name
+        if args.engine == "llama.cpp":
+            from lowbit.eval.llamacpp import LlamaCppModel
+            from lowbit.model.load import resolve_model_path
+
+            path = resolve_model_path(args.model)
+            if not path.is_file():
+                raise LowbitError(f"{path}: --engine llama.cpp evaluates a GGUF file")
+            res = ev.run(LlamaCppModel(path, n_ctx=args.ctx).logits_fn(), f"{label} (llama.cpp)")
+            size = path.stat().st_size
+        else:
+            if args.reference:
+                model = load_model(args.model).model
+                size = resolve_size(args.model)
+            else:
+                model = ref.model
+                size = None
+            bpw = None
+            if args.format:
+                report = quantize_model(model, args.format, progress=not args.quiet)
+                size, bpw = report.size_bytes, report.bits_per_weight
+            res = ev.run(torch_logits_fn(model, args.ctx), label)
+            res["bits_per_weight"] = bpw if bpw is not None else float("nan")
+    finally:
+        ev.close()
+    res["size_bytes"] = float(size) if size is not None else float("nan")
+    print(f"text: {text_name}, {int(res['tokens'])} scored tokens in {int(res['chunks'])} chunks of {args.ctx}")
+    print(f"original PPL {base['ppl']:.4f} ± {base['ppl_err']:.4f}")
+    print(f"{label}: PPL {res['ppl']:.4f} ± {res['ppl_err']:.4f}", end="")
+    if "kld_mean" in res:
+        print(f", KLD mean {res['kld_mean']:.6f}, p99 {res['kld_p99']:.5f}, same top token {100 * res['same_top']:.2f}%", end="")
+    if res.get("bits_per_weight") == res.get("bits_per_weight") and "bits_per_weight" in res:
+        print(f", {res['bits_per_weight']:.3f} bits/weight", end="")
+    if res["size_bytes"] == res["size_bytes"]:
+        print(f", {res['size_bytes'] / 1e6:.1f} MB", end="")
+    print()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"original": base, "result": res}, indent=2) + "\n")
+    return 0
+
+
+def resolve_size(spec: str) -> int | None:
+    from lowbit.model.load import resolve_model_path
+
+    p = resolve_model_path(spec)
+    return p.stat().st_size if p.is_file() else None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lowbit.eval.compare import compare, default_out_dir
+    from lowbit.eval.report import markdown_table, plot, summary, write_json
+    from lowbit.formats import get_format
+    from lowbit.model.load import load_model
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    for f in formats:
+        get_format(f)
+    text, text_name = _text(args)
+    loaded = load_model(args.model)
+    cmp = compare(loaded, formats, text=text, text_name=text_name, n_ctx=args.ctx,
+                  max_chunks=args.chunks, progress=not args.quiet)
+    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(loaded.name)
+    print(summary(cmp))
+    for n in cmp.notes:
+        print(f"note: {n}")
+    print(markdown_table(cmp, times=True))
+    write_json(cmp, out_dir / "compare.json")
+    plot(cmp, out_dir / "compare.png")
+    (out_dir / "compare.md").write_text(summary(cmp) + "\n\n" + markdown_table(cmp, times=True) + "\n")
+    print(f"wrote {out_dir / 'compare.md'}, {out_dir / 'compare.json'}, {out_dir / 'compare.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what each format costs.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common_eval(sp: argparse.ArgumentParser, chunks: int | None) -> None:
+        sp.add_argument("--text", help="UTF-8 text file to evaluate on (default: the bundled Wikipedia split)")
+        sp.add_argument("--ctx", type=int, default=512, help="context length per chunk (default 512)")
+        sp.add_argument("--chunks", type=int, default=chunks, help="evaluate only the first N chunks")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser("formats", help="list the formats and their bits per weight")
+    sp.set_defaults(func=cmd_formats)
+
+    sp = sub.add_parser("quantize", help="quantize a model and write a GGUF file")
+    sp.add_argument("model", help="a .gguf file, a Hugging Face directory, or 'smollm2'")
+    sp.add_argument("--format", "-f", required=True, help="format name (see 'lowbit formats')")
+    sp.add_argument("--out", "-o", required=True, help="output file (.gguf)")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_quantize)
+
+    sp = sub.add_parser("eval", help="perplexity, and KLD / same-top-token against the original")
+    sp.add_argument("model", help="model to evaluate (a .gguf file, a directory, or 'smollm2')")
+    sp.add_argument("--format", "-f", help="quantize the model in memory with this format first")
+    sp.add_argument("--reference", help="original model to compare with (default: MODEL itself)")
+    sp.add_argument("--engine", choices=("torch", "llama.cpp"), default="torch",
+                    help="run MODEL with lowbit's PyTorch path or with llama.cpp (GGUF only)")
+    sp.add_argument("--json", help="also write the results to this JSON file")
+    common_eval(sp, None)
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("compare", help="quantize into several formats and tabulate the loss of each")
+    sp.add_argument("model", nargs="?", default="smollm2", help="model (default: the bundled SmolLM2-135M)")
+    sp.add_argument("--formats", default=DEFAULT_FORMATS, help="comma-separated format names")
+    sp.add_argument("--out-dir", help="where compare.md/.json/.png go (default runs/<model>)")
+    common_eval(sp, 20)
+    sp.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Evaluate a GGUF file with llama.cpp (through llama-cpp-python) on the same chunks.
+
+The token ids are lowbit's (from the model's own tokenizer), fed to llama.cpp unchanged, so a
+difference in the scores comes from the arithmetic and not from tokenization.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.eval.runner import LogitsFn
+
+
+class LlamaCppModel:
+    def __init__(self, path: Path, n_ctx: int = 512, n_threads: int | None = None) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise LowbitError("llama.cpp evaluation needs llama-cpp-python (see the README's install step)") from None
+        self.n_ctx = n_ctx
+        self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                         n_threads=n_threads or os.cpu_count() or 1, verbose=False)
+
+    def logits_fn(self) -> LogitsFn:
+        keep = self.n_ctx - self.n_ctx // 2
+
+        def fn(chunk: torch.Tensor) -> torch.Tensor:
+            self.llm.reset()
+            self.llm._ctx.memory_clear(True) if hasattr(self.llm._ctx, "memory_clear") else None
+            self.llm.eval(chunk.tolist())
+            scores = np.asarray(self.llm.scores[: self.n_ctx])
+            return torch.from_numpy(scores[self.n_ctx - keep : self.n_ctx - 1].copy()).float()
+
+        return fn
+
+    def close(self) -> None:
+        self.llm.close()

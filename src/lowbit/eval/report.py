@@ -1,0 +1,89 @@
+"""Tables, JSON and plots of comparison results."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from lowbit.eval.compare import Comparison
+
+COLUMNS = [
+    ("format", "format", "{}"),
+    ("bpw", "bits/weight", "{:.3f}"),
+    ("linear_bpw", "linear bpw", "{:.3f}"),
+    ("size_mb", "size MB", "{:.1f}"),
+    ("ppl", "PPL", "{:.3f}"),
+    ("dppl_pct", "ΔPPL %", "{:+.2f}"),
+    ("kld_mean", "KLD", "{:.5f}"),
+    ("kld_p99", "KLD p99", "{:.4f}"),
+    ("same_top_pct", "same top %", "{:.2f}"),
+]
+TIMES = [("quant_s", "quantize s", "{:.1f}"), ("eval_s", "eval s", "{:.1f}")]
+
+
+def markdown_table(cmp: Comparison, times: bool = False) -> str:
+    cols = COLUMNS + (TIMES if times else [])
+    head = "| " + " | ".join(c[1] for c in cols) + " |"
+    sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|"
+    lines = [head, sep]
+    base = {"format": "original (f32)", "bpw": 32.0, "linear_bpw": 32.0, "size_mb": cmp.n_params * 4 / 1e6,
+            "ppl": cmp.base["ppl"], "dppl_pct": 0.0, "kld_mean": 0.0, "kld_p99": 0.0, "same_top_pct": 100.0,
+            "quant_s": 0.0, "eval_s": cmp.base["eval_seconds"]}
+    for row in [base, *cmp.rows()]:
+        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in cols) + " |")
+    return "\n".join(lines)
+
+
+def summary(cmp: Comparison) -> str:
+    return (
+        f"{cmp.model} ({cmp.arch}, {cmp.n_params / 1e6:.1f}M parameters) on {cmp.text} "
+        f"(sha256 {cmp.text_sha}): {cmp.chunks} chunks of {cmp.n_ctx} tokens, {cmp.tokens} scored tokens, "
+        f"second half of each chunk scored (llama-perplexity's method). Original PPL "
+        f"{cmp.base['ppl']:.3f} ± {cmp.base['ppl_err']:.3f}."
+    )
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def write_json(cmp: Comparison, path: Path, extra: dict[str, object] | None = None) -> None:
+    doc = {"summary": summary(cmp), "rows": cmp.rows(), "comparison": asdict(cmp)}
+    if extra:
+        doc.update(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def plot(cmp: Comparison, path: Path) -> None:
+    """Two panels against whole-model bits per weight: mean KLD (log scale) and ΔPPL %."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = cmp.rows()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, label, log in ((axes[0], "kld_mean", "mean KL divergence vs original", True),
+                                (axes[1], "dppl_pct", "perplexity increase (%)", False)):
+        xs = [r["bpw"] for r in rows]
+        ys = [max(float(r[key]), 1e-7) if log else float(r[key]) for r in rows]
+        ax.scatter(xs, ys, s=28, zorder=3)
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(str(r["format"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (whole model)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{cmp.model}: loss against size ({cmp.tokens} tokens of {cmp.text})", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.part-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

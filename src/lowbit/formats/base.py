@@ -1,0 +1,152 @@
+"""The format interface and the registry of formats by name.
+
+A format turns a 2-D float tensor ``[rows, cols]`` (rows = output features, cols = input
+features, the layout of ``nn.Linear.weight``) into a :class:`QTensor` holding codes and
+scales, and turns a QTensor back into floats.  Blocks and groups always run along a row
+(the input dimension), as llama.cpp, GPTQ and bitsandbytes all do.
+
+Each format file registers itself with :func:`register` (an exact name) or
+:func:`register_family` (a parser for a family of names such as ``int4-g128``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lowbit.errors import FormatError
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor: the format's name, the original shape, and its stored parts."""
+
+    format: str
+    shape: tuple[int, int]
+    parts: dict[str, torch.Tensor]
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+    def to(self, device: torch.device | str) -> "QTensor":
+        return QTensor(self.format, self.shape, {k: v.to(device) for k, v in self.parts.items()}, dict(self.meta))
+
+
+class Format:
+    """Base class. Subclasses set ``name`` and implement the three methods below."""
+
+    name: str = ""
+    #: Number of consecutive input columns that share scales (0 = no constraint).
+    block_size: int = 0
+    #: The GGUF tensor type this format writes as, or None if GGUF cannot hold it.
+    gguf_type: int | None = None
+    description: str = ""
+
+    def quantize(self, w: torch.Tensor) -> QTensor:
+        raise NotImplementedError
+
+    def dequantize(self, q: QTensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def storage_bits(self, shape: tuple[int, int]) -> int:
+        """Exact number of bits stored for a tensor of ``shape``, scales and zero points included."""
+        raise NotImplementedError
+
+    def bits_per_weight(self, shape: tuple[int, int]) -> float:
+        return self.storage_bits(shape) / (shape[0] * shape[1])
+
+    # ---- shared checks -------------------------------------------------------------
+    def check(self, w: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+        """Validate ``w`` and return it as contiguous float32; raise FormatError naming ``name``."""
+        if w.dim() != 2:
+            raise FormatError(f"{name}: format {self.name} needs a 2-D tensor, got shape {tuple(w.shape)}")
+        if self.block_size and w.shape[1] % self.block_size:
+            raise FormatError(
+                f"{name}: {w.shape[1]} columns are not divisible by the block size {self.block_size} of {self.name}"
+            )
+        w = w.detach().to(torch.float32).contiguous()
+        if not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise FormatError(f"{name}: {bad} NaN or Inf values in the weights; refusing to quantize")
+        return w
+
+    def roundtrip(self, w: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(self.quantize(w))
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}>"
+
+
+_EXACT: dict[str, Format] = {}
+_FAMILIES: list[tuple[str, Callable[[str], Format | None]]] = []
+
+
+def register(fmt: Format) -> Format:
+    key = fmt.name.lower()
+    if key in _EXACT:
+        raise ValueError(f"format {fmt.name} registered twice")
+    _EXACT[key] = fmt
+    return fmt
+
+
+def register_family(example: str, parser: Callable[[str], Format | None]) -> None:
+    """Register a parser for a family of names; ``example`` is shown in listings."""
+    _FAMILIES.append((example, parser))
+
+
+def get_format(name: str) -> Format:
+    key = name.strip().lower()
+    if key in _EXACT:
+        return _EXACT[key]
+    for _, parser in _FAMILIES:
+        fmt = parser(key)
+        if fmt is not None:
+            return fmt
+    known = ", ".join(sorted(_EXACT)) + ", " + ", ".join(ex for ex, _ in _FAMILIES)
+    raise FormatError(f"unknown format '{name}'. Known formats: {known}")
+
+
+def list_formats() -> list[str]:
+    """Names of the fixed formats plus an example of each family."""
+    return sorted(_EXACT) + [ex for ex, _ in _FAMILIES]
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pack_nibbles_lohi(q: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 codes < 16 in pairs along the last dim: element 2i low nibble, 2i+1 high."""
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_nibbles_lohi(p: torch.Tensor) -> torch.Tensor:
+    lo = p & 0x0F
+    hi = p >> 4
+    return torch.stack([lo, hi], dim=-1).flatten(-2)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes of ``bits`` bits each (last dim) into a little-endian bit stream of bytes."""
+    n = codes.shape[-1]
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    stream = ((codes.to(torch.uint8).unsqueeze(-1) >> shifts) & 1).flatten(-2)
+    pad = (-stream.shape[-1]) % 8
+    if pad:
+        stream = torch.nn.functional.pad(stream, (0, pad))
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=codes.device)).to(torch.uint8)
+    out = (stream.reshape(*stream.shape[:-1], -1, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+    assert out.shape[-1] == ceil_div(n * bits, 8)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``n`` codes of ``bits`` bits each along the last dim, as uint8."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    stream = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., : n * bits]
+    weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).to(torch.uint8)
+    return (stream.reshape(*stream.shape[:-1], n, bits) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)

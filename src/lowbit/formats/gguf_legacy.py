@@ -1,0 +1,117 @@
+"""llama.cpp's legacy block types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, byte-identical with libggml.
+
+Blocks of 32 consecutive weights along a row.  The arithmetic follows ggml's reference
+quantizers step by step in float32 (the same operations in the same order), so the bytes match:
+
+* Q4_0 / Q5_0: ``d = v / -8`` (``-16``) where ``v`` is the element of largest magnitude (first one
+  on ties), codes ``min(15, trunc(x/d + 8.5))`` (``31`` and ``16.5``); ``x ≈ d * (q - 8)``.
+* Q4_1 / Q5_1: ``d = (max - min) / 15`` (``31``), ``m = min``, codes ``trunc((x - m)/d + 0.5)``;
+  ``x ≈ d * q + m``.
+* Q8_0: ``d = absmax / 127``, codes ``roundf(x/d)`` (half away from zero); ``x ≈ d * q``.
+
+``x/d`` is computed as ``x * (1/d)`` in float32, as ggml does; ``d`` and ``m`` are stored as FP16.
+Layout of one block: ``d`` (fp16) [``m`` (fp16)] [``qh``: 32 high bits, little-endian] then the
+codes, 4-bit codes packed as element j in the low nibble and element j+16 in the high nibble of
+byte j.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.formats.base import Format, QTensor, pack_bits, register, unpack_bits
+
+QK = 32
+
+
+def roundf(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf: round half away from zero, exactly (no x + 0.5 double rounding)."""
+    a = x.abs()
+    fl = torch.floor(a)
+    return torch.sign(x) * (fl + torch.floor(2 * (a - fl)))
+
+
+def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.float16).reshape(-1, 1).view(torch.uint8)
+
+
+def _f16_from(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).to(torch.float32)
+
+
+class LegacyGGUF(Format):
+    block_size = QK
+
+    def __init__(self, name: str, gguf_type: int, bits: int, affine: bool) -> None:
+        self.name = name
+        self.gguf_type = gguf_type
+        self.bits = bits
+        self.affine = affine
+        head = 4 if affine else 2
+        self.type_size = head + (4 if bits == 5 else 0) + (QK if bits == 8 else QK // 2)
+        self.description = f"llama.cpp {name.upper()}, blocks of 32, {'d and min' if affine else 'd only'} in FP16"
+
+    # ---------------------------------------------------------------------------------
+    def quantize(self, w: torch.Tensor, name: str = "tensor") -> QTensor:
+        w = self.check(w, name)
+        rows, cols = w.shape
+        x = w.reshape(-1, QK)
+        head: list[torch.Tensor]
+        if self.bits == 8:
+            d = x.abs().amax(dim=1, keepdim=True) / 127
+            inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+            q = roundf(x * inv).to(torch.int8).view(torch.uint8)
+            body = [_f16_bytes(d), q]
+        else:
+            nmax = 2**self.bits - 1
+            if self.affine:
+                lo = x.amin(dim=1, keepdim=True)
+                hi = x.amax(dim=1, keepdim=True)
+                d = (hi - lo) / nmax
+                inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+                q = torch.trunc((x - lo) * inv + 0.5)
+                head = [_f16_bytes(d), _f16_bytes(lo)]
+            else:
+                idx = x.abs().argmax(dim=1, keepdim=True)
+                d = x.gather(1, idx) / -(2 ** (self.bits - 1))
+                inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+                q = torch.trunc(x * inv + (2 ** (self.bits - 1) + 0.5))
+                head = [_f16_bytes(d)]
+            q = q.clamp(0, nmax).to(torch.uint8)
+            low = q & 0x0F
+            nib = low[:, : QK // 2] | (low[:, QK // 2 :] << 4)
+            if self.bits == 5:
+                head.append(pack_bits(q >> 4, 1))
+            body = head + [nib]
+        blocks = torch.cat(body, dim=1)
+        return QTensor(self.name, (rows, cols), {"blocks": blocks.reshape(rows, -1)})
+
+    def dequantize(self, qt: QTensor) -> torch.Tensor:
+        blocks = qt.parts["blocks"].reshape(-1, self.type_size)
+        d = _f16_from(blocks[:, 0:2])
+        if self.bits == 8:
+            q = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
+            return (d * q).reshape(qt.shape)
+        pos = 4 if self.affine else 2
+        if self.bits == 5:
+            high = unpack_bits(blocks[:, pos : pos + 4], 1, QK)
+            pos += 4
+        nib = blocks[:, pos:]
+        q = torch.cat([nib & 0x0F, nib >> 4], dim=1)
+        if self.bits == 5:
+            q = q | (high << 4)
+        qf = q.to(torch.float32)
+        if self.affine:
+            return (d * qf + _f16_from(blocks[:, 2:4])).reshape(qt.shape)
+        return (d * (qf - 2 ** (self.bits - 1))).reshape(qt.shape)
+
+    def storage_bits(self, shape: tuple[int, int]) -> int:
+        return shape[0] * (shape[1] // QK) * self.type_size * 8
+
+
+# GGML type ids from ggml.h.
+register(LegacyGGUF("q4_0", 2, 4, affine=False))
+register(LegacyGGUF("q4_1", 3, 4, affine=True))
+register(LegacyGGUF("q5_0", 6, 5, affine=False))
+register(LegacyGGUF("q5_1", 7, 5, affine=True))
+register(LegacyGGUF("q8_0", 8, 8, affine=False))

@@ -1,0 +1,155 @@
+"""Integer quantization: absmax (symmetric) and zero-point (affine), 2-8 bits.
+
+Names: ``int<bits>[-asym][-t|-ch|-g<group>][-clip]``.
+
+* ``int8`` : symmetric, one scale per output channel (row).
+* ``int4-g128`` : symmetric, one scale per 128 consecutive input columns.
+* ``int4-asym-g128`` : affine, a scale and a ``bits``-bit zero point per group (GPTQ/AWQ style).
+* ``int8-t`` : one scale for the whole tensor.
+* ``-clip`` : search, per group, the clipping ratio of the range that minimises the squared error
+  (outliers are clipped instead of stretching the grid).
+
+Symmetric codes lie in ``[-2^(b-1), 2^(b-1)-1]`` with scale ``absmax / (2^(b-1)-1)``; affine codes in
+``[0, 2^b-1]`` with ``scale = (max-min)/(2^b-1)`` and ``zero = clamp(round(-min/scale))``. Scales are
+stored as FP16 (FP32 for a per-tensor scale) and the codes are computed from the stored, rounded
+scale so that dequantization reproduces exactly what was chosen.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from lowbit.formats.base import (
+    Format,
+    FormatError,
+    QTensor,
+    ceil_div,
+    pack_bits,
+    register_family,
+    unpack_bits,
+)
+
+CLIP_GRID = torch.linspace(1.0, 0.5, 26).tolist()
+
+
+class IntFormat(Format):
+    def __init__(self, bits: int, symmetric: bool, group: int, clip: bool) -> None:
+        if not 2 <= bits <= 8:
+            raise FormatError(f"integer formats take 2 to 8 bits, not {bits}")
+        self.bits = bits
+        self.symmetric = symmetric
+        self.group = group  # >0: group size, 0: per channel, -1: per tensor
+        self.clip = clip
+        gran = {0: "-ch", -1: "-t"}.get(group, f"-g{group}")
+        self.name = f"int{bits}{'' if symmetric else '-asym'}{gran}{'-clip' if clip else ''}"
+        self.block_size = group if group > 0 else 0
+        kind = "absmax symmetric" if symmetric else "zero-point affine"
+        where = {0: "per channel", -1: "per tensor"}.get(group, f"per group of {group}")
+        self.description = f"{bits}-bit {kind}, {where}{', MSE-clipped' if clip else ''}"
+
+    # ---------------------------------------------------------------------------------
+    def _groups(self, w: torch.Tensor) -> torch.Tensor:
+        rows, cols = w.shape
+        if self.group == -1:
+            return w.reshape(1, -1)
+        g = cols if self.group == 0 else self.group
+        return w.reshape(rows * (cols // g), g)
+
+    def _params(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale (rounded to its storage precision) and zero point from a range per group."""
+        sdtype = torch.float32 if self.group == -1 else torch.float16
+        if self.symmetric:
+            qmax = 2 ** (self.bits - 1) - 1
+            amax = torch.maximum(lo.abs(), hi.abs())
+            scale = (amax / qmax).to(sdtype).to(torch.float32)
+            return scale, None
+        qmax = 2**self.bits - 1
+        scale = ((hi - lo) / qmax).to(sdtype).to(torch.float32)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.clamp(torch.round(-lo / safe), 0, qmax)
+        return scale, zero
+
+    def _codes(self, g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        if self.symmetric:
+            lim = 2 ** (self.bits - 1)
+            return torch.clamp(torch.round(g * inv), -lim, lim - 1)
+        assert zero is not None
+        return torch.clamp(torch.round(g * inv) + zero, 0, 2**self.bits - 1)
+
+    def _decode(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        return (q - zero) * scale if zero is not None else q * scale
+
+    def quantize(self, w: torch.Tensor, name: str = "tensor") -> QTensor:
+        w = self.check(w, name)
+        g = self._groups(w)
+        lo = g.amin(dim=1, keepdim=True)
+        hi = g.amax(dim=1, keepdim=True)
+        if self.symmetric:
+            lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+        scale, zero = self._params(lo, hi)
+        q = self._codes(g, scale, zero)
+        if self.clip:
+            best_err = ((self._decode(q, scale, zero) - g) ** 2).sum(1, keepdim=True)
+            for r in CLIP_GRID[1:]:
+                s_r, z_r = self._params(lo * r, hi * r)
+                q_r = self._codes(g, s_r, z_r)
+                err = ((self._decode(q_r, s_r, z_r) - g) ** 2).sum(1, keepdim=True)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                q = torch.where(better, q_r, q)
+                scale = torch.where(better, s_r, scale)
+                if zero is not None:
+                    zero = torch.where(better, z_r, zero)
+        offset = 2 ** (self.bits - 1) if self.symmetric else 0
+        codes = (q + offset).to(torch.uint8).reshape(w.shape[0], -1)
+        parts = {"codes": pack_bits(codes, self.bits), "scale": scale.reshape(-1).to(
+            torch.float32 if self.group == -1 else torch.float16)}
+        if zero is not None:
+            parts["zero"] = pack_bits(zero.reshape(1, -1).to(torch.uint8), self.bits)
+        return QTensor(self.name, tuple(w.shape), parts)
+
+    def dequantize(self, qt: QTensor) -> torch.Tensor:
+        rows, cols = qt.shape
+        codes = unpack_bits(qt.parts["codes"], self.bits, cols).to(torch.float32)
+        if self.symmetric:
+            codes = codes - 2 ** (self.bits - 1)
+        g = self._groups(codes)
+        scale = qt.parts["scale"].to(torch.float32).reshape(-1, 1)
+        zero = None
+        if "zero" in qt.parts:
+            zero = unpack_bits(qt.parts["zero"], self.bits, g.shape[0]).to(torch.float32).reshape(-1, 1)
+        return self._decode(g, scale, zero).reshape(rows, cols)
+
+    def storage_bits(self, shape: tuple[int, int]) -> int:
+        rows, cols = shape
+        codes = rows * ceil_div(cols * self.bits, 8) * 8
+        if self.group == -1:
+            return codes + 32 + (0 if self.symmetric else 8)
+        ngroups = rows * (cols // (cols if self.group == 0 else self.group))
+        zeros = 0 if self.symmetric else ceil_div(ngroups * self.bits, 8) * 8
+        return codes + 16 * ngroups + zeros
+
+
+_NAME = re.compile(r"int([2-8])(-asym|-sym)?(?:-(t|ch|g(\d+)))?(-clip)?")
+_cache: dict[str, IntFormat] = {}
+
+
+def _parse(name: str) -> Format | None:
+    m = _NAME.fullmatch(name)
+    if not m:
+        return None
+    bits, asym, gran, group, clip = m.groups()
+    if group is not None:
+        g = int(group)
+        if g < 2:
+            raise FormatError(f"format {name}: group size must be at least 2")
+    else:
+        g = -1 if gran == "t" else 0
+    fmt = IntFormat(int(bits), asym != "-asym", g, bool(clip))
+    return _cache.setdefault(fmt.name, fmt)
+
+
+register_family("int<2-8>[-asym][-t|-ch|-g<N>][-clip]", _parse)

@@ -1,0 +1,1 @@
+"""Input and output of quantized models in other engines' formats."""

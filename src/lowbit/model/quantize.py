@@ -1,0 +1,151 @@
+"""Quantize a model in memory: linear layers become :class:`QuantLinear`, which keeps the codes
+and dequantizes them on the fly in each forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from lowbit.formats import Format, QTensor, get_format
+from lowbit.model.policy import choose
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is stored quantized and dequantized at every call."""
+
+    def __init__(self, qt: QTensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.fmt: Format = get_format(qt.format)
+        self.shape = qt.shape
+        self.meta = qt.meta
+        self.in_features, self.out_features = qt.shape[1], qt.shape[0]
+        self._parts = list(qt.parts)
+        for k, v in qt.parts.items():
+            self.register_buffer(f"q_{k}", v)
+        self.bias = bias  # shared with the replaced layer, so later in-place rounding reaches it
+
+    @property
+    def qtensor(self) -> QTensor:
+        return QTensor(self.fmt.name, self.shape, {k: getattr(self, f"q_{k}") for k in self._parts}, self.meta)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.fmt.dequantize(self.qtensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, format={self.fmt.name}"
+
+
+@dataclass
+class TensorRecord:
+    name: str
+    shape: tuple[int, ...]
+    format: str
+    quantized: bool
+    bits: int
+    rel_error: float  # ||W - Q(W)||^2 / ||W||^2
+
+
+@dataclass
+class QuantReport:
+    format: str
+    tensors: list[TensorRecord] = field(default_factory=list)
+
+    @property
+    def total_bits(self) -> int:
+        return sum(t.bits for t in self.tensors)
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(torch.Size(t.shape).numel()) for t in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.total_bits / self.n_params
+
+    @property
+    def size_bytes(self) -> int:
+        return self.total_bits // 8
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.format] = out.get(t.format, 0) + 1
+        return out
+
+
+def _storage_bits(fmt: Format, shape: tuple[int, ...]) -> int:
+    return fmt.storage_bits((1, shape[0]) if len(shape) == 1 else (shape[0], shape[1]))
+
+
+def _rel_error(w: torch.Tensor, dq: torch.Tensor) -> float:
+    den = float((w.double() ** 2).sum())
+    return float(((w.double() - dq.double()) ** 2).sum()) / den if den > 0 else 0.0
+
+
+def quantize_model(model: nn.Module, fmt_name: str, progress: bool = True) -> QuantReport:
+    """Quantize ``model`` in place with format ``fmt_name`` under lowbit's tensor rules
+    (:mod:`lowbit.model.policy`) and return what was stored for every weight.
+
+    Linear layers chosen for quantization become :class:`QuantLinear`.  Embeddings (and an output
+    head tied to them) receive the dequantized values of their format in place, since a lookup
+    table gains nothing from dequantizing on the fly; kept tensors are rounded to their storage
+    type (FP16, or F32 for GGUF's norms) so that what is evaluated is what would be stored.
+    """
+    get_format(fmt_name)  # fail early on an unknown name
+    tied = _is_tied(model)
+    report = QuantReport(fmt_name)
+    modules = dict(model.named_modules())
+    params = list(_unique_params(model))
+    shared = _shared_ids(model)
+    bar = tqdm(params, desc=f"quantize {fmt_name}", unit="tensor", disable=not progress, leave=False)
+    for name, p in bar:
+        choice = choose(name, tuple(p.shape), fmt_name, tied)
+        fmt = get_format(choice.format)
+        w2 = p.detach().reshape(1, -1) if p.dim() == 1 else p.detach()
+        qt = fmt.quantize(w2, name=name)
+        dq = fmt.dequantize(qt).reshape(p.shape)
+        report.tensors.append(
+            TensorRecord(name, tuple(p.shape), fmt.name, choice.quantized, _storage_bits(fmt, tuple(p.shape)),
+                         _rel_error(p.detach(), dq))
+        )
+        mod_name, _, attr = name.rpartition(".")
+        mod = modules.get(mod_name)
+        if choice.quantized and isinstance(mod, nn.Linear) and attr == "weight" and id(p) not in shared:
+            parent_name, _, child = mod_name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child, QuantLinear(qt, mod.bias))
+        else:
+            with torch.no_grad():
+                p.copy_(dq.to(p.dtype))
+    return report
+
+
+def _unique_params(model: nn.Module):
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        yield name, p
+
+
+def _shared_ids(model: nn.Module) -> set[int]:
+    """ids of parameters used by more than one module (tied embeddings)."""
+    count: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        count[id(p)] = count.get(id(p), 0) + 1
+    return {k for k, v in count.items() if v > 1}
+
+
+def _is_tied(model: nn.Module) -> bool:
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None or get_out() is None:
+        return False
+    return get_in().weight is get_out().weight
