@@ -10,6 +10,9 @@ quantizers step by step in float32 (the same operations in the same order), so t
 * Q8_0: ``d = absmax / 127``, codes ``roundf(x/d)`` (half away from zero); ``x ≈ d * q``.
 
 ``x/d`` is computed as ``x * (1/d)`` in float32, as ggml does; ``d`` and ``m`` are stored as FP16.
+Ties follow ggml's loops (the first extreme element wins), which decides the sign of a zero ``d``
+or ``m`` in blocks of signed zeros; there gguf-py's numpy quantizer differs from libggml, and lowbit
+follows libggml.
 Layout of one block: ``d`` (fp16) [``m`` (fp16)] [``qh``: 32 high bits, little-endian] then the
 codes, 4-bit codes packed as element j in the low nibble and element j+16 in the high nibble of
 byte j.
@@ -65,15 +68,20 @@ class LegacyGGUF(Format):
         else:
             nmax = 2**self.bits - 1
             if self.affine:
-                lo = x.amin(dim=1, keepdim=True)
-                hi = x.amax(dim=1, keepdim=True)
+                # ggml keeps the first element equal to the min (max): it matters for -0.0 vs 0.0
+                lo = x.gather(1, x.argmin(dim=1, keepdim=True))
+                hi = x.gather(1, x.argmax(dim=1, keepdim=True))
                 d = (hi - lo) / nmax
                 inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
                 q = torch.trunc((x - lo) * inv + 0.5)
                 head = [_f16_bytes(d), _f16_bytes(lo)]
             else:
                 idx = x.abs().argmax(dim=1, keepdim=True)
-                d = x.gather(1, idx) / -(2 ** (self.bits - 1))
+                vmax = x.gather(1, idx)
+                # ggml starts from max = 0.0 and replaces it only on a strictly larger magnitude, so a
+                # block of zeros (of either sign) gets d = 0.0 / -8 = -0.0 (gguf-py differs here)
+                vmax = torch.where(vmax == 0, torch.zeros_like(vmax), vmax)
+                d = vmax / -(2 ** (self.bits - 1))
                 inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
                 q = torch.trunc(x * inv + (2 ** (self.bits - 1) + 0.5))
                 head = [_f16_bytes(d)]

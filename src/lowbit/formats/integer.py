@@ -3,7 +3,8 @@
 Names: ``int<bits>[-asym][-t|-ch|-g<group>][-clip]``.
 
 * ``int8`` : symmetric, one scale per output channel (row).
-* ``int4-g128`` : symmetric, one scale per 128 consecutive input columns.
+* ``int4-g128`` : symmetric, one scale per 128 consecutive input columns (where 128 does not divide
+  the row, the last group of each row is shorter: 576 columns = 4 groups of 128 + 1 of 64).
 * ``int4-asym-g128`` : affine, a scale and a ``bits``-bit zero point per group (GPTQ/AWQ style).
 * ``int8-t`` : one scale for the whole tensor.
 * ``-clip`` : search, per group, the clipping ratio of the range that minimises the squared error
@@ -44,18 +45,24 @@ class IntFormat(Format):
         self.clip = clip
         gran = {0: "-ch", -1: "-t"}.get(group, f"-g{group}")
         self.name = f"int{bits}{'' if symmetric else '-asym'}{gran}{'-clip' if clip else ''}"
-        self.block_size = group if group > 0 else 0
+        # groups need not divide the row: a shorter last group takes the remainder
         kind = "absmax symmetric" if symmetric else "zero-point affine"
         where = {0: "per channel", -1: "per tensor"}.get(group, f"per group of {group}")
         self.description = f"{bits}-bit {kind}, {where}{', MSE-clipped' if clip else ''}"
 
     # ---------------------------------------------------------------------------------
-    def _groups(self, w: torch.Tensor) -> torch.Tensor:
-        rows, cols = w.shape
-        if self.group == -1:
-            return w.reshape(1, -1)
-        g = cols if self.group == 0 else self.group
-        return w.reshape(rows * (cols // g), g)
+    def _segments(self, cols: int) -> list[tuple[int, int, int]]:
+        """(start, end, group size) column ranges; a last group may be shorter (576 = 4*128 + 64)."""
+        if self.group <= 0:
+            return [(0, cols, cols)]
+        full = cols - cols % self.group
+        segs = [(0, full, self.group)] if full else []
+        if cols % self.group:
+            segs.append((full, cols, cols - full))
+        return segs
+
+    def _groups_per_row(self, cols: int) -> int:
+        return 1 if self.group <= 0 else ceil_div(cols, self.group)
 
     def _params(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scale (rounded to its storage precision) and zero point from a range per group."""
@@ -82,9 +89,8 @@ class IntFormat(Format):
     def _decode(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
         return (q - zero) * scale if zero is not None else q * scale
 
-    def quantize(self, w: torch.Tensor, name: str = "tensor") -> QTensor:
-        w = self.check(w, name)
-        g = self._groups(w)
+    def _quantize_groups(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Codes, scales and zero points for a ``[n_groups, group]`` tensor."""
         lo = g.amin(dim=1, keepdim=True)
         hi = g.amax(dim=1, keepdim=True)
         if self.symmetric:
@@ -101,34 +107,66 @@ class IntFormat(Format):
                 best_err = torch.where(better, err, best_err)
                 q = torch.where(better, q_r, q)
                 scale = torch.where(better, s_r, scale)
-                if zero is not None:
+                if zero is not None and z_r is not None:
                     zero = torch.where(better, z_r, zero)
+        return q, scale, zero
+
+    def quantize(self, w: torch.Tensor, name: str = "tensor") -> QTensor:
+        w = self.check(w, name)
+        rows, cols = w.shape
+        if self.group == -1:
+            q, scale, zero = self._quantize_groups(w.reshape(1, -1))
+            codes, scales, zeros = q.reshape(rows, cols), scale.reshape(1, 1), zero
+        else:
+            cs, ss, zs = [], [], []
+            for a, b, gs in self._segments(cols):
+                q, scale, zero = self._quantize_groups(w[:, a:b].reshape(-1, gs))
+                cs.append(q.reshape(rows, b - a))
+                ss.append(scale.reshape(rows, -1))
+                if zero is not None:
+                    zs.append(zero.reshape(rows, -1))
+            codes, scales = torch.cat(cs, 1), torch.cat(ss, 1)
+            zeros = torch.cat(zs, 1) if zs else None
         offset = 2 ** (self.bits - 1) if self.symmetric else 0
-        codes = (q + offset).to(torch.uint8).reshape(w.shape[0], -1)
-        parts = {"codes": pack_bits(codes, self.bits), "scale": scale.reshape(-1).to(
-            torch.float32 if self.group == -1 else torch.float16)}
-        if zero is not None:
-            parts["zero"] = pack_bits(zero.reshape(1, -1).to(torch.uint8), self.bits)
-        return QTensor(self.name, tuple(w.shape), parts)
+        parts = {
+            "codes": pack_bits((codes + offset).to(torch.uint8), self.bits),
+            "scale": scales.reshape(-1).to(torch.float32 if self.group == -1 else torch.float16),
+        }
+        if zeros is not None:
+            parts["zero"] = pack_bits(zeros.reshape(1, -1).to(torch.uint8), self.bits)
+        return QTensor(self.name, (rows, cols), parts)
 
     def dequantize(self, qt: QTensor) -> torch.Tensor:
         rows, cols = qt.shape
         codes = unpack_bits(qt.parts["codes"], self.bits, cols).to(torch.float32)
         if self.symmetric:
             codes = codes - 2 ** (self.bits - 1)
-        g = self._groups(codes)
-        scale = qt.parts["scale"].to(torch.float32).reshape(-1, 1)
+        ngr = 1 if self.group == -1 else self._groups_per_row(cols)
+        scale = qt.parts["scale"].to(torch.float32)
         zero = None
         if "zero" in qt.parts:
-            zero = unpack_bits(qt.parts["zero"], self.bits, g.shape[0]).to(torch.float32).reshape(-1, 1)
-        return self._decode(g, scale, zero).reshape(rows, cols)
+            zero = unpack_bits(qt.parts["zero"], self.bits, scale.numel()).to(torch.float32)
+        if self.group == -1:
+            return self._decode(codes, scale.reshape(1, 1), None if zero is None else zero.reshape(1, 1))
+        scale = scale.reshape(rows, ngr)
+        zero = None if zero is None else zero.reshape(rows, ngr)
+        out = []
+        gi = 0
+        for a, b, gs in self._segments(cols):
+            n = (b - a) // gs
+            c = codes[:, a:b].reshape(rows, n, gs)
+            s_ = scale[:, gi : gi + n, None]
+            z_ = None if zero is None else zero[:, gi : gi + n, None]
+            out.append(self._decode(c, s_, z_).reshape(rows, b - a))
+            gi += n
+        return torch.cat(out, 1)
 
     def storage_bits(self, shape: tuple[int, int]) -> int:
         rows, cols = shape
         codes = rows * ceil_div(cols * self.bits, 8) * 8
         if self.group == -1:
             return codes + 32 + (0 if self.symmetric else 8)
-        ngroups = rows * (cols // (cols if self.group == 0 else self.group))
+        ngroups = rows * self._groups_per_row(cols)
         zeros = 0 if self.symmetric else ceil_div(ngroups * self.bits, 8) * 8
         return codes + 16 * ngroups + zeros
 

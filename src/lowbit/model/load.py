@@ -77,7 +77,7 @@ def check_gguf_file(path: Path) -> "object":
     try:
         reader = GGUFReader(path)
     except Exception as exc:  # gguf-py raises assorted errors on damaged headers
-        raise ModelLoadError(f"{path}: damaged or truncated GGUF header ({type(exc).__name__}: {exc})") from None
+        raise ModelLoadError(f"{path}: damaged or truncated GGUF file ({type(exc).__name__}: {exc})") from None
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size:
@@ -126,6 +126,7 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype 
         except Exception as exc:
             raise ModelLoadError(f"{path}: transformers could not load this GGUF ({type(exc).__name__}: {exc})") from None
         add_bos = _gguf_add_bos(reader, tok)
+        _forget_gguf_origin(model)
         notes.append(
             f"weights dequantized to {str(dtype).replace('torch.', '')} from {path.name}; this float model is the 'original'"
         )
@@ -156,6 +157,21 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype 
     model.eval()
     bos = getattr(tok, "bos_token_id", None)
     return LoadedModel(model, tok, path, arch, add_bos and bos is not None, bos, gguf_path, notes)
+
+
+def _forget_gguf_origin(model: torch.nn.Module) -> None:
+    """transformers marks a model read from GGUF as 'quantized with gguf' although its weights are plain
+    floats; drop the mark so that it saves and copies like any other model."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
 
 
 def _check_safetensors(path: Path) -> None:
