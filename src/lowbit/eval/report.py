@@ -73,7 +73,7 @@ def plot(cmp: Comparison, path: Path) -> None:
         xs = [r["bpw"] for r in rows]
         ys = [max(float(r[key]), 1e-7) if log else float(r[key]) for r in rows]
         ax.scatter(xs, ys, s=28, zorder=3)
-        for r, x, y in zip(rows, xs, ys):
+        for r, x, y in zip(rows, xs, ys, strict=True):
             ax.annotate(str(r["format"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         if log:
             ax.set_yscale("log")

@@ -11,8 +11,8 @@ Each format file registers itself with :func:`register` (an exact name) or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -31,7 +31,7 @@ class QTensor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.parts.values())
 
-    def to(self, device: torch.device | str) -> "QTensor":
+    def to(self, device: torch.device | str) -> QTensor:
         return QTensor(self.format, self.shape, {k: v.to(device) for k, v in self.parts.items()}, dict(self.meta))
 
 

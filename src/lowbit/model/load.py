@@ -65,7 +65,7 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
     return path
 
 
-def check_gguf_file(path: Path) -> "object":
+def check_gguf_file(path: Path) -> object:
     """Open a GGUF file with gguf-py's reader and check every tensor lies inside the file."""
     from gguf import GGUFReader
 

@@ -1,1 +1,0 @@
-"""Calibration methods that choose better codes (GPTQ, AWQ, ...): see the open issues."""

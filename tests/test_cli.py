@@ -1,0 +1,77 @@
+"""The command line: one clear error line and exit code 2 on bad input, no partial output; real runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def lowbit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+
+
+def _one_error_line(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lowbit: error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_format(tmp_path):
+    r = lowbit("quantize", "smollm2", "--format", "q4_9", "--out", str(tmp_path / "o.gguf"))
+    _one_error_line(r, "unknown format 'q4_9'")
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_and_truncated_model(tmp_path, smol_path):
+    r = lowbit("quantize", str(tmp_path / "nope.gguf"), "-f", "q8_0", "-o", str(tmp_path / "o.gguf"))
+    _one_error_line(r, "nope.gguf", "no such file")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smol_path.read_bytes()[:40_000_000])
+    r = lowbit("quantize", str(cut), "-f", "q8_0", "-o", str(tmp_path / "o.gguf"))
+    _one_error_line(r, "cut.gguf", "truncated")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf"]
+
+
+def test_format_without_gguf_type_and_existing_output(tmp_path):
+    r = lowbit("quantize", "smollm2", "-f", "nf4", "-o", str(tmp_path / "o.gguf"))
+    _one_error_line(r, "nf4 has no GGUF type")
+    (tmp_path / "o.gguf").write_text("keep me")
+    r = lowbit("quantize", "smollm2", "-f", "q8_0", "-o", str(tmp_path / "o.gguf"))
+    _one_error_line(r, "already exists")
+    assert (tmp_path / "o.gguf").read_text() == "keep me"
+
+
+def test_bad_text_file(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    r = lowbit("eval", "smollm2", "--text", str(bad))
+    _one_error_line(r, "bad.txt", "not UTF-8")
+
+
+def test_quantize_writes_a_gguf(tmp_path):
+    out = tmp_path / "smol-q5_0.gguf"
+    r = lowbit("quantize", "smollm2", "-f", "q5_0", "-o", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert out.is_file() and "bits/weight" in r.stdout
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+@pytest.mark.slow
+def test_compare_writes_table_json_and_plot(tmp_path):
+    r = lowbit("compare", "smollm2", "--formats", "q8_0,int4-asym-g64", "--chunks", "1", "--quiet",
+               "--out-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "| q8_0 |" in r.stdout and "| int4-asym-g64 |" in r.stdout
+    doc = json.loads((tmp_path / "compare.json").read_text())
+    rows = {row["format"]: row for row in doc["rows"]}
+    assert rows["q8_0"]["kld_mean"] < rows["int4-asym-g64"]["kld_mean"]
+    assert rows["q8_0"]["bpw"] > rows["int4-asym-g64"]["bpw"]
+    png = (tmp_path / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
