@@ -62,7 +62,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    loaded = load_model("smollm2")
+    loaded = load_model("smollm2", progress=False)
     formats = args.formats.split(",")
     cmp = compare(loaded, formats, text_name="wiki-eval (gensim Wikipedia, evaluation split)", max_chunks=args.chunks,
                   progress=False)

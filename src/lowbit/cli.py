@@ -61,7 +61,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.eval.runner import Evaluation, torch_logits_fn
-    from lowbit.model.load import load_model
+    from lowbit.model.load import load_model, resolve_model_path
     from lowbit.model.quantize import quantize_model
 
     text, text_name = _text(args)
@@ -69,56 +69,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from lowbit.eval.data import eval_text
 
         text = eval_text()
-    ref = load_model(args.reference or args.model)
+    path = resolve_model_path(args.model)
+    if args.engine == "llama.cpp" and not path.is_file():
+        raise LowbitError(f"{path}: --engine llama.cpp evaluates a GGUF file")
+    ref = load_model(args.reference or args.model, progress=not args.quiet)
     ev = Evaluation(ref, text, n_ctx=args.ctx, max_chunks=args.chunks, progress=not args.quiet)
+    label = args.format or path.name
+    size: float | None = float(path.stat().st_size) if path.is_file() and not args.format else None
+    bpw: float | None = None
     try:
         base = ev.run(torch_logits_fn(ref.model, args.ctx), "original", as_reference=True)
-        label = args.format or Path(args.model).name
         if args.engine == "llama.cpp":
             from lowbit.eval.llamacpp import LlamaCppModel
-            from lowbit.model.load import resolve_model_path
 
-            path = resolve_model_path(args.model)
-            if not path.is_file():
-                raise LowbitError(f"{path}: --engine llama.cpp evaluates a GGUF file")
             res = ev.run(LlamaCppModel(path, n_ctx=args.ctx).logits_fn(), f"{label} (llama.cpp)")
-            size = path.stat().st_size
         else:
-            if args.reference:
-                model = load_model(args.model).model
-                size = resolve_size(args.model)
-            else:
-                model = ref.model
-                size = None
-            bpw = None
+            model = load_model(args.model, progress=not args.quiet).model if args.reference else ref.model
             if args.format:
                 report = quantize_model(model, args.format, progress=not args.quiet)
-                size, bpw = report.size_bytes, report.bits_per_weight
+                size, bpw = float(report.size_bytes), report.bits_per_weight
             res = ev.run(torch_logits_fn(model, args.ctx), label)
-            res["bits_per_weight"] = bpw if bpw is not None else float("nan")
     finally:
         ev.close()
-    res["size_bytes"] = float(size) if size is not None else float("nan")
     print(f"text: {text_name}, {int(res['tokens'])} scored tokens in {int(res['chunks'])} chunks of {args.ctx}")
     print(f"original PPL {base['ppl']:.4f} ± {base['ppl_err']:.4f}")
-    print(f"{label}: PPL {res['ppl']:.4f} ± {res['ppl_err']:.4f}", end="")
+    line = f"{label}: PPL {res['ppl']:.4f} ± {res['ppl_err']:.4f}"
     if "kld_mean" in res:
-        print(f", KLD mean {res['kld_mean']:.6f}, p99 {res['kld_p99']:.5f}, same top token {100 * res['same_top']:.2f}%", end="")
-    if res.get("bits_per_weight") == res.get("bits_per_weight") and "bits_per_weight" in res:
-        print(f", {res['bits_per_weight']:.3f} bits/weight", end="")
-    if res["size_bytes"] == res["size_bytes"]:
-        print(f", {res['size_bytes'] / 1e6:.1f} MB", end="")
-    print()
+        line += f", KLD mean {res['kld_mean']:.6f}, p99 {res['kld_p99']:.5f}, same top token {100 * res['same_top']:.2f}%"
+    if bpw is not None:
+        line += f", {bpw:.3f} bits/weight"
+    if size is not None:
+        line += f", {size / 1e6:.1f} MB"
+    print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"original": base, "result": res}, indent=2) + "\n")
+        doc = {"original": base, "result": res, "bits_per_weight": bpw, "size_bytes": size}
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
-
-
-def resolve_size(spec: str) -> int | None:
-    from lowbit.model.load import resolve_model_path
-
-    p = resolve_model_path(spec)
-    return p.stat().st_size if p.is_file() else None
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -131,7 +117,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for f in formats:
         get_format(f)
     text, text_name = _text(args)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, progress=not args.quiet)
     cmp = compare(loaded, formats, text=text, text_name=text_name, n_ctx=args.ctx,
                   max_chunks=args.chunks, progress=not args.quiet)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(loaded.name)

@@ -30,8 +30,7 @@ class LlamaCppModel:
         keep = self.n_ctx - self.n_ctx // 2
 
         def fn(chunk: torch.Tensor) -> torch.Tensor:
-            self.llm.reset()
-            self.llm._ctx.memory_clear(True) if hasattr(self.llm._ctx, "memory_clear") else None
+            self.llm.reset()  # eval() then drops the whole KV cache: every chunk starts from an empty context
             self.llm.eval(chunk.tolist())
             scores = np.asarray(self.llm.scores[: self.n_ctx])
             return torch.from_numpy(scores[self.n_ctx - keep : self.n_ctx - 1].copy()).float()

@@ -101,7 +101,8 @@ def _gguf_add_bos(reader: object, tokenizer: object) -> bool:
     return bool(getattr(tokenizer, "add_bos_token", False))
 
 
-def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               progress: bool = True) -> LoadedModel:
     """Load a causal LM as a float model.
 
     * a ``.gguf`` file: weights dequantized to ``dtype`` by transformers (needs ``gguf``);
@@ -113,6 +114,10 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype 
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if progress:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
     path = resolve_model_path(spec)
     notes: list[str] = []
     if path.is_file():
