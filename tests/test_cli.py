@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,12 @@ def lowbit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
 
 def _one_error_line(r: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("lowbit: error: "), r.stderr
+    # progress bars may come first (on \r-separated lines); the error is one line, the last one
+    lines = [ln for ln in re.split(r"[\r\n]", r.stderr) if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("lowbit: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr
     for n in needles:
-        assert n in lines[0], lines[0]
+        assert n in errors[0], errors[0]
     assert "Traceback" not in r.stderr
 
 
@@ -37,6 +40,25 @@ def test_missing_and_truncated_model(tmp_path, smol_path):
     r = lowbit("quantize", str(cut), "-f", "q8_0", "-o", str(tmp_path / "o.gguf"))
     _one_error_line(r, "cut.gguf", "truncated")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf"]
+
+
+@pytest.mark.parametrize("tensor", ["blk.3.attn_norm.weight", "blk.5.ffn_up.weight"])
+def test_nan_weights_are_refused(tensor, tmp_path, smol_path):
+    import gguf
+
+    reader = gguf.GGUFReader(smol_path)
+    t = next(t for t in reader.tensors if t.name == tensor)
+    data = bytearray(smol_path.read_bytes())
+    off = int(t.data_offset)
+    if t.tensor_type == gguf.GGMLQuantizationType.F32:
+        data[off + 8 : off + 12] = b"\x00\x00\xc0\x7f"  # float32 NaN
+    else:
+        data[off : off + 2] = b"\x00\x7e"  # the fp16 scale d of the first block: NaN
+    bad = tmp_path / "nan.gguf"
+    bad.write_bytes(bytes(data))
+    r = lowbit("quantize", str(bad), "-f", "q8_0", "-o", str(tmp_path / "o.gguf"))
+    _one_error_line(r, "nan.gguf", tensor, "NaN or Inf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.gguf"]
 
 
 def test_format_without_gguf_type_and_existing_output(tmp_path):

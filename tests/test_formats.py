@@ -199,6 +199,18 @@ def test_bad_inputs_give_clear_errors():
         get_format("fp16").quantize(torch.full((1, 4), 1e6))
 
 
+def test_calibration_and_evaluation_text_never_overlap():
+    from lowbit.eval.data import calibration_text, eval_text
+
+    ev, cal = eval_text(), calibration_text()
+    assert len(ev) > 2_000_000 and len(cal) > 100_000
+    titles = lambda text: {ln for ln in text.splitlines() if ln.startswith(" = ") and ln.endswith(" = ")}  # noqa: E731
+    assert titles(ev) and titles(cal) and not titles(ev) & titles(cal)
+    # no long passage of one appears in the other
+    for i in range(0, len(cal) - 200, len(cal) // 50):
+        assert cal[i : i + 200] not in ev
+
+
 def test_every_listed_format_resolves():
     for name in list_formats():
         if "<" not in name:

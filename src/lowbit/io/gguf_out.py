@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.errors import LowbitError
+from lowbit.errors import FormatError, LowbitError
 from lowbit.formats import get_format
 from lowbit.model.load import check_gguf_file
 from lowbit.model.policy import choose
@@ -68,6 +68,9 @@ def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True) -> Qu
         bar = tqdm(reader.tensors, desc=f"quantize {fmt.name} -> {out.name}", unit="tensor", disable=not progress)
         for t in bar:
             w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            if not np.isfinite(w).all():
+                bad = int((~np.isfinite(w)).sum())
+                raise FormatError(f"{src}: tensor {t.name} has {bad} NaN or Inf values; refusing to quantize")
             shape = tuple(int(s) for s in w.shape)
             choice = choose(t.name, shape, fmt.name, tied)
             tfmt = get_format(choice.format)
