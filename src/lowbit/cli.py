@@ -49,11 +49,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise LowbitError(f"{out}: already exists (use --force to overwrite)")
     if out.suffix.lower() != ".gguf":
         raise LowbitError(f"{out}: lowbit writes .gguf files (other engines' formats are on the roadmap)")
-    if not src.is_file():
-        raise LowbitError(f"{src}: GGUF output needs a GGUF source model for now (converting a Hugging Face directory is on the roadmap)")
-    from lowbit.io.gguf_out import write_gguf
+    if src.is_file():
+        from lowbit.io.gguf_out import write_gguf
 
-    report = write_gguf(src, out, fmt.name, progress=not args.quiet)
+        report = write_gguf(src, out, fmt.name, progress=not args.quiet)
+    else:
+        from lowbit.io.gguf_out import FILE_TYPES
+        from lowbit.io.hf_gguf import write_gguf_from_hf
+        from lowbit.model.load import load_model
+
+        if fmt.name not in FILE_TYPES:
+            raise LowbitError(f"format {fmt.name} has no GGUF type; GGUF output takes {', '.join(FILE_TYPES)}")
+        loaded = load_model(src, progress=not args.quiet)
+        report = write_gguf_from_hf(loaded, out, fmt.name, progress=not args.quiet)
+        for n in loaded.notes:
+            print(f"note: {n}")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
     print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
     return 0

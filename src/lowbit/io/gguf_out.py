@@ -9,7 +9,9 @@ target and renamed only once complete, so an interrupted run never leaves a file
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,55 +43,66 @@ def _as_array(fmt_name: str, parts: dict[str, torch.Tensor]) -> np.ndarray:
 
 
 def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True) -> QuantReport:
-    """Quantize the GGUF file ``src`` to ``fmt_name`` and write ``out``."""
+    """Quantize the GGUF file ``src`` to ``fmt_name`` and write ``out``; metadata copied as it is."""
     import gguf
 
-    fmt = get_format(fmt_name)
-    if fmt.name not in FILE_TYPES:
-        writable = ", ".join(FILE_TYPES)
-        raise LowbitError(f"format {fmt.name} has no GGUF type; GGUF output takes {writable}")
     reader = check_gguf_file(src)
     arch = str(reader.fields["general.architecture"].contents())
-    names = {t.name for t in reader.tensors}
-    tied = "output.weight" not in names
-    tmp = atomic_target(out)
-    report = QuantReport(fmt.name)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch)
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
         for key, field in reader.fields.items():
             if key.startswith("GGUF.") or key in _SKIP_KEYS:
                 continue
             vtype = field.types[0]
             sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for t in reader.tensors:
+            yield t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+
+    names = [t.name for t in reader.tensors]
+    return write_tensors(out, arch, metadata, tensors(), len(names), fmt_name, "output.weight" not in names,
+                         str(src), progress)
+
+
+def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None], tensors: Iterable[tuple[str, np.ndarray]],
+                  n_tensors: int, fmt_name: str, tied: bool, source: str, progress: bool = True) -> QuantReport:
+    """Write a GGUF file: ``metadata(writer)`` adds the key-value pairs, then every (GGUF name, float32
+    array) of ``tensors`` is stored in the format :mod:`lowbit.model.policy` chooses for it."""
+    import gguf
+
+    fmt = get_format(fmt_name)
+    if fmt.name not in FILE_TYPES:
+        writable = ", ".join(FILE_TYPES)
+        raise LowbitError(f"format {fmt.name} has no GGUF type; GGUF output takes {writable}")
+    tmp = atomic_target(out)
+    report = QuantReport(fmt.name)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        metadata(writer)
         writer.add_file_type(FILE_TYPES[fmt.name])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_quantized_by("lowbit")
-        bar = tqdm(reader.tensors, desc=f"quantize {fmt.name} -> {out.name}", unit="tensor", disable=not progress)
-        for t in bar:
-            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        bar = tqdm(tensors, total=n_tensors, desc=f"quantize {fmt.name} -> {out.name}", unit="tensor",
+                   disable=not progress)
+        for name, w in bar:
             if not np.isfinite(w).all():
                 bad = int((~np.isfinite(w)).sum())
-                raise FormatError(f"{src}: tensor {t.name} has {bad} NaN or Inf values; refusing to quantize")
+                raise FormatError(f"{source}: tensor {name} has {bad} NaN or Inf values; refusing to quantize")
             shape = tuple(int(s) for s in w.shape)
-            choice = choose(t.name, shape, fmt.name, tied)
-            tfmt = get_format(choice.format)
+            choice = choose(name, shape, fmt.name, tied)
             if len(shape) != 2:
-                data = w
-                raw_type = gguf.GGMLQuantizationType.F32
-                bits = 32 * w.size
-                err = 0.0
-            else:
-                wt = torch.from_numpy(np.ascontiguousarray(w))
-                qt = tfmt.quantize(wt, name=f"{src.name}:{t.name}")
-                data = _as_array(tfmt.name, qt.parts)
-                raw_type = gguf.GGMLQuantizationType(tfmt.gguf_type)
-                bits = tfmt.storage_bits(shape)
-                dq = tfmt.dequantize(qt)
-                err = float(((dq.double() - wt.double()) ** 2).sum() / (wt.double() ** 2).sum().clamp_min(1e-30))
-            writer.add_tensor(t.name, data, raw_dtype=raw_type)
-            report.tensors.append(TensorRecord(t.name, shape, tfmt.name if len(shape) == 2 else "f32",
-                                               choice.quantized, bits, err))
+                writer.add_tensor(name, np.ascontiguousarray(w, dtype=np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
+                report.tensors.append(TensorRecord(name, shape, "f32", False, 32 * w.size, 0.0))
+                continue
+            tfmt = get_format(choice.format)
+            wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+            qt = tfmt.quantize(wt, name=f"{source}:{name}")
+            writer.add_tensor(name, _as_array(tfmt.name, qt.parts), raw_dtype=gguf.GGMLQuantizationType(tfmt.gguf_type))
+            dq = tfmt.dequantize(qt)
+            err = float(((dq.double() - wt.double()) ** 2).sum() / (wt.double() ** 2).sum().clamp_min(1e-30))
+            report.tensors.append(TensorRecord(name, shape, tfmt.name, choice.quantized, tfmt.storage_bits(shape), err))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)

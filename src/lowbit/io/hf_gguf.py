@@ -1,0 +1,168 @@
+"""Write a Hugging Face model (llama, mistral, qwen2) as a GGUF file that llama.cpp loads.
+
+What a GGUF needs beyond the weights is written from the model's config and tokenizer:
+
+* hyper-parameters under the GGUF architecture's keys (``llama.block_count`` ...);
+* the tokenizer, for byte-level BPE tokenizers (Llama-3, SmolLM2, Qwen2 and most recent models):
+  the token strings by id, their types (normal, control for special tokens, user-defined for other
+  added tokens), the merges, the special token ids, whether to add BOS, the chat template, and the
+  name of the pre-tokenizer llama.cpp should apply (``tokenizer.ggml.pre``);
+* tensor names in GGUF's scheme (``blk.N.attn_q.weight``...).  For the ``llama`` architecture the
+  rows of the Q and K projections are reordered per head: Hugging Face keeps the two halves of each
+  head's rotary dimensions apart, llama.cpp's rotary embedding wants them interleaved.
+
+SentencePiece tokenizers (Llama-2) and scaled rotary embeddings are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.io.gguf_out import write_tensors
+from lowbit.model.load import LoadedModel
+from lowbit.model.quantize import QuantReport
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight"}
+
+
+def interleave_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Per head, reorder rows from [x_0..x_{d/2-1}, y_0..y_{d/2-1}] to [x_0, y_0, x_1, y_1, ...]."""
+    rows = w.shape[0]
+    d = rows // n_heads
+    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf_name: str) -> str | None:
+    if hf_name in _TOP:
+        return _TOP[hf_name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+    if m and m.group(2) in _LAYER:
+        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}"
+    return None
+
+
+def _pre_tokenizer_name(arch: str, tok: object, vocab_size: int) -> str:
+    """The llama.cpp pre-tokenizer for this tokenizer family (which regex splits text before BPE)."""
+    if arch == "qwen2":
+        return "qwen2"
+    vocab = tok.get_vocab()  # type: ignore[attr-defined]
+    if vocab_size == 128256 or "<|begin_of_text|>" in vocab:
+        return "llama-bpe"
+    if vocab_size == 49152 and "<|im_start|>" in vocab:
+        return "smollm"
+    return "default"
+
+
+def _tokenizer_metadata(writer: object, loaded: LoadedModel, arch: str, vocab_size: int) -> list[str]:
+    """Add the tokenizer keys; returns notes for the user."""
+    tok = loaded.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise LowbitError(f"{loaded.path}: GGUF output needs a fast (tokenizer.json) tokenizer")
+    spec = json.loads(backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise LowbitError(f"{loaded.path}: only byte-level BPE tokenizers can be written to GGUF by lowbit so far")
+    import gguf
+
+    id_to_tok: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    types = {i: gguf.TokenType.NORMAL for i in id_to_tok}
+    for added in spec.get("added_tokens", []):
+        id_to_tok[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    n = max(vocab_size, max(id_to_tok) + 1)
+    tokens = [id_to_tok.get(i, f"[PAD{i}]") for i in range(n)]
+    ttypes = [types.get(i, gguf.TokenType.UNUSED) for i in range(n)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    pre = _pre_tokenizer_name(arch, tok, vocab_size)
+    w = writer
+    w.add_tokenizer_model("gpt2")  # type: ignore[attr-defined]
+    w.add_tokenizer_pre(pre)  # type: ignore[attr-defined]
+    w.add_token_list(tokens)  # type: ignore[attr-defined]
+    w.add_token_types(ttypes)  # type: ignore[attr-defined]
+    w.add_token_merges(merges)  # type: ignore[attr-defined]
+    for attr, adder in (("bos_token_id", "add_bos_token_id"), ("eos_token_id", "add_eos_token_id"),
+                        ("unk_token_id", "add_unk_token_id"), ("pad_token_id", "add_pad_token_id")):
+        v = getattr(tok, attr, None)
+        if v is not None:
+            getattr(w, adder)(int(v))
+    w.add_add_bos_token(bool(loaded.add_bos))  # type: ignore[attr-defined]
+    tmpl = getattr(tok, "chat_template", None)
+    if isinstance(tmpl, str):
+        w.add_chat_template(tmpl)  # type: ignore[attr-defined]
+    return [] if pre != "default" else ["unknown tokenizer family: llama.cpp will use its default pre-tokenizer"]
+
+
+def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: bool = True) -> QuantReport:
+    arch = GGUF_ARCH.get(loaded.arch)
+    if arch is None:
+        raise LowbitError(f"{loaded.path}: GGUF output supports {', '.join(GGUF_ARCH)}, not {loaded.arch}")
+    cfg = loaded.model.config
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    if rope_type != "default":
+        raise LowbitError(f"{loaded.path}: rotary scaling '{rope_type}' is not written to GGUF by lowbit yet")
+    theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    state = {k: v for k, v in loaded.model.state_dict().items()}
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    if tied:
+        state.pop("lm_head.weight", None)
+
+    def metadata(w: object) -> None:
+        w.add_name(loaded.path.name)  # type: ignore[attr-defined]
+        w.add_block_count(cfg.num_hidden_layers)  # type: ignore[attr-defined]
+        w.add_context_length(cfg.max_position_embeddings)  # type: ignore[attr-defined]
+        w.add_embedding_length(cfg.hidden_size)  # type: ignore[attr-defined]
+        w.add_feed_forward_length(cfg.intermediate_size)  # type: ignore[attr-defined]
+        w.add_head_count(n_head)  # type: ignore[attr-defined]
+        w.add_head_count_kv(n_kv)  # type: ignore[attr-defined]
+        w.add_rope_freq_base(theta)  # type: ignore[attr-defined]
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))  # type: ignore[attr-defined]
+        w.add_rope_dimension_count(head_dim)  # type: ignore[attr-defined]
+        if head_dim != cfg.hidden_size // n_head:
+            w.add_key_length(head_dim)  # type: ignore[attr-defined]
+            w.add_value_length(head_dim)  # type: ignore[attr-defined]
+        w.add_vocab_size(cfg.vocab_size)  # type: ignore[attr-defined]
+        loaded.notes.extend(_tokenizer_metadata(w, loaded, arch, cfg.vocab_size))
+
+    unknown = [k for k in state if gguf_name(k) is None]
+    if unknown:
+        raise LowbitError(f"{loaded.path}: tensors with no GGUF name: {', '.join(unknown[:5])}")
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for k, v in state.items():
+            name = gguf_name(k)
+            assert name is not None
+            a = v.detach().to(torch.float32).numpy()
+            if arch == "llama" and name.endswith("attn_q.weight"):
+                a = interleave_rotary_rows(a, n_head)
+            elif arch == "llama" and name.endswith("attn_k.weight"):
+                a = interleave_rotary_rows(a, n_kv)
+            yield name, a
+
+    return write_tensors(out, arch, metadata, tensors(), len(state), fmt_name, tied, str(loaded.path), progress)
