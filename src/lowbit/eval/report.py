@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from lowbit.eval.compare import Comparison
+from lowbit.eval.compare import Comparison, FormatResult
 
 COLUMNS = [
     ("format", "format", "{}"),
@@ -60,7 +60,8 @@ def write_json(cmp: Comparison, path: Path, extra: dict[str, object] | None = No
 
 
 def plot(cmp: Comparison, path: Path) -> None:
-    """Two panels against whole-model bits per weight: mean KLD (log scale) and ΔPPL %."""
+    """Two panels against whole-model bits per weight: mean KLD and perplexity (both log scale, the
+    original's perplexity drawn as a line)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +70,7 @@ def plot(cmp: Comparison, path: Path) -> None:
     rows = cmp.rows()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, label, log in ((axes[0], "kld_mean", "mean KL divergence vs original", True),
-                                (axes[1], "dppl_pct", "perplexity increase (%)", False)):
+                                (axes[1], "ppl", "perplexity (original: dashed line)", True)):
         xs = [r["bpw"] for r in rows]
         ys = [max(float(r[key]), 1e-7) if log else float(r[key]) for r in rows]
         ax.scatter(xs, ys, s=28, zorder=3)
@@ -77,6 +78,8 @@ def plot(cmp: Comparison, path: Path) -> None:
             ax.annotate(str(r["format"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         if log:
             ax.set_yscale("log")
+        if key == "ppl":
+            ax.axhline(cmp.base["ppl"], color="grey", linestyle="--", linewidth=1)
         ax.set_xlabel("bits per weight (whole model)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
@@ -87,3 +90,16 @@ def plot(cmp: Comparison, path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+def read_json(path: Path) -> Comparison:
+    """A Comparison back from a file written by :func:`write_json` (to re-plot or re-tabulate it)."""
+    from lowbit.errors import LowbitError
+
+    try:
+        doc = json.loads(Path(path).read_text())
+        c = dict(doc["comparison"])
+        c["results"] = [FormatResult(**r) for r in c["results"]]
+        return Comparison(**c)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LowbitError(f"{path}: not a lowbit comparison JSON file ({e})") from e
