@@ -57,12 +57,17 @@ class GGML:
         self.lib.ggml_row_size.restype = ctypes.c_size_t
         self.lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
 
-    def quantize(self, gtype: int, w: np.ndarray) -> np.ndarray:
+    def quantize(self, gtype: int, w: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
         w = np.ascontiguousarray(w, dtype=np.float32)
         rows, cols = w.shape
         row_bytes = self.lib.ggml_row_size(gtype, cols)
         out = np.zeros((rows, row_bytes), dtype=np.uint8)
-        n = self.lib.ggml_quantize_chunk(gtype, w.ctypes.data, out.ctypes.data, 0, rows, cols, None)
+        im = None
+        if imatrix is not None:
+            imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+            assert imatrix.shape == (cols,)
+            im = imatrix.ctypes.data
+        n = self.lib.ggml_quantize_chunk(gtype, w.ctypes.data, out.ctypes.data, 0, rows, cols, im)
         assert n == out.nbytes
         return out
 

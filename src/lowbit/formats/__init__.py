@@ -1,16 +1,17 @@
 """Formats: a tensor in, codes and scales out, and back.
 
-Every module in this package registers its formats on import; adding a format is adding a file
-here and naming it in ``_MODULES``.
+Every module in this package registers its formats on import, and every module here is imported:
+adding a format is adding one file.
 """
 
 from __future__ import annotations
 
+import pkgutil
 from importlib import import_module
 
 from lowbit.formats.base import Format, QTensor, get_format, list_formats, register, register_family
 
-_MODULES = ("floats", "integer", "nf4", "gguf_legacy")
+_MODULES = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 for _m in _MODULES:
     import_module(f"lowbit.formats.{_m}")
 

@@ -55,44 +55,67 @@ class LegacyGGUF(Format):
         self.description = f"llama.cpp {name.upper()}, blocks of 32, {'d and min' if affine else 'd only'} in FP16"
 
     # ---------------------------------------------------------------------------------
-    def quantize(self, w: torch.Tensor, name: str = "tensor") -> QTensor:
+    def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
         w = self.check(w, name)
         rows, cols = w.shape
+        if imatrix is not None and self.bits != 8:
+            from lowbit.formats.kquants import check_imatrix
+
+            return self._quantize_weighted(w, check_imatrix(imatrix, cols, name).to(w.device))
         x = w.reshape(-1, QK)
         head: list[torch.Tensor]
         if self.bits == 8:
             d = x.abs().amax(dim=1, keepdim=True) / 127
             inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
             q = roundf(x * inv).to(torch.int8).view(torch.uint8)
-            body = [_f16_bytes(d), q]
+            blocks = torch.cat([_f16_bytes(d), q], dim=1)
+            return QTensor(self.name, (rows, cols), {"blocks": blocks.reshape(rows, -1)})
+        nmax = 2**self.bits - 1
+        if self.affine:
+            # ggml keeps the first element equal to the min (max): it matters for -0.0 vs 0.0
+            lo = x.gather(1, x.argmin(dim=1, keepdim=True))
+            hi = x.gather(1, x.argmax(dim=1, keepdim=True))
+            d = (hi - lo) / nmax
+            inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+            q = torch.trunc((x - lo) * inv + 0.5)
+            head = [_f16_bytes(d), _f16_bytes(lo)]
         else:
-            nmax = 2**self.bits - 1
-            if self.affine:
-                # ggml keeps the first element equal to the min (max): it matters for -0.0 vs 0.0
-                lo = x.gather(1, x.argmin(dim=1, keepdim=True))
-                hi = x.gather(1, x.argmax(dim=1, keepdim=True))
-                d = (hi - lo) / nmax
-                inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-                q = torch.trunc((x - lo) * inv + 0.5)
-                head = [_f16_bytes(d), _f16_bytes(lo)]
-            else:
-                idx = x.abs().argmax(dim=1, keepdim=True)
-                vmax = x.gather(1, idx)
-                # ggml starts from max = 0.0 and replaces it only on a strictly larger magnitude, so a
-                # block of zeros (of either sign) gets d = 0.0 / -8 = -0.0 (gguf-py differs here)
-                vmax = torch.where(vmax == 0, torch.zeros_like(vmax), vmax)
-                d = vmax / -(2 ** (self.bits - 1))
-                inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-                q = torch.trunc(x * inv + (2 ** (self.bits - 1) + 0.5))
-                head = [_f16_bytes(d)]
-            q = q.clamp(0, nmax).to(torch.uint8)
-            low = q & 0x0F
-            nib = low[:, : QK // 2] | (low[:, QK // 2 :] << 4)
-            if self.bits == 5:
-                head.append(pack_bits(q >> 4, 1))
-            body = head + [nib]
-        blocks = torch.cat(body, dim=1)
+            idx = x.abs().argmax(dim=1, keepdim=True)
+            vmax = x.gather(1, idx)
+            # ggml starts from max = 0.0 and replaces it only on a strictly larger magnitude, so a
+            # block of zeros (of either sign) gets d = 0.0 / -8 = -0.0 (gguf-py differs here)
+            vmax = torch.where(vmax == 0, torch.zeros_like(vmax), vmax)
+            d = vmax / -(2 ** (self.bits - 1))
+            inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+            q = torch.trunc(x * inv + (2 ** (self.bits - 1) + 0.5))
+            head = [_f16_bytes(d)]
+        return self._pack(rows, cols, head, q.clamp(0, nmax).to(torch.uint8))
+
+    def _pack(self, rows: int, cols: int, head: list[torch.Tensor], q: torch.Tensor) -> QTensor:
+        low = q & 0x0F
+        nib = low[:, : QK // 2] | (low[:, QK // 2 :] << 4)
+        if self.bits == 5:
+            head = head + [pack_bits(q >> 4, 1)]
+        blocks = torch.cat(head + [nib], dim=1)
         return QTensor(self.name, (rows, cols), {"blocks": blocks.reshape(rows, -1)})
+
+    def _quantize_weighted(self, w: torch.Tensor, imatrix: torch.Tensor) -> QTensor:
+        """ggml's quantize_row_q{4,5}_{0,1}_impl: scales searched under imatrix-weighted error."""
+        from lowbit.formats.ggml_ref import csqrt, make_qkx_quants, make_qx_quants, sdiv, seqsum
+
+        rows, cols = w.shape
+        wt = w.t()
+        sigma2 = sdiv(seqsum(wt * wt), float(cols))  # per row, over the whole row
+        qw = imatrix[None, :] * csqrt(sigma2[:, None] + w * w)
+        xg = w.reshape(-1, QK).t().contiguous()
+        wg = qw.reshape(-1, QK).t().contiguous()
+        if self.affine:
+            d, the_min, L = make_qkx_quants(xg, wg, 2**self.bits - 1, -0.9, 0.05, 36, False, strict_empty=True)
+            head = [_f16_bytes(d), _f16_bytes(-the_min)]
+        else:
+            d, L = make_qx_quants(xg, 2 ** (self.bits - 1), 1, wg)
+            head = [_f16_bytes(d)]
+        return self._pack(rows, cols, head, L.t().to(torch.uint8))
 
     def dequantize(self, qt: QTensor) -> torch.Tensor:
         blocks = qt.parts["blocks"].reshape(-1, self.type_size)
