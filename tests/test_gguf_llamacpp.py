@@ -35,7 +35,7 @@ def test_file_tensors_identical_to_llama_quantize(fmt, smol_path, outdir):
     ours = outdir / f"lowbit-{fmt}.gguf"
     ref = outdir / f"llama-{fmt}.gguf"
     report = write_gguf(smol_path, ours, fmt, progress=False)
-    _llama_cpp_quantize(smol_path, ref, FILE_TYPES[fmt])
+    _llama_cpp_quantize(smol_path, ref, FILE_TYPES[fmt].ftype)
     a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
     assert ta.keys() == tb.keys() and len(ta) == 272
@@ -44,7 +44,7 @@ def test_file_tensors_identical_to_llama_quantize(fmt, smol_path, outdir):
         assert np.array_equal(ta[name].data, t.data), name
     # the same metadata, bar lowbit's signature
     assert set(a.fields) - {"general.quantized_by"} == set(b.fields)
-    assert int(a.fields["general.file_type"].contents()) == FILE_TYPES[fmt]
+    assert int(a.fields["general.file_type"].contents()) == FILE_TYPES[fmt].ftype
     size_bits = sum(int(t.n_bytes) for t in a.tensors) * 8
     assert report.total_bits == size_bits
 

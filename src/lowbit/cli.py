@@ -1,4 +1,4 @@
-"""The ``lowbit`` command: quantize, eval, compare, formats."""
+"""The ``lowbit`` command: quantize, imatrix, eval, compare, formats."""
 
 from __future__ import annotations
 
@@ -39,33 +39,64 @@ def cmd_formats(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from lowbit.formats import get_format
+    from lowbit.model.gguf_mix import FILE_TYPES, file_type
     from lowbit.model.load import resolve_model_path
+    from lowbit.model.policy import check_scheme
 
-    fmt = get_format(args.format)
+    check_scheme(args.format)
+    ft = file_type(args.format)
+    if ft is None:
+        raise LowbitError(f"format {args.format} has no GGUF type; GGUF output takes {', '.join(sorted(FILE_TYPES))}")
     src = resolve_model_path(args.model)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise LowbitError(f"{out}: already exists (use --force to overwrite)")
     if out.suffix.lower() != ".gguf":
         raise LowbitError(f"{out}: lowbit writes .gguf files (other engines' formats are on the roadmap)")
+    imatrix = None
+    if getattr(args, "imatrix", None):
+        from lowbit.io.imatrix import read_imatrix
+
+        imatrix = read_imatrix(Path(args.imatrix)).values()
     if src.is_file():
         from lowbit.io.gguf_out import write_gguf
 
-        report = write_gguf(src, out, fmt.name, progress=not args.quiet)
+        report = write_gguf(src, out, ft.name, progress=not args.quiet, imatrix=imatrix)
     else:
-        from lowbit.io.gguf_out import FILE_TYPES
         from lowbit.io.hf_gguf import write_gguf_from_hf
         from lowbit.model.load import load_model
 
-        if fmt.name not in FILE_TYPES:
-            raise LowbitError(f"format {fmt.name} has no GGUF type; GGUF output takes {', '.join(FILE_TYPES)}")
         loaded = load_model(src, progress=not args.quiet)
-        report = write_gguf_from_hf(loaded, out, fmt.name, progress=not args.quiet)
+        report = write_gguf_from_hf(loaded, out, ft.name, progress=not args.quiet, imatrix=imatrix)
         for n in loaded.notes:
             print(f"note: {n}")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
     print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
+    return 0
+
+
+def cmd_imatrix(args: argparse.Namespace) -> int:
+    from lowbit.io.imatrix import write_imatrix
+    from lowbit.model.imatrix import compute_imatrix
+    from lowbit.model.load import load_model
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise LowbitError(f"{out}: already exists (use --force to overwrite)")
+    if args.text:
+        from lowbit.eval.data import read_text_file
+
+        text, name = read_text_file(args.text), Path(args.text).name
+    else:
+        from lowbit.eval.data import calibration_text
+
+        text, name = calibration_text(), "wiki-calib (gensim's Wikipedia articles, calibration split)"
+    loaded = load_model(args.model, progress=not args.quiet)
+    im = compute_imatrix(loaded, text, n_ctx=args.ctx, max_chunks=args.chunks, dataset=name, progress=not args.quiet)
+    write_imatrix(im, out, legacy=None if args.output_format is None else args.output_format == "dat")
+    tokens = int(max(e.counts.max() for e in im.entries.values()))
+    print(f"wrote {out}: {len(im.entries)} tensors, {im.chunk_count} chunks of {im.chunk_size} tokens "
+          f"({tokens} tokens) of {name}")
     return 0
 
 
@@ -157,11 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("quantize", help="quantize a model and write a GGUF file")
     sp.add_argument("model", help="a .gguf file, a Hugging Face directory, or 'smollm2'")
-    sp.add_argument("--format", "-f", required=True, help="format name (see 'lowbit formats')")
+    sp.add_argument("--format", "-f", required=True,
+                    help="llama.cpp file type: q4_k_m, q3_k_s, iq4_xs, q8_0, ... (see 'lowbit formats')")
     sp.add_argument("--out", "-o", required=True, help="output file (.gguf)")
+    sp.add_argument("--imatrix", help="importance matrix file (llama.cpp's GGUF or legacy .dat format, or lowbit's)")
     sp.add_argument("--force", action="store_true", help="overwrite an existing output file")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_quantize)
+
+    sp = sub.add_parser("imatrix", help="compute an importance matrix from calibration text (llama-imatrix's file)")
+    sp.add_argument("model", help="a .gguf file, a Hugging Face directory, or 'smollm2'")
+    sp.add_argument("--out", "-o", required=True, help="output file: .gguf (llama.cpp's format) or .dat (legacy)")
+    sp.add_argument("--text", help="UTF-8 calibration text (default: the bundled Wikipedia calibration split)")
+    sp.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512, as llama-imatrix)")
+    sp.add_argument("--chunks", type=int, default=None, help="use only the first N chunks")
+    sp.add_argument("--output-format", choices=("gguf", "dat"), default=None,
+                    help="file format (default: from the file name; GGUF unless it ends in .dat)")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_imatrix)
 
     sp = sub.add_parser("eval", help="perplexity, and KLD / same-top-token against the original")
     sp.add_argument("model", help="model to evaluate (a .gguf file, a directory, or 'smollm2')")

@@ -44,6 +44,8 @@ class Format:
     #: The GGUF tensor type this format writes as, or None if GGUF cannot hold it.
     gguf_type: int | None = None
     description: str = ""
+    #: True if quantize() accepts ``imatrix=`` (one importance weight per input column)
+    uses_imatrix: bool = False
 
     def quantize(self, w: torch.Tensor) -> QTensor:
         raise NotImplementedError

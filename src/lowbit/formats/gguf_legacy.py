@@ -50,6 +50,7 @@ class LegacyGGUF(Format):
         self.gguf_type = gguf_type
         self.bits = bits
         self.affine = affine
+        self.uses_imatrix = bits != 8  # Q8_0 has no weighted variant in ggml
         head = 4 if affine else 2
         self.type_size = head + (4 if bits == 5 else 0) + (QK if bits == 8 else QK // 2)
         self.description = f"llama.cpp {name.upper()}, blocks of 32, {'d and min' if affine else 'd only'} in FP16"

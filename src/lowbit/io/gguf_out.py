@@ -9,7 +9,7 @@ target and renamed only once complete, so an interrupted run never leaves a file
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,11 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import FormatError, LowbitError
 from lowbit.formats import get_format
-from lowbit.model.load import check_gguf_file
-from lowbit.model.policy import choose
+from lowbit.formats.base import Format, QTensor
+from lowbit.model.gguf_mix import FILE_TYPES, ModelInfo, file_type, info_from_gguf, llama_order, plan
+from lowbit.model.gguf_file import GGUFFile
 from lowbit.model.quantize import QuantReport, TensorRecord
 
-# llama_ftype values (llama.h) for the file types lowbit writes.
-FILE_TYPES = {"f32": 0, "fp16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
 _SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization_version"}
 
 
@@ -42,67 +41,145 @@ def _as_array(fmt_name: str, parts: dict[str, torch.Tensor]) -> np.ndarray:
     return values.numpy()
 
 
-def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True) -> QuantReport:
-    """Quantize the GGUF file ``src`` to ``fmt_name`` and write ``out``; metadata copied as it is."""
+def _check_finite(w: np.ndarray, source: str, name: str) -> None:
+    if not np.isfinite(w).all():
+        bad = int((~np.isfinite(w)).sum())
+        raise FormatError(f"{source}: tensor {name} has {bad} NaN or Inf values; refusing to quantize")
+
+
+def dequantize_raw(gtype: int, data: np.ndarray) -> np.ndarray:
+    """float32 values of a tensor's stored bytes ``[rows..., row bytes]``: lowbit's own (vectorized,
+    checked equal to gguf-py's) for the types it has, gguf-py's for the rest."""
     import gguf
 
-    reader = check_gguf_file(src)
-    arch = str(reader.fields["general.architecture"].contents())
+    data = np.asarray(data)
+    if gtype == gguf.GGMLQuantizationType.F32:
+        return data.view(np.float32)
+    if gtype == gguf.GGMLQuantizationType.F16:
+        return data.view(np.float16).astype(np.float32)
+    fmt = _FORMAT_OF_TYPE.get(gtype)
+    if fmt is not None and data.ndim == 2:
+        rows = data.shape[0]
+        cols = data.shape[1] // fmt_type_size(fmt) * fmt.block_size
+        qt = QTensor(fmt.name, (rows, cols), {"blocks": torch.from_numpy(np.ascontiguousarray(data))})
+        return fmt.dequantize(qt).numpy()
+    return gguf.quants.dequantize(data, gguf.GGMLQuantizationType(gtype)).astype(np.float32, copy=False)
+
+
+def fmt_type_size(fmt: Format) -> int:
+    return fmt.storage_bits((1, fmt.block_size)) // 8
+
+
+_FORMAT_OF_TYPE: dict[int, Format] = {}
+for _n in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"):
+    _f = get_format(_n)
+    if _f.gguf_type is not None:
+        _FORMAT_OF_TYPE[int(_f.gguf_type)] = _f
+
+
+def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True,
+               imatrix: dict[str, np.ndarray] | None = None, device: str | torch.device = "cpu") -> QuantReport:
+    """Quantize the GGUF file ``src`` to ``fmt_name`` (a llama.cpp file type such as ``q4_k_m``)
+    and write ``out``; metadata copied as it is.  A tensor whose source type already is its target
+    type is copied byte for byte, as llama.cpp does."""
+    import gguf
+
+    if file_type(fmt_name) is None:  # refuse before reading anything
+        get_format(fmt_name)
+        raise LowbitError(f"format {fmt_name} has no GGUF type; GGUF output takes {', '.join(sorted(FILE_TYPES))}")
+    gf = GGUFFile(src)
+    arch = gf.field("general.architecture")
+    if not isinstance(arch, str):
+        raise LowbitError(f"{src}: GGUF file has no general.architecture")
+    info = info_from_gguf({k: kv.value for k, kv in gf.kv.items() if not k.startswith("tokenizer.")}, arch)
 
     def metadata(writer: gguf.GGUFWriter) -> None:
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key in _SKIP_KEYS:
+        for key, kv in gf.kv.items():
+            if key in _SKIP_KEYS:
                 continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+            sub = None if kv.sub_type is None else gguf.GGUFValueType(kv.sub_type)
+            writer.add_key_value(key, kv.value, gguf.GGUFValueType(kv.vtype), sub_type=sub)
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for t in reader.tensors:
-            yield t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    entries = [(t.name, t.shape) for t in gf.tensors.values()]
 
-    names = [t.name for t in reader.tensors]
-    return write_tensors(out, arch, metadata, tensors(), len(names), fmt_name, "output.weight" not in names,
-                         str(src), progress)
+    def load(name: str) -> np.ndarray:
+        return dequantize_raw(gf.tensors[name].type, gf.raw(name))
+
+    def raw(name: str) -> tuple[int, np.ndarray]:
+        return gf.tensors[name].type, np.asarray(gf.raw(name))
+
+    return write_tensors(out, arch, metadata, entries, load, fmt_name, info, str(src), progress, imatrix, raw, device)
 
 
-def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None], tensors: Iterable[tuple[str, np.ndarray]],
-                  n_tensors: int, fmt_name: str, tied: bool, source: str, progress: bool = True) -> QuantReport:
-    """Write a GGUF file: ``metadata(writer)`` adds the key-value pairs, then every (GGUF name, float32
-    array) of ``tensors`` is stored in the format :mod:`lowbit.model.policy` chooses for it."""
+def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None], entries: list[tuple[str, tuple[int, ...]]],
+                  load: Callable[[str], np.ndarray], fmt_name: str, info: ModelInfo, source: str,
+                  progress: bool = True, imatrix: dict[str, np.ndarray] | None = None,
+                  raw: Callable[[str], tuple[int, np.ndarray]] | None = None,
+                  device: str | torch.device = "cpu") -> QuantReport:
+    """Write a GGUF file: ``metadata(writer)`` adds the key-value pairs, then every tensor of
+    ``entries`` (GGUF name, shape as rows x cols), loaded as float32 by ``load``, is stored in the
+    type llama.cpp's rules give it under file type ``fmt_name``, in llama.cpp's tensor order.
+    ``imatrix`` maps GGUF tensor names to importance vectors (one weight per column).  The
+    quantizers run with torch on ``device`` (the bytes are the same on any device)."""
     import gguf
 
-    fmt = get_format(fmt_name)
-    if fmt.name not in FILE_TYPES:
-        writable = ", ".join(FILE_TYPES)
-        raise LowbitError(f"format {fmt.name} has no GGUF type; GGUF output takes {writable}")
+    ft = file_type(fmt_name)
+    if ft is None:
+        get_format(fmt_name)  # unknown names get the list of known formats
+        writable = ", ".join(sorted(FILE_TYPES))
+        raise LowbitError(f"format {fmt_name} has no GGUF type; GGUF output takes {writable}")
+    imatrix = imatrix or {}
+    for name, v in imatrix.items():
+        if not np.isfinite(np.asarray(v)).all():
+            raise FormatError(f"importance matrix entry {name} has NaN or Inf values")
+    types = plan(entries, ft, info, has_imatrix=bool(imatrix))
+    shapes = dict(entries)
     tmp = atomic_target(out)
-    report = QuantReport(fmt.name)
+    report = QuantReport(ft.name)
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         metadata(writer)
-        writer.add_file_type(FILE_TYPES[fmt.name])
+        writer.add_file_type(ft.ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_quantized_by("lowbit")
-        bar = tqdm(tensors, total=n_tensors, desc=f"quantize {fmt.name} -> {out.name}", unit="tensor",
-                   disable=not progress)
-        for name, w in bar:
-            if not np.isfinite(w).all():
-                bad = int((~np.isfinite(w)).sum())
-                raise FormatError(f"{source}: tensor {name} has {bad} NaN or Inf values; refusing to quantize")
-            shape = tuple(int(s) for s in w.shape)
-            choice = choose(name, shape, fmt.name, tied)
-            if len(shape) != 2:
+        order = llama_order(shapes)
+        bar = tqdm(order, desc=f"quantize {ft.name} -> {out.name}", unit="tensor", disable=not progress)
+        for name in bar:
+            shape = shapes[name]
+            target = types[name]
+            if raw is not None:
+                # llama.cpp copies a tensor that already has its target type (or is not quantized)
+                src_type, data = raw(name)
+                if target is None or src_type == get_format(target).gguf_type:
+                    _check_finite(load(name), source, name)
+                    writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType(src_type))
+                    kept = gguf.GGMLQuantizationType(src_type).name.lower()
+                    report.tensors.append(TensorRecord(name, shape, target or kept, target is not None,
+                                                       8 * data.nbytes, 0.0))
+                    continue
+            w = load(name)
+            _check_finite(w, source, name)
+            if target is None:
                 writer.add_tensor(name, np.ascontiguousarray(w, dtype=np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
                 report.tensors.append(TensorRecord(name, shape, "f32", False, 32 * w.size, 0.0))
                 continue
-            tfmt = get_format(choice.format)
-            wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
-            qt = tfmt.quantize(wt, name=f"{source}:{name}")
-            writer.add_tensor(name, _as_array(tfmt.name, qt.parts), raw_dtype=gguf.GGMLQuantizationType(tfmt.gguf_type))
+            tfmt = get_format(target)
+            wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(shape[0], -1)).to(device)
+            im = imatrix.get(name)
+            if im is not None and tfmt.uses_imatrix:
+                if np.asarray(im).size != wt.shape[1]:
+                    raise FormatError(f"importance matrix entry {name} has {np.asarray(im).size} values, "
+                                      f"the tensor has {wt.shape[1]} columns")
+                qt = tfmt.quantize(wt, name=f"{source}:{name}",
+                                   imatrix=torch.as_tensor(np.asarray(im, np.float32), device=wt.device))
+            else:
+                qt = tfmt.quantize(wt, name=f"{source}:{name}")
+            writer.add_tensor(name, _as_array(tfmt.name, qt.to("cpu").parts).reshape(*shape[:-1], -1),
+                              raw_dtype=gguf.GGMLQuantizationType(tfmt.gguf_type))
             dq = tfmt.dequantize(qt)
-            err = float(((dq.double() - wt.double()) ** 2).sum() / (wt.double() ** 2).sum().clamp_min(1e-30))
-            report.tensors.append(TensorRecord(name, shape, tfmt.name, choice.quantized, tfmt.storage_bits(shape), err))
+            num = ((dq - wt) ** 2).sum(dtype=torch.float64)
+            err = float(num / (wt * wt).sum(dtype=torch.float64).clamp_min(1e-30))
+            report.tensors.append(TensorRecord(name, shape, tfmt.name, True, tfmt.storage_bits(tuple(wt.shape)), err))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)

@@ -17,8 +17,6 @@ SentencePiece tokenizers (Llama-2) and scaled rotary embeddings are refused with
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,42 +24,17 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.io.gguf_out import write_tensors
+from lowbit.model.gguf_mix import ModelInfo, gguf_name, info_from_config
 from lowbit.model.load import LoadedModel
 from lowbit.model.quantize import QuantReport
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-_LAYER = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight"}
-
 
 def interleave_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Per head, reorder rows from [x_0..x_{d/2-1}, y_0..y_{d/2-1}] to [x_0, y_0, x_1, y_1, ...]."""
     rows = w.shape[0]
     d = rows // n_heads
     return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def gguf_name(hf_name: str) -> str | None:
-    if hf_name in _TOP:
-        return _TOP[hf_name]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
-    if m and m.group(2) in _LAYER:
-        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}"
-    return None
 
 
 def _pre_tokenizer_name(arch: str, tok: object, vocab_size: int) -> str:
@@ -116,7 +89,8 @@ def _tokenizer_metadata(writer: object, loaded: LoadedModel, arch: str, vocab_si
     return [] if pre != "default" else ["unknown tokenizer family: llama.cpp will use its default pre-tokenizer"]
 
 
-def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: bool = True) -> QuantReport:
+def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: bool = True,
+                       imatrix: dict[str, np.ndarray] | None = None) -> QuantReport:
     arch = GGUF_ARCH.get(loaded.arch)
     if arch is None:
         raise LowbitError(f"{loaded.path}: GGUF output supports {', '.join(GGUF_ARCH)}, not {loaded.arch}")
@@ -154,15 +128,17 @@ def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: 
     if unknown:
         raise LowbitError(f"{loaded.path}: tensors with no GGUF name: {', '.join(unknown[:5])}")
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for k, v in state.items():
-            name = gguf_name(k)
-            assert name is not None
-            a = v.detach().to(torch.float32).numpy()
-            if arch == "llama" and name.endswith("attn_q.weight"):
-                a = interleave_rotary_rows(a, n_head)
-            elif arch == "llama" and name.endswith("attn_k.weight"):
-                a = interleave_rotary_rows(a, n_kv)
-            yield name, a
+    hf_of = {gguf_name(k): k for k in state}
+    entries = [(g, tuple(int(x) for x in state[k].shape)) for g, k in hf_of.items() if g is not None]
 
-    return write_tensors(out, arch, metadata, tensors(), len(state), fmt_name, tied, str(loaded.path), progress)
+    def load(name: str) -> np.ndarray:
+        a = state[hf_of[name]].detach().to(torch.float32).numpy()
+        if arch == "llama" and name.endswith("attn_q.weight"):
+            a = interleave_rotary_rows(a, n_head)
+        elif arch == "llama" and name.endswith("attn_k.weight"):
+            a = interleave_rotary_rows(a, n_kv)
+        return a
+
+    info = info_from_config(cfg)
+    info = ModelInfo(arch, info.n_layer, info.n_head, info.n_head_kv, info.n_expert)
+    return write_tensors(out, arch, metadata, entries, load, fmt_name, info, str(loaded.path), progress, imatrix)

@@ -3,11 +3,11 @@
 Rules work on *roles* (embedding, output, attention and FFN projections, norms) so that the same
 decisions apply to Hugging Face module names and to GGUF tensor names.
 
-* GGUF types (``q4_0`` ... ``q8_0``, ``fp16``, ``bf16``): llama.cpp's rules for these file types
-  (llama_tensor_get_type): 1-D tensors stay F32; the output matrix (or the token embedding when
-  the output is tied to it) becomes Q8_0 when its rows are not a multiple of 256 (Q6_K otherwise);
-  every other 2-D weight gets the requested type.  For F16/BF16 files every 2-D weight gets that
-  type and no special rule applies.
+* llama.cpp file types (``q4_0`` ... ``q8_0``, ``q4_k_m``, ``q3_k_s``, ``iq4_xs``, ``fp16`` ...):
+  llama.cpp's own per-tensor rules (llama_tensor_get_type, see :mod:`lowbit.model.gguf_mix`): 1-D
+  tensors stay F32, the output matrix (or the tied token embedding) gets Q6_K or Q8_0, the mixes
+  give chosen attn_v / ffn_down / attn_output tensors more bits, and rows that do not fit a type's
+  block fall back to llama.cpp's replacement type.  :func:`plan_model` applies them.
 * Every other format (``nf4``, ``int4-g128``, ``fp8-e4m3`` ...): the usual rule of GPTQ, AWQ and
   bitsandbytes: the linear layers inside the transformer blocks are quantized, the embedding, the
   output head and the norms stay in FP16.
@@ -60,7 +60,43 @@ class TensorChoice:
 
 
 def is_gguf_family(fmt_name: str) -> bool:
-    return get_format(fmt_name).gguf_type is not None
+    from lowbit.model.gguf_mix import file_type
+
+    return file_type(fmt_name) is not None
+
+
+def check_scheme(name: str) -> None:
+    """Raise a FormatError unless ``name`` is a lowbit format or a llama.cpp file type."""
+    from lowbit.model.gguf_mix import file_type
+
+    if file_type(name) is None:
+        get_format(name)
+
+
+def plan_model(named_shapes: list[tuple[str, tuple[int, ...]]], scheme: str, info: object | None = None,
+               tied: bool = False, has_imatrix: bool = False) -> dict[str, TensorChoice]:
+    """The stored format of every weight of a Hugging Face model under ``scheme`` (a lowbit format
+    or a llama.cpp file type; file types need ``info``, a :class:`~lowbit.model.gguf_mix.ModelInfo`)."""
+    from lowbit.model.gguf_mix import file_type, gguf_name, plan
+
+    ft = file_type(scheme)
+    if ft is None:
+        return {n: choose(n, s, scheme, tied) for n, s in named_shapes}
+    if info is None:
+        raise FormatError(f"file type {scheme} needs the model's layer and head counts")
+    g = {n: gguf_name(n) or n for n, _ in named_shapes}
+    shapes = [(g[n], s) for n, s in named_shapes]
+    if tied:
+        shapes = [(n, s) for n, s in shapes if n != "output.weight"]
+    types = plan(shapes, ft, info, has_imatrix)  # type: ignore[arg-type]
+    out = {}
+    for n, s in named_shapes:
+        t = types.get(g[n])
+        if t is None:
+            out[n] = TensorChoice("f32" if len(s) == 1 else "fp16", False)
+        else:
+            out[n] = TensorChoice(t, t not in ("f32",))
+    return out
 
 
 def choose(name: str, shape: tuple[int, ...], fmt_name: str, tied_output: bool) -> TensorChoice:

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lowbit.formats import Format, QTensor, get_format
-from lowbit.model.policy import choose
+from lowbit.model.policy import check_scheme, plan_model
 
 
 class QuantLinear(nn.Module):
@@ -89,27 +89,38 @@ def _rel_error(w: torch.Tensor, dq: torch.Tensor) -> float:
     return float(((w.double() - dq.double()) ** 2).sum()) / den if den > 0 else 0.0
 
 
-def quantize_model(model: nn.Module, fmt_name: str, progress: bool = True) -> QuantReport:
-    """Quantize ``model`` in place with format ``fmt_name`` under lowbit's tensor rules
-    (:mod:`lowbit.model.policy`) and return what was stored for every weight.
+def quantize_model(model: nn.Module, fmt_name: str, progress: bool = True,
+                   imatrix: dict[str, torch.Tensor] | None = None) -> QuantReport:
+    """Quantize ``model`` in place with format (or llama.cpp file type, e.g. ``q4_k_m``)
+    ``fmt_name`` under lowbit's tensor rules (:mod:`lowbit.model.policy`) and return what was
+    stored for every weight.  ``imatrix`` maps parameter names (Hugging Face or GGUF) to importance
+    vectors, used by the formats that take one (K-quants, IQ4, Q4_0...Q5_1).
 
     Linear layers chosen for quantization become :class:`QuantLinear`.  Embeddings (and an output
     head tied to them) receive the dequantized values of their format in place, since a lookup
     table gains nothing from dequantizing on the fly; kept tensors are rounded to their storage
     type (FP16, or F32 for GGUF's norms) so that what is evaluated is what would be stored.
     """
-    get_format(fmt_name)  # fail early on an unknown name
+    from lowbit.model.gguf_mix import file_type, gguf_name, info_from_config
+
+    check_scheme(fmt_name)  # fail early on an unknown name
     tied = _is_tied(model)
     report = QuantReport(fmt_name)
     modules = dict(model.named_modules())
     params = list(_unique_params(model))
     shared = _shared_ids(model)
+    info = info_from_config(model.config) if file_type(fmt_name) and hasattr(model, "config") else None
+    choices = plan_model([(n, tuple(p.shape)) for n, p in params], fmt_name, info, tied, has_imatrix=bool(imatrix))
     bar = tqdm(params, desc=f"quantize {fmt_name}", unit="tensor", disable=not progress, leave=False)
     for name, p in bar:
-        choice = choose(name, tuple(p.shape), fmt_name, tied)
+        choice = choices[name]
         fmt = get_format(choice.format)
         w2 = p.detach().reshape(1, -1) if p.dim() == 1 else p.detach()
-        qt = fmt.quantize(w2, name=name)
+        im = None if not imatrix else imatrix.get(name, imatrix.get(gguf_name(name) or name))
+        if im is not None and fmt.uses_imatrix:
+            qt = fmt.quantize(w2, name=name, imatrix=im)
+        else:
+            qt = fmt.quantize(w2, name=name)
         dq = fmt.dequantize(qt).reshape(p.shape)
         report.tensors.append(
             TensorRecord(name, tuple(p.shape), fmt.name, choice.quantized, _storage_bits(fmt, tuple(p.shape)),

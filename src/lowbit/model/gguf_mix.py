@@ -1,0 +1,278 @@
+"""llama.cpp's file types (Q4_K_M, Q3_K_S, IQ4_XS, ...) and the tensor types each one picks.
+
+A GGUF "file type" is a mix: a default tensor type plus rules that give some tensors more bits
+(llama.cpp's ``llama_tensor_get_type`` in src/llama-quant.cpp).  :func:`plan` reproduces those
+rules for dense llama-family models, including their state (counters of ``attn_v`` and
+``ffn_down`` tensors seen so far, in llama.cpp's tensor order: by layer, then by name), the
+fallbacks for rows that are not a multiple of the block size, and the tied-embedding rule.
+
+Names are GGUF tensor names (``blk.3.attn_v.weight``); Hugging Face names are mapped with
+:func:`gguf_name`.  Besides llama.cpp's file types, a plain K- or I-quant type name (``q4_k``) asks
+for that type everywhere it fits, as ``llama-quantize --pure`` does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from lowbit.errors import FormatError
+from lowbit.formats import get_format
+
+
+@dataclass(frozen=True)
+class FileType:
+    name: str  # llama.cpp's name in lower case
+    ftype: int  # llama_ftype (llama.h), written as general.file_type
+    default: str  # lowbit format of the default tensor type
+    pure: bool = False
+    description: str = ""
+
+
+_FT = [
+    FileType("f32", 0, "f32"), FileType("fp16", 1, "fp16"), FileType("bf16", 32, "bf16"),
+    FileType("q4_0", 2, "q4_0"), FileType("q4_1", 3, "q4_1"), FileType("q8_0", 7, "q8_0"),
+    FileType("q5_0", 8, "q5_0"), FileType("q5_1", 9, "q5_1"),
+    FileType("q2_k", 10, "q2_k", description="Q2_K mix: attn_v, ffn_down Q3_K/Q4_K, output Q6_K"),
+    FileType("q2_k_s", 21, "q2_k", description="Q2_K_S mix (needs an importance matrix)"),
+    FileType("q3_k_s", 11, "q3_k", description="Q3_K_S: Q3_K everywhere, output Q6_K"),
+    FileType("q3_k_m", 12, "q3_k", description="Q3_K_M mix: attn_v Q5_K/Q4_K, ffn_down, attn_output Q4_K/Q5_K"),
+    FileType("q3_k_l", 13, "q3_k", description="Q3_K_L mix: attn_v, ffn_down, attn_output Q5_K"),
+    FileType("q4_k_s", 14, "q4_k", description="Q4_K_S mix: first attn_v/ffn_down in Q5_K"),
+    FileType("q4_k_m", 15, "q4_k", description="Q4_K_M mix: half of attn_v and ffn_down in Q6_K"),
+    FileType("q5_k_s", 16, "q5_k", description="Q5_K_S: Q5_K everywhere, output Q6_K"),
+    FileType("q5_k_m", 17, "q5_k", description="Q5_K_M mix: half of attn_v and ffn_down in Q6_K"),
+    FileType("q6_k", 18, "q6_k", description="Q6_K everywhere"),
+    FileType("iq4_nl", 25, "iq4_nl", description="IQ4_NL everywhere, output Q6_K"),
+    FileType("iq4_xs", 30, "iq4_xs", description="IQ4_XS mix"),
+    # plain types, llama-quantize --pure (file type of the matching mix)
+    FileType("q3_k", 12, "q3_k", pure=True, description="Q3_K on every tensor that fits (--pure)"),
+    FileType("q4_k", 15, "q4_k", pure=True, description="Q4_K on every tensor that fits (--pure)"),
+    FileType("q5_k", 17, "q5_k", pure=True, description="Q5_K on every tensor that fits (--pure)"),
+]  # fmt: skip
+FILE_TYPES: dict[str, FileType] = {f.name: f for f in _FT}
+FILE_TYPES["f16"] = FILE_TYPES["fp16"]
+
+
+def file_type(name: str) -> FileType | None:
+    return FILE_TYPES.get(name.strip().lower())
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The hyper-parameters llama.cpp's rules look at."""
+
+    arch: str
+    n_layer: int
+    n_head: int = 1
+    n_head_kv: int = 1
+    n_expert: int = 0
+
+    @property
+    def n_gqa(self) -> int:
+        return self.n_head // max(1, self.n_head_kv)
+
+    @property
+    def is_70b(self) -> bool:
+        return self.arch in ("llama", "qwen2") and self.n_layer == 80 and self.n_head != self.n_head_kv
+
+
+def info_from_config(cfg: object) -> ModelInfo:
+    """ModelInfo from a transformers config."""
+    arch = {"mistral": "llama", "llama": "llama", "qwen2": "qwen2"}.get(str(getattr(cfg, "model_type", "")),
+                                                                      str(getattr(cfg, "model_type", "")))
+    n_head = int(getattr(cfg, "num_attention_heads", 1))
+    return ModelInfo(arch, int(getattr(cfg, "num_hidden_layers", 0)), n_head,
+                     int(getattr(cfg, "num_key_value_heads", None) or n_head),
+                     int(getattr(cfg, "num_local_experts", 0) or 0))
+
+
+def info_from_gguf(fields: dict[str, object], arch: str) -> ModelInfo:
+    """ModelInfo from a GGUF file's metadata (``{arch}.block_count`` ...); values already decoded."""
+    n_head = int(fields.get(f"{arch}.attention.head_count", 1))  # type: ignore[call-overload]
+    return ModelInfo(arch, int(fields.get(f"{arch}.block_count", 0)), n_head,  # type: ignore[call-overload]
+                     int(fields.get(f"{arch}.attention.head_count_kv", n_head)),  # type: ignore[call-overload]
+                     int(fields.get(f"{arch}.expert_count", 0)))  # type: ignore[call-overload]
+
+
+# ---- names --------------------------------------------------------------------------------
+_HF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}  # fmt: skip
+_HF_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """The GGUF tensor name of a Hugging Face llama-family parameter, or None."""
+    if hf_name in _HF_TOP:
+        return _HF_TOP[hf_name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+    if m and m.group(2) in _HF_LAYER:
+        return f"blk.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
+    return None
+
+
+def llama_order(names: Iterable[str]) -> list[str]:
+    """llama.cpp's tensor order (weight_name_comparer): by layer (-1 for non-layer), then by name."""
+
+    def key(n: str) -> tuple[int, str]:
+        m = re.match(r"blk\.(\d+)\.", n)
+        return (int(m.group(1)) if m else -1, n)
+
+    return sorted(names, key=key)
+
+
+def _category(name: str) -> str:
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    for key, cat in (("attn_qkv.weight", "attn_qkv"), ("attn_kv_b.weight", "attn_kv_b"), ("attn_v.weight", "attn_v"),
+                     ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
+                     ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down")):
+        if key in name:
+            return cat
+    return "other"
+
+
+def allows_quantization(name: str, ndim: int) -> bool:
+    """llama.cpp's tensor_allows_quantization for the tensors of dense llama-family models."""
+    if ndim < 2 or not name.endswith("weight") or "_norm.weight" in name:
+        return False
+    return not any(s in name for s in ("ffn_gate_inp.weight", "position_embd", "token_types", "ssm_conv1d"))
+
+
+_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
+
+
+def _fallback(t: str, cols: int) -> str:
+    if cols % get_format(t).block_size == 0:
+        return t
+    r = _FALLBACK.get(t, t)
+    if cols % get_format(r).block_size:
+        r = "fp16"
+    return r
+
+
+def plan(tensors: Iterable[tuple[str, tuple[int, ...]]], ft: FileType, info: ModelInfo,
+         has_imatrix: bool = False) -> dict[str, str | None]:
+    """Tensor type (a lowbit format name) for every GGUF tensor of a model under file type ``ft``;
+    None keeps a tensor as it is (1-D tensors, norms: F32)."""
+    shapes = dict(tensors)
+    order = llama_order(shapes)
+    tied = "output.weight" not in shapes
+    n_attn_v = sum(1 for n in order if _category(n) in ("attn_v", "attn_qkv", "attn_kv_b"))
+    st = {"attn_v": 0, "ffn_down": 0}
+    out: dict[str, str | None] = {}
+    quantized_default = ft.default not in ("f32", "fp16", "bf16")
+    for name in order:
+        shape = shapes[name]
+        if not allows_quantization(name, len(shape)):
+            out[name] = None
+            continue
+        new = ft.default
+        if quantized_default:
+            if not ft.pure:
+                new = _mix_rule(name, shape, ft, info, tied, has_imatrix, n_attn_v, st)
+            new = _fallback(new, shape[-1])
+            if ft.name == "q2_k_s" and new == "q2_k" and _category(name) not in ("output", "token_embd") and not has_imatrix:
+                raise FormatError(f"{name}: file type Q2_K_S needs an importance matrix (--imatrix)")
+        out[name] = new
+    return out
+
+
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _mix_rule(name: str, shape: tuple[int, ...], ft: FileType, info: ModelInfo, tied: bool, has_imatrix: bool,
+              n_attn_v: int, st: dict[str, int]) -> str:
+    """llama_tensor_get_type_impl for the file types lowbit writes (dense models)."""
+    f = ft.name
+    cat = _category(name)
+    new = ft.default
+    falcon = info.arch == "falcon"
+    n_layer = info.n_layer
+    if cat == "output" or (tied and cat == "token_embd"):
+        cols = shape[-1]
+        if falcon or cols % get_format(new).block_size:
+            return "q8_0"
+        return "q6_k" if new != "q8_0" else new
+    if cat == "token_embd":
+        return new
+    if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
+        i = st["attn_v"]
+        if f == "q2_k":
+            new = "q4_k" if info.n_gqa >= 4 else "q3_k"
+        elif f == "q2_k_s" and info.n_gqa >= 4:
+            new = "q4_k"
+        elif f == "q3_k_m":
+            new = "q5_k" if i < 2 else "q4_k"
+        elif f == "q3_k_l":
+            new = "q5_k"
+        elif f in ("iq4_nl", "iq4_xs") and info.n_gqa >= 4:
+            new = "q5_k"
+        elif f in ("q4_k_m", "q5_k_m") and _more_bits(i, n_attn_v):
+            new = "q6_k"
+        elif f == "q4_k_s" and i < 4:
+            new = "q5_k"
+        if info.is_70b and new in ("q3_k", "q4_k"):
+            new = "q5_k"
+        if info.n_expert == 8:
+            new = "q8_0"
+        st["attn_v"] = i + 1
+        return new
+    if cat == "attn_k":
+        return "q8_0" if info.n_expert == 8 else new
+    if cat == "ffn_down":
+        i = st["ffn_down"]
+        if info.n_expert > 1:
+            m = re.match(r"blk\.(\d+)\.", name)
+            i = int(m.group(1)) if m else i
+        n = n_layer
+        if f == "q2_k":
+            new = "q3_k"
+        elif f == "q2_k_s":
+            if i < n // 8:
+                new = "q4_k"
+        elif f == "q3_k_m":
+            new = "q5_k" if i < n // 16 else ("q4_k" if (not falcon or _more_bits(i, n)) else "q3_k")
+        elif f == "q3_k_l":
+            new = "q4_k" if falcon else "q5_k"
+        elif f == "q4_k_m":
+            if falcon:
+                new = "q6_k" if i < n // 16 else ("q5_k" if _more_bits(i, n) else "q4_k")
+            elif _more_bits(i, n):
+                new = "q6_k"
+        elif i < n // 8 and f in ("iq4_nl", "iq4_xs") and not has_imatrix:
+            new = "q5_k"
+        elif f == "q5_k_m" and _more_bits(i, n):
+            new = "q6_k"
+        elif f == "q4_k_s" and not falcon and i < n // 8:
+            new = "q5_k"
+        elif f in ("q4_0", "q5_0") and has_imatrix and i < n // 8:
+            new = "q4_1" if f == "q4_0" else "q5_1"
+        st["ffn_down"] += 1
+        return new
+    if cat == "attn_output":
+        if not falcon:
+            if info.n_expert == 8:
+                if f in ("q2_k", "q3_k_s", "q3_k_m", "iq4_nl", "q4_k_s", "q4_k_m", "iq4_xs"):
+                    new = "q5_k"
+            elif f == "q2_k":
+                new = "q3_k"
+            elif f == "q3_k_m":
+                new = "q4_k"
+            elif f == "q3_k_l":
+                new = "q5_k"
+        elif f == "q3_k_l":
+            new = "q4_k"
+        return new
+    return new
