@@ -58,7 +58,10 @@ def llama_cpp_crosscheck(loaded, chunks: int, fmts: list[str]) -> list[dict[str,
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", type=int, default=20)
-    ap.add_argument("--formats", default=DEFAULT_FORMATS)
+    ap.add_argument("--formats", default=DEFAULT_FORMATS,
+                    help="formats or llama.cpp file types; '+imatrix' uses an importance matrix from the calibration text")
+    ap.add_argument("--crosscheck", default="q8_0,q4_0", help="file types also run through llama.cpp ('' for none)")
+    ap.add_argument("--name", default="compare-smollm2-cpu", help="output file stem under bench/results")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -66,7 +69,7 @@ def main() -> int:
     formats = args.formats.split(",")
     cmp = compare(loaded, formats, text_name="wiki-eval (gensim Wikipedia, evaluation split)", max_chunks=args.chunks,
                   progress=False)
-    cross = llama_cpp_crosscheck(loaded, args.chunks, ["q8_0", "q4_0"])
+    cross = llama_cpp_crosscheck(loaded, args.chunks, [f for f in args.crosscheck.split(",") if f])
     rows = {r["format"]: r for r in cmp.rows()}
     print(summary(cmp))
     print(markdown_table(cmp, times=True))
@@ -85,10 +88,10 @@ def main() -> int:
         "llama_cpp_crosscheck": cross,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    write_json(cmp, OUT / "compare-smollm2-cpu.json", extra=meta)
-    plot(cmp, OUT / "compare-smollm2-cpu.png")
-    (OUT / "compare-smollm2-cpu.md").write_text(summary(cmp) + "\n\n" + markdown_table(cmp, times=True) + "\n")
-    print(f"\nwrote {OUT}/compare-smollm2-cpu.{{json,md,png}} in {meta['total_seconds']:.0f} s")
+    write_json(cmp, OUT / f"{args.name}.json", extra=meta)
+    plot(cmp, OUT / f"{args.name}.png")
+    (OUT / f"{args.name}.md").write_text(summary(cmp) + "\n\n" + markdown_table(cmp, times=True) + "\n")
+    print(f"\nwrote {OUT}/{args.name}.{{json,md,png}} in {meta['total_seconds']:.0f} s")
     return 0
 
 

@@ -97,3 +97,23 @@ def test_compare_writes_table_json_and_plot(tmp_path):
     assert rows["q8_0"]["bpw"] > rows["int4-asym-g64"]["bpw"]
     png = (tmp_path / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_imatrix_then_quantize_and_compare_with_it(tmp_path):
+    im = tmp_path / "smol.imatrix.gguf"
+    r = lowbit("imatrix", "smollm2", "-o", str(im), "--chunks", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "210 tensors, 2 chunks of 512 tokens" in r.stdout
+    out = tmp_path / "smol-q4_k_m.gguf"
+    r = lowbit("quantize", "smollm2", "-f", "q4_k_m", "--imatrix", str(im), "-o", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "q4_k 16" in r.stdout and "q6_k 14" in r.stdout, r.stdout
+    r = lowbit("compare", "smollm2", "--formats", "q4_k_m,q4_k_m+imatrix", "--imatrix", str(im), "--chunks", "1",
+               "--quiet", "--out-dir", str(tmp_path / "cmp"))
+    assert r.returncode == 0, r.stderr
+    assert "| q4_k_m |" in r.stdout and "| q4_k_m+imatrix |" in r.stdout
+    r = lowbit("quantize", "smollm2", "-f", "q2_k_s", "-o", str(tmp_path / "x.gguf"))
+    _one_error_line(r, "Q2_K_S needs an importance matrix")
+    r = lowbit("quantize", "smollm2", "-f", "q4_k_m", "--imatrix", str(out), "-o", str(tmp_path / "y.gguf"))
+    _one_error_line(r, "smol-q4_k_m.gguf: not a valid importance matrix file")
+    assert {p.name for p in tmp_path.iterdir()} == {"cmp", im.name, out.name}

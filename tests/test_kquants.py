@@ -144,3 +144,35 @@ def test_bad_shapes_and_imatrix_are_refused():
     w[1, 3] = float("nan")
     with pytest.raises(FormatError, match="blk.3.ffn_up.weight: 1 NaN"):
         get_format("iq4_xs").quantize(w, name="blk.3.ffn_up.weight")
+
+
+def test_best_index_int8_equals_ggml_binary_search():
+    """The midpoint search equals ggml's binary search with its float32 comparison, including exact
+    midpoints (ties go up), the levels themselves, values beyond the ends and tiny values."""
+    from lowbit.formats.ggml_ref import best_index_int8
+    from lowbit.formats.iquants import KVALUES
+
+    vals = np.array(KVALUES, dtype=np.float32)
+
+    def ggml(x: np.float32) -> int:
+        if x <= vals[0]:
+            return 0
+        if x >= vals[-1]:
+            return len(vals) - 1
+        ml, mu = 0, len(vals) - 1
+        while mu - ml > 1:
+            mav = (ml + mu) // 2
+            if x < vals[mav]:
+                mu = mav
+            else:
+                ml = mav
+        return mu - 1 if np.float32(x - vals[mu - 1]) < np.float32(vals[mu] - x) else mu
+
+    rng = np.random.default_rng(0)
+    mids = (vals[:-1] + vals[1:]) / 2
+    xs = np.concatenate([
+        rng.uniform(-200, 200, 20000), rng.standard_normal(2000) * 1e-3, vals, mids,
+        np.nextafter(mids, np.float32(-1e9)), np.nextafter(mids, np.float32(1e9)), [0.0, -0.0, 1e-30, -1e-30],
+    ]).astype(np.float32)
+    ours = best_index_int8(torch.from_numpy(vals), torch.from_numpy(xs)).numpy()
+    assert [int(i) for i in ours] == [ggml(x) for x in xs]

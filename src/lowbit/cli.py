@@ -149,18 +149,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lowbit.eval.compare import compare, default_out_dir
+    from lowbit.eval.compare import compare, default_out_dir, split_spec
     from lowbit.eval.report import markdown_table, plot, summary, write_json
-    from lowbit.formats import get_format
+    from lowbit.io.imatrix import read_imatrix
     from lowbit.model.load import load_model
+    from lowbit.model.policy import check_scheme
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     for f in formats:
-        get_format(f)
+        check_scheme(split_spec(f)[0])
+    imatrix = read_imatrix(args.imatrix).values() if args.imatrix else None
     text, text_name = _text(args)
     loaded = load_model(args.model, progress=not args.quiet)
     cmp = compare(loaded, formats, text=text, text_name=text_name, n_ctx=args.ctx,
-                  max_chunks=args.chunks, progress=not args.quiet)
+                  max_chunks=args.chunks, progress=not args.quiet, imatrix=imatrix)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(loaded.name)
     print(summary(cmp))
     for n in cmp.notes:
@@ -220,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("compare", help="quantize into several formats and tabulate the loss of each")
     sp.add_argument("model", nargs="?", default="smollm2", help="model (default: the bundled SmolLM2-135M)")
-    sp.add_argument("--formats", default=DEFAULT_FORMATS, help="comma-separated format names")
+    sp.add_argument("--formats", default=DEFAULT_FORMATS,
+                    help="comma-separated formats or llama.cpp file types (q4_k_m, ...); a '+imatrix' suffix "
+                         "quantizes with the importance matrix")
+    sp.add_argument("--imatrix", help="importance matrix file for the '+imatrix' entries "
+                                      "(default: computed from the bundled calibration text)")
     sp.add_argument("--out-dir", help="where compare.md/.json/.png go (default runs/<model>)")
     common_eval(sp, 20)
     sp.set_defaults(func=cmd_compare)

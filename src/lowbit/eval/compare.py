@@ -8,12 +8,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lowbit.eval.data import eval_text, text_digest
 from lowbit.eval.runner import Evaluation, torch_logits_fn
 from lowbit.formats import get_format
+from lowbit.model.gguf_mix import file_type
 from lowbit.model.load import LoadedModel
+from lowbit.model.policy import check_scheme
 from lowbit.model.quantize import quantize_model
 
 
@@ -63,25 +66,59 @@ class Comparison:
         return [r.row(self.base["ppl"]) for r in self.results]
 
 
+IMATRIX_SUFFIX = "+imatrix"
+
+
+def split_spec(spec: str) -> tuple[str, bool]:
+    """``q4_k_m+imatrix`` -> (``q4_k_m``, True): the scheme, and whether it uses the importance matrix."""
+    s = spec.strip().lower()
+    if s.endswith(IMATRIX_SUFFIX):
+        return s[: -len(IMATRIX_SUFFIX)], True
+    return s, False
+
+
+def describe(scheme: str) -> tuple[str, str]:
+    """(display name, description) of a lowbit format or a llama.cpp file type."""
+    ft = file_type(scheme)
+    if ft is not None and ft.description:
+        return ft.name, ft.description
+    f = get_format(scheme)
+    return f.name, f.description
+
+
 def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, text_name: str = "wiki-eval",
-            n_ctx: int = 512, max_chunks: int | None = 20, progress: bool = True) -> Comparison:
-    for f in formats:
-        get_format(f)  # unknown names fail before any work
+            n_ctx: int = 512, max_chunks: int | None = 20, progress: bool = True,
+            imatrix: dict[str, np.ndarray] | None = None, imatrix_chunks: int = 32) -> Comparison:
+    """Evaluate every scheme of ``formats`` (lowbit formats or llama.cpp file types; a ``+imatrix``
+    suffix quantizes with the importance matrix ``imatrix``, computed from the calibration text when
+    not given) against the original on the same chunks."""
+    specs = [split_spec(f) for f in formats]
+    for scheme, _ in specs:
+        check_scheme(scheme)  # unknown names fail before any work
+    if imatrix is None and any(use for _, use in specs):
+        from lowbit.eval.data import calibration_text
+        from lowbit.model.imatrix import compute_imatrix
+
+        imatrix = compute_imatrix(loaded, calibration_text(), max_chunks=imatrix_chunks, progress=progress).values()
     text = eval_text() if text is None else text
     ev = Evaluation(loaded, text, n_ctx=n_ctx, max_chunks=max_chunks, progress=progress)
     try:
         base = ev.run(torch_logits_fn(loaded.model, n_ctx), "original", as_reference=True)
         results = []
-        for f in formats:
+        for scheme, use_im in specs:
             model = copy.deepcopy(loaded.model)
+            name, desc = describe(scheme)
+            label = name + (IMATRIX_SUFFIX if use_im else "")
             t0 = time.perf_counter()
-            report = quantize_model(model, f, progress=progress)
+            report = quantize_model(model, scheme, progress=progress, imatrix=imatrix if use_im else None)
             tq = time.perf_counter() - t0
-            metrics = ev.run(torch_logits_fn(model, n_ctx), f)
-            lin = [t for t in report.tensors if t.quantized and t.format == get_format(f).name]
+            metrics = ev.run(torch_logits_fn(model, n_ctx), label)
+            # the quantized weights inside the transformer blocks (not embeddings, head or norms)
+            lin = [t for t in report.tensors if t.quantized and ".layers." in t.name]
             lin_bpw = sum(t.bits for t in lin) / max(1, sum(torch.Size(t.shape).numel() for t in lin))
-            results.append(FormatResult(get_format(f).name, get_format(f).description, report.bits_per_weight,
-                                        lin_bpw, report.size_bytes, tq, metrics, report.counts()))
+            results.append(FormatResult(label, desc + (", importance matrix" if use_im else ""),
+                                        report.bits_per_weight, lin_bpw, report.size_bytes, tq, metrics,
+                                        report.counts()))
             del model
             gc.collect()
     finally:

@@ -152,3 +152,42 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     stream = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., : n * bits]
     weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).to(torch.uint8)
     return (stream.reshape(*stream.shape[:-1], n, bits) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
+# ---- chunked, multi-threaded block quantization -----------------------------------------
+#: rows are quantized in slices of about this many weights: large enough that each torch call does
+#: real work (the searches make thousands of calls per slice), small enough to bound their memory
+CHUNK_WEIGHTS = 1 << 20
+
+
+def _threads() -> int:
+    import os
+
+    # Measured on 2 cores: slices in parallel threads are slower than one slice at a time with
+    # torch's own threads inside each call, so parallel slices are opt-in.
+    return max(1, int(os.environ.get("LOWBIT_THREADS", "1")))
+
+
+def map_row_chunks(fn: Callable[[int, int], torch.Tensor], rows: int, cols: int, device: torch.device,
+                   chunk_weights: int = CHUNK_WEIGHTS) -> torch.Tensor:
+    """``torch.cat([fn(r0, r1) for each slice of rows])``, the slices computed in parallel.
+
+    With ``LOWBIT_THREADS`` > 1 the CPU slices run on a pool of threads (torch releases the GIL
+    inside its kernels); on a GPU slices of 16x as many weights run one at a time.  Every slice is independent, so the result does not depend on the threading."""
+    if device.type != "cpu":
+        chunk_weights *= 16
+    step = max(1, chunk_weights // max(1, cols))
+    bounds = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    n = _threads() if device.type == "cpu" else 1
+    if n <= 1 or len(bounds) == 1:
+        return torch.cat([fn(a, b) for a, b in bounds], dim=0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread per slice; the slices themselves run in parallel
+    try:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            parts = list(pool.map(lambda ab: fn(*ab), bounds))
+    finally:
+        torch.set_num_threads(prev)
+    return torch.cat(parts, dim=0)

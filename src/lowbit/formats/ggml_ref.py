@@ -137,16 +137,15 @@ def make_qx_quants(
             best = scale * sumlx
             cands = [i for i in range(-9, 10) if i != 0]
             # candidates do not depend on earlier choices: evaluate all, then select in order
-            c = torch.tensor([-f32_lin(nmax, 0.1, i, 0.0) for i in cands], dtype=x.dtype, device=x.device)
-            isc = c[:, None] / smx[None, :]  # [C, G]
-            lc = torch.round(isc[None, :, :] * x[:, None, :]).clamp_(-nmax, nmax - 1)  # [n, C, G]
-            slx = seqsum(wx[:, None, :] * lc)
-            sl2 = seqsum(w[:, None, :] * lc * lc)
-            for k in range(len(cands)):
-                s_lx, s_l2 = slx[k], sl2[k]
+            # one candidate at a time: the [n, G] temporaries stay in cache
+            for i in cands:
+                isc = sdiv(-f32_lin(nmax, 0.1, i, 0.0), smx)
+                lc = torch.round(isc[None, :] * x).clamp_(-nmax, nmax - 1)
+                s_lx = seqsum(wx * lc)
+                s_l2 = seqsum(w * lc * lc)
                 take = (s_l2 > 0) & (s_lx * s_lx > best * s_l2)
                 if bool(take.any()):
-                    L = torch.where(take[None, :], lc[:, k, :] + nmax, L)
+                    L = torch.where(take[None, :], lc + nmax, L)
                     scale = torch.where(take, s_lx / _safe(s_l2), scale)
                     best = torch.where(take, scale * s_lx, best)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
@@ -292,12 +291,12 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.
 
 
 def best_index_int8(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """ggml's best_index_int8 (binary search, then nearer neighbour; ties go up). ``values`` sorted float32."""
-    n = values.shape[0]
-    mu = torch.bucketize(x, values, right=True).clamp_(1, n - 1)
-    lo = values[mu - 1]
-    hi = values[mu]
-    idx = torch.where(x - lo < hi - x, mu - 1, mu)
-    idx = torch.where(x <= values[0], torch.zeros_like(idx), idx)
-    idx = torch.where(x >= values[-1], torch.full_like(idx, n - 1), idx)
-    return idx
+    """ggml's best_index_int8 (binary search, then the nearer neighbour, ties going up) for sorted
+    float32 integer levels ``values`` (an int8 codebook such as IQ4's).
+
+    That is the number of midpoints between neighbouring levels that are <= x: ggml compares
+    ``x - lo < hi - x`` in float32, which can differ from ``x < (lo + hi) / 2`` only where the two
+    differences round to the same float, i.e. with x within an ulp of a midpoint; the IQ4 levels'
+    midpoints are all at least 4.5 away from 0, and there both differences are exact."""
+    mids = (values[:-1] + values[1:]) * 0.5
+    return torch.bucketize(x, mids, right=True)

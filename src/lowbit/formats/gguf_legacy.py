@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.base import Format, QTensor, pack_bits, register, unpack_bits
+from lowbit.formats.base import Format, QTensor, map_row_chunks, pack_bits, register, unpack_bits
 
 QK = 32
 
@@ -59,18 +59,29 @@ class LegacyGGUF(Format):
     def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
         w = self.check(w, name)
         rows, cols = w.shape
+        im = None
         if imatrix is not None and self.bits != 8:
             from lowbit.formats.kquants import check_imatrix
 
-            return self._quantize_weighted(w, check_imatrix(imatrix, cols, name).to(w.device))
+            im = check_imatrix(imatrix, cols, name).to(w.device)
+
+        def run(r0: int, r1: int) -> torch.Tensor:
+            x = w[r0:r1]
+            return self._blocks(x) if im is None else self._blocks_weighted(x, im)
+
+        blocks = map_row_chunks(run, rows, cols, w.device).reshape(rows, -1)
+        return QTensor(self.name, (rows, cols), {"blocks": blocks})
+
+    def _blocks(self, w: torch.Tensor) -> torch.Tensor:
+        """ggml's reference quantizer (quantize_row_qN_ref) for rows ``w``: [rows, row bytes]."""
+        rows = w.shape[0]
         x = w.reshape(-1, QK)
         head: list[torch.Tensor]
         if self.bits == 8:
             d = x.abs().amax(dim=1, keepdim=True) / 127
             inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
             q = roundf(x * inv).to(torch.int8).view(torch.uint8)
-            blocks = torch.cat([_f16_bytes(d), q], dim=1)
-            return QTensor(self.name, (rows, cols), {"blocks": blocks.reshape(rows, -1)})
+            return torch.cat([_f16_bytes(d), q], dim=1).reshape(rows, -1)
         nmax = 2**self.bits - 1
         if self.affine:
             # ggml keeps the first element equal to the min (max): it matters for -0.0 vs 0.0
@@ -90,17 +101,16 @@ class LegacyGGUF(Format):
             inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
             q = torch.trunc(x * inv + (2 ** (self.bits - 1) + 0.5))
             head = [_f16_bytes(d)]
-        return self._pack(rows, cols, head, q.clamp(0, nmax).to(torch.uint8))
+        return self._pack(rows, head, q.clamp(0, nmax).to(torch.uint8))
 
-    def _pack(self, rows: int, cols: int, head: list[torch.Tensor], q: torch.Tensor) -> QTensor:
+    def _pack(self, rows: int, head: list[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
         low = q & 0x0F
         nib = low[:, : QK // 2] | (low[:, QK // 2 :] << 4)
         if self.bits == 5:
             head = head + [pack_bits(q >> 4, 1)]
-        blocks = torch.cat(head + [nib], dim=1)
-        return QTensor(self.name, (rows, cols), {"blocks": blocks.reshape(rows, -1)})
+        return torch.cat(head + [nib], dim=1).reshape(rows, -1)
 
-    def _quantize_weighted(self, w: torch.Tensor, imatrix: torch.Tensor) -> QTensor:
+    def _blocks_weighted(self, w: torch.Tensor, imatrix: torch.Tensor) -> torch.Tensor:
         """ggml's quantize_row_q{4,5}_{0,1}_impl: scales searched under imatrix-weighted error."""
         from lowbit.formats.ggml_ref import csqrt, make_qkx_quants, make_qx_quants, sdiv, seqsum
 
@@ -116,7 +126,7 @@ class LegacyGGUF(Format):
         else:
             d, L = make_qx_quants(xg, 2 ** (self.bits - 1), 1, wg)
             head = [_f16_bytes(d)]
-        return self._pack(rows, cols, head, L.t().to(torch.uint8))
+        return self._pack(rows, head, L.t().to(torch.uint8))
 
     def dequantize(self, qt: QTensor) -> torch.Tensor:
         blocks = qt.parts["blocks"].reshape(-1, self.type_size)

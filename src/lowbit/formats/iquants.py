@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.base import Format, QTensor, register
+from lowbit.formats.base import Format, QTensor, map_row_chunks, register
 from lowbit.formats.ggml_ref import GROUP_MAX_EPS, best_index_int8, csqrt, first_absmax, sdiv, seqsum
-from lowbit.formats.kquants import CHUNK_WEIGHTS, _f16b, _from_f16b, check_imatrix
+from lowbit.formats.kquants import _f16b, _from_f16b, check_imatrix
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 NTRY = 7
@@ -33,16 +33,15 @@ def _block_scales(xg: torch.Tensor, w: torch.Tensor, vals: torch.Tensor) -> tupl
     sumq2 = seqsum(wq * q)
     d = torch.where(sumq2 > 0, sumqx / torch.where(sumq2 > 0, sumq2, 1.0), 0.0)
     best = d * sumqx
-    tries = torch.tensor([float(t + KVALUES[0]) for t in range(-NTRY, NTRY + 1)], device=xg.device)
-    idc = tries[:, None] / smx[None, :]  # [C, G]
-    qc = vals[best_index_int8(vals, idc[None] * xg[:, None, :])]  # [32, C, G]
-    wqc = w[:, None, :] * qc
-    sqx = seqsum(wqc * xg[:, None, :])
-    sq2 = seqsum(wqc * qc)
-    for k in range(tries.numel()):
-        take = (sq2[k] > 0) & (sqx[k] * sqx[k] > best * sq2[k])
-        d = torch.where(take, sqx[k] / torch.where(take, sq2[k], 1.0), d)
-        best = torch.where(take, d * sqx[k], best)
+    for t in range(-NTRY, NTRY + 1):  # one candidate at a time: the temporaries stay in cache
+        idc = sdiv(float(t + KVALUES[0]), smx)
+        qc = vals[best_index_int8(vals, idc[None, :] * xg)]
+        wqc = w * qc
+        sqx = seqsum(wqc * xg)
+        sq2 = seqsum(wqc * qc)
+        take = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = torch.where(take, sqx / torch.where(take, sq2, 1.0), d)
+        best = torch.where(take, d * sqx, best)
     d = torch.where(zero, torch.zeros_like(d), d)
     return d, L
 
@@ -113,15 +112,16 @@ class IQ4(Format):
         w = self.check(w, name)
         rows, cols = w.shape
         qw_row = None if imatrix is None else check_imatrix(imatrix, cols, name).to(w.device)
-        step = max(1, CHUNK_WEIGHTS // cols)
         fn = _iq4_nl if self.block_size == 32 else _iq4_xs
-        out = []
-        for r0 in range(0, rows, step):
-            x = w[r0 : r0 + step]
-            qw = None if qw_row is None else qw_row.reshape(1, -1).expand(x.shape[0], -1)
-            blk = self.block_size
-            out.append(fn(x.reshape(-1, blk), None if qw is None else qw.reshape(-1, blk)))
-        blocks = torch.cat(out, dim=0).reshape(rows, -1)
+        blk = self.block_size
+
+        def run(r0: int, r1: int) -> torch.Tensor:
+            x = w[r0:r1]
+            qw = None if qw_row is None else qw_row.reshape(1, -1).expand(r1 - r0, -1)
+            return fn(x.reshape(-1, blk), None if qw is None else qw.reshape(-1, blk))
+
+        # IQ4's searches keep a candidate axis in their temporaries: smaller slices are faster
+        blocks = map_row_chunks(run, rows, cols, w.device, chunk_weights=1 << 18).reshape(rows, -1)
         return QTensor(self.name, (rows, cols), {"blocks": blocks})
 
     def dequantize(self, qt: QTensor) -> torch.Tensor:

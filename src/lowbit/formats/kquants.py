@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import FormatError
-from lowbit.formats.base import Format, QTensor, register
+from lowbit.formats.base import Format, QTensor, map_row_chunks, register
 from lowbit.formats.ggml_ref import (
     GROUP_MAX_EPS,
     csqrt,
@@ -33,8 +33,6 @@ from lowbit.formats.ggml_ref import (
 )
 
 QK_K = 256
-#: rows are processed in slices of about this many weights to bound the search's memory
-CHUNK_WEIGHTS = 1 << 20
 
 
 def _f16b(v: torch.Tensor) -> torch.Tensor:
@@ -360,13 +358,13 @@ class KQuant(Format):
         qw_row = None
         if imatrix is not None:
             qw_row = check_imatrix(imatrix, cols, name).to(w.device)
-        step = max(1, CHUNK_WEIGHTS // cols)
-        out = []
-        for r0 in range(0, rows, step):
-            x = w[r0 : r0 + step].reshape(-1, QK_K)
-            qw = None if qw_row is None else qw_row.reshape(1, -1).expand(x.shape[0] * QK_K // cols, -1).reshape(-1, QK_K)
-            out.append(self._quantize_blocks(x, qw))
-        blocks = torch.cat(out, dim=0).reshape(rows, -1)
+
+        def run(r0: int, r1: int) -> torch.Tensor:
+            x = w[r0:r1].reshape(-1, QK_K)
+            qw = None if qw_row is None else qw_row.reshape(1, -1).expand(r1 - r0, -1).reshape(-1, QK_K)
+            return self._quantize_blocks(x, qw)
+
+        blocks = map_row_chunks(run, rows, cols, w.device).reshape(rows, -1)
         return QTensor(self.name, (rows, cols), {"blocks": blocks})
 
     def dequantize(self, qt: QTensor) -> torch.Tensor:

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from lowbit.errors import FormatError, LowbitError
 from lowbit.formats import get_format
 from lowbit.formats.base import Format, QTensor
-from lowbit.model.gguf_mix import FILE_TYPES, ModelInfo, file_type, info_from_gguf, llama_order, plan
+from lowbit.io.gguf_write import STRING, GGUFStreamWriter, encode_value
 from lowbit.model.gguf_file import GGUFFile
+from lowbit.model.gguf_mix import FILE_TYPES, ModelInfo, file_type, info_from_gguf, llama_order, plan
 from lowbit.model.quantize import QuantReport, TensorRecord
 
 _SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization_version"}
@@ -61,7 +62,7 @@ def dequantize_raw(gtype: int, data: np.ndarray) -> np.ndarray:
     if fmt is not None and data.ndim == 2:
         rows = data.shape[0]
         cols = data.shape[1] // fmt_type_size(fmt) * fmt.block_size
-        qt = QTensor(fmt.name, (rows, cols), {"blocks": torch.from_numpy(np.ascontiguousarray(data))})
+        qt = QTensor(fmt.name, (rows, cols), {"blocks": torch.from_numpy(np.array(data, copy=True))})
         return fmt.dequantize(qt).numpy()
     return gguf.quants.dequantize(data, gguf.GGMLQuantizationType(gtype)).astype(np.float32, copy=False)
 
@@ -80,10 +81,8 @@ for _n in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k
 def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True,
                imatrix: dict[str, np.ndarray] | None = None, device: str | torch.device = "cpu") -> QuantReport:
     """Quantize the GGUF file ``src`` to ``fmt_name`` (a llama.cpp file type such as ``q4_k_m``)
-    and write ``out``; metadata copied as it is.  A tensor whose source type already is its target
-    type is copied byte for byte, as llama.cpp does."""
-    import gguf
-
+    and write ``out``; metadata copied byte for byte.  A tensor whose source type already is its
+    target type is copied byte for byte, as llama.cpp does."""
     if file_type(fmt_name) is None:  # refuse before reading anything
         get_format(fmt_name)
         raise LowbitError(f"format {fmt_name} has no GGUF type; GGUF output takes {', '.join(sorted(FILE_TYPES))}")
@@ -92,33 +91,47 @@ def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True,
     if not isinstance(arch, str):
         raise LowbitError(f"{src}: GGUF file has no general.architecture")
     info = info_from_gguf({k: kv.value for k, kv in gf.kv.items() if not k.startswith("tokenizer.")}, arch)
-
-    def metadata(writer: gguf.GGUFWriter) -> None:
-        for key, kv in gf.kv.items():
-            if key in _SKIP_KEYS:
-                continue
-            sub = None if kv.sub_type is None else gguf.GGUFValueType(kv.sub_type)
-            writer.add_key_value(key, kv.value, gguf.GGUFValueType(kv.vtype), sub_type=sub)
-
+    raw_kv = [(k, kv.raw) for k, kv in gf.kv.items() if k not in _SKIP_KEYS]
     entries = [(t.name, t.shape) for t in gf.tensors.values()]
 
     def load(name: str) -> np.ndarray:
         return dequantize_raw(gf.tensors[name].type, gf.raw(name))
 
     def raw(name: str) -> tuple[int, np.ndarray]:
-        return gf.tensors[name].type, np.asarray(gf.raw(name))
+        return gf.tensors[name].type, gf.raw(name)
 
-    return write_tensors(out, arch, metadata, entries, load, fmt_name, info, str(src), progress, imatrix, raw, device)
+    return write_tensors(out, arch, None, entries, load, fmt_name, info, str(src), progress, imatrix, raw, device,
+                         raw_kv=raw_kv)
 
 
-def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None], entries: list[tuple[str, tuple[int, ...]]],
-                  load: Callable[[str], np.ndarray], fmt_name: str, info: ModelInfo, source: str,
-                  progress: bool = True, imatrix: dict[str, np.ndarray] | None = None,
-                  raw: Callable[[str], tuple[int, np.ndarray]] | None = None,
-                  device: str | torch.device = "cpu") -> QuantReport:
-    """Write a GGUF file: ``metadata(writer)`` adds the key-value pairs, then every tensor of
-    ``entries`` (GGUF name, shape as rows x cols), loaded as float32 by ``load``, is stored in the
-    type llama.cpp's rules give it under file type ``fmt_name``, in llama.cpp's tensor order.
+def _collected_kv(arch: str, metadata: Callable[[Any], None]) -> list[tuple[str, bytes]]:
+    """Run ``metadata`` on a gguf-py writer (used only to collect key-value pairs) and encode them."""
+    import gguf
+
+    col = gguf.GGUFWriter(None, arch)
+    metadata(col)
+    out = []
+    for key, v in col.kv_data[0].items():
+        if key in _SKIP_KEYS:
+            continue
+        vtype, sub = int(v.type), v.sub_type
+        if vtype == gguf.GGUFValueType.ARRAY and sub is None:
+            items = list(v.value)
+            sub = gguf.GGUFValueType.get_type(items[0]) if items else gguf.GGUFValueType.INT32
+        out.append((key, encode_value(vtype, v.value, None if sub is None else int(sub))))
+    return out
+
+
+def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
+                  entries: list[tuple[str, tuple[int, ...]]], load: Callable[[str], np.ndarray], fmt_name: str,
+                  info: ModelInfo, source: str, progress: bool = True, imatrix: dict[str, np.ndarray] | None = None,
+                  raw: Callable[[str], tuple[int, np.ndarray]] | None = None, device: str | torch.device = "cpu",
+                  raw_kv: list[tuple[str, bytes]] | None = None) -> QuantReport:
+    """Write a GGUF file, streaming: metadata first (``raw_kv``, encoded entries as copied from a
+    source file, and/or what ``metadata(writer)`` adds to a gguf-py writer), then every tensor of
+    ``entries`` (GGUF name, shape rows first), loaded as float32 by ``load``, in the type llama.cpp's
+    rules give it under file type ``fmt_name``, in llama.cpp's tensor order, one tensor in memory at
+    a time.  ``raw(name)`` gives a source tensor's type and bytes, for tensors copied unchanged.
     ``imatrix`` maps GGUF tensor names to importance vectors (one weight per column).  The
     quantizers run with torch on ``device`` (the bytes are the same on any device)."""
     import gguf
@@ -134,33 +147,51 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None], entries
             raise FormatError(f"importance matrix entry {name} has NaN or Inf values")
     types = plan(entries, ft, info, has_imatrix=bool(imatrix))
     shapes = dict(entries)
+    order = llama_order(shapes)
+
+    # what each tensor becomes: copied from the source (its type unchanged) or quantized
+    copied: dict[str, int] = {}
+    out_type: dict[str, int] = {}
+    for name in order:
+        target = types[name]
+        if raw is not None:
+            src_type = raw(name)[0]
+            if target is None or src_type == get_format(target).gguf_type:
+                copied[name] = out_type[name] = src_type
+                continue
+        out_type[name] = int(gguf.GGMLQuantizationType.F32) if target is None else int(get_format(target).gguf_type)
+
     tmp = atomic_target(out)
     report = QuantReport(ft.name)
+    writer = GGUFStreamWriter(tmp)
     try:
-        writer = gguf.GGUFWriter(tmp, arch)
-        metadata(writer)
-        writer.add_file_type(ft.ftype)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_quantized_by("lowbit")
-        order = llama_order(shapes)
+        writer.add("general.architecture", STRING, arch)
+        for key, rawv in raw_kv or []:
+            writer.add_raw(key, rawv)
+        if metadata is not None:
+            for key, rawv in _collected_kv(arch, metadata):
+                writer.add_raw(key, rawv)
+        writer.add("general.file_type", int(gguf.GGUFValueType.UINT32), ft.ftype)
+        writer.add("general.quantization_version", int(gguf.GGUFValueType.UINT32), gguf.GGML_QUANT_VERSION)
+        writer.add("general.quantized_by", STRING, "lowbit")
+        for name in order:
+            writer.add_tensor_info(name, shapes[name], out_type[name])
+        writer.begin()
         bar = tqdm(order, desc=f"quantize {ft.name} -> {out.name}", unit="tensor", disable=not progress)
         for name in bar:
             shape = shapes[name]
             target = types[name]
-            if raw is not None:
-                # llama.cpp copies a tensor that already has its target type (or is not quantized)
-                src_type, data = raw(name)
-                if target is None or src_type == get_format(target).gguf_type:
-                    _check_finite(load(name), source, name)
-                    writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType(src_type))
-                    kept = gguf.GGMLQuantizationType(src_type).name.lower()
-                    report.tensors.append(TensorRecord(name, shape, target or kept, target is not None,
-                                                       8 * data.nbytes, 0.0))
-                    continue
             w = load(name)
             _check_finite(w, source, name)
+            if name in copied:
+                data = raw(name)[1]  # type: ignore[misc]
+                writer.write_tensor(name, data)
+                kept = gguf.GGMLQuantizationType(copied[name]).name.lower()
+                report.tensors.append(TensorRecord(name, shape, target or kept, target is not None,
+                                                   8 * int(np.asarray(data).nbytes), 0.0))
+                continue
             if target is None:
-                writer.add_tensor(name, np.ascontiguousarray(w, dtype=np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
+                writer.write_tensor(name, np.ascontiguousarray(w, dtype=np.float32))
                 report.tensors.append(TensorRecord(name, shape, "f32", False, 32 * w.size, 0.0))
                 continue
             tfmt = get_format(target)
@@ -174,18 +205,15 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None], entries
                                    imatrix=torch.as_tensor(np.asarray(im, np.float32), device=wt.device))
             else:
                 qt = tfmt.quantize(wt, name=f"{source}:{name}")
-            writer.add_tensor(name, _as_array(tfmt.name, qt.to("cpu").parts).reshape(*shape[:-1], -1),
-                              raw_dtype=gguf.GGMLQuantizationType(tfmt.gguf_type))
+            writer.write_tensor(name, _as_array(tfmt.name, qt.to("cpu").parts))
             dq = tfmt.dequantize(qt)
             num = ((dq - wt) ** 2).sum(dtype=torch.float64)
             err = float(num / (wt * wt).sum(dtype=torch.float64).clamp_min(1e-30))
             report.tensors.append(TensorRecord(name, shape, tfmt.name, True, tfmt.storage_bits(tuple(wt.shape)), err))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
         writer.close()
         tmp.replace(out)
     except BaseException:
+        writer.abort()
         tmp.unlink(missing_ok=True)
         raise
     return report

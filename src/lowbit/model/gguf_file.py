@@ -29,6 +29,7 @@ class KV:
     vtype: int
     value: object
     sub_type: int | None = None  # item type of an array
+    raw: bytes = b""  # the encoded type id and value, as stored
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,12 @@ class GGUFFile:
             raise self._fail(f"implausible counts: {n_tensors} tensors, {n_kv} metadata entries")
         for _ in range(n_kv):
             key = self._str("a metadata key")
+            start = self._pos
             vtype = self._u32(f"type of {key}")
             value, sub = self._value(vtype, key)
             if key in self.kv:
                 raise self._fail(f"metadata key {key} appears twice")
-            self.kv[key] = KV(vtype, value, sub)
+            self.kv[key] = KV(vtype, value, sub, bytes(self._buf[start : self._pos]))
         infos = []
         for _ in range(n_tensors):
             name = self._str("a tensor name")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -90,7 +91,7 @@ def _rel_error(w: torch.Tensor, dq: torch.Tensor) -> float:
 
 
 def quantize_model(model: nn.Module, fmt_name: str, progress: bool = True,
-                   imatrix: dict[str, torch.Tensor] | None = None) -> QuantReport:
+                   imatrix: dict[str, np.ndarray] | None = None) -> QuantReport:
     """Quantize ``model`` in place with format (or llama.cpp file type, e.g. ``q4_k_m``)
     ``fmt_name`` under lowbit's tensor rules (:mod:`lowbit.model.policy`) and return what was
     stored for every weight.  ``imatrix`` maps parameter names (Hugging Face or GGUF) to importance
@@ -118,7 +119,7 @@ def quantize_model(model: nn.Module, fmt_name: str, progress: bool = True,
         w2 = p.detach().reshape(1, -1) if p.dim() == 1 else p.detach()
         im = None if not imatrix else imatrix.get(name, imatrix.get(gguf_name(name) or name))
         if im is not None and fmt.uses_imatrix:
-            qt = fmt.quantize(w2, name=name, imatrix=im)
+            qt = fmt.quantize(w2, name=name, imatrix=torch.as_tensor(np.asarray(im, dtype=np.float32)))
         else:
             qt = fmt.quantize(w2, name=name)
         dq = fmt.dequantize(qt).reshape(p.shape)

@@ -1,0 +1,1 @@
+"""Calibration methods that choose better codes (importance matrices, GPTQ, AWQ, ...)."""

@@ -1,0 +1,123 @@
+"""A streaming GGUF writer: the header (metadata and every tensor's name, shape, type and offset)
+first, then each tensor's bytes as soon as it is quantized, so memory holds one tensor at a time.
+
+Metadata copied from a source GGUF keeps its bytes as read (:class:`~lowbit.model.gguf_file.KV`
+``raw``); new entries are encoded here.  The layout is GGUF version 3 with 32-byte alignment,
+what llama.cpp writes and reads.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from lowbit.errors import LowbitError
+
+ALIGNMENT = 32
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+STRING, ARRAY = 8, 9
+
+
+def _str(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def encode_value(vtype: int, value: object, sub_type: int | None = None) -> bytes:
+    """The bytes of a value of GGUF type ``vtype`` (the type id itself included)."""
+    head = struct.pack("<I", vtype)
+    if vtype in _SCALAR:
+        return head + struct.pack(_SCALAR[vtype], value)
+    if vtype == STRING:
+        return head + _str(str(value))
+    if vtype == ARRAY:
+        items = list(value)  # type: ignore[call-overload]
+        if sub_type is None:
+            raise ValueError("an array needs its item type")
+        out = head + struct.pack("<IQ", sub_type, len(items))
+        if sub_type in _NP:
+            return out + np.asarray(items).astype(_NP[sub_type]).tobytes()
+        if sub_type == STRING:
+            return out + b"".join(_str(str(s)) for s in items)
+        raise ValueError(f"arrays of type {sub_type} are not written")
+    raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+class GGUFStreamWriter:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._kv: list[tuple[str, bytes]] = []
+        self._keys: set[str] = set()
+        self._tensors: list[tuple[str, tuple[int, ...], int, int]] = []  # name, ne, type, n_bytes
+        self._fh: BinaryIO | None = None
+        self._next = 0
+
+    # ---- header -------------------------------------------------------------------------
+    def add_raw(self, key: str, raw: bytes) -> None:
+        """A metadata entry from its encoded bytes (type id and value), e.g. copied from a source file."""
+        if key in self._keys:
+            raise LowbitError(f"{self.path}: metadata key {key} written twice")
+        self._keys.add(key)
+        self._kv.append((key, bytes(raw)))
+
+    def add(self, key: str, vtype: int, value: object, sub_type: int | None = None) -> None:
+        self.add_raw(key, encode_value(vtype, value, sub_type))
+
+    def add_tensor_info(self, name: str, shape: tuple[int, ...], gtype: int) -> None:
+        """Declare a tensor (shape rows first, as numpy) before :meth:`begin`."""
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(gtype)]
+        ne = tuple(int(d) for d in reversed(shape))
+        if ne[0] % block:
+            raise LowbitError(f"{name}: rows of {ne[0]} do not fit blocks of {block}")
+        n_bytes = int(np.prod(ne, dtype=np.int64)) // block * type_size
+        self._tensors.append((name, ne, int(gtype), n_bytes))
+
+    def begin(self) -> None:
+        """Write the header; then :meth:`write_tensor` each declared tensor in order."""
+        parts = [b"GGUF", struct.pack("<IQQ", 3, len(self._tensors), len(self._kv))]
+        parts += [_str(k) + raw for k, raw in self._kv]
+        offset = 0
+        for name, ne, gtype, n_bytes in self._tensors:
+            parts.append(_str(name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
+                         + struct.pack("<IQ", gtype, offset))
+            offset += -(-n_bytes // ALIGNMENT) * ALIGNMENT
+        head = b"".join(parts)
+        head += b"\0" * (-len(head) % ALIGNMENT)
+        self._fh = open(self.path, "wb")
+        self._fh.write(head)
+
+    def write_tensor(self, name: str, data: np.ndarray) -> None:
+        if self._fh is None:
+            raise RuntimeError("begin() first")
+        if self._next >= len(self._tensors):
+            raise LowbitError(f"{self.path}: tensor {name} was not declared")
+        want, _, _, n_bytes = self._tensors[self._next]
+        if name != want:
+            raise LowbitError(f"{self.path}: tensor {name} written where {want} was declared")
+        buf = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        if buf.size != n_bytes:
+            raise LowbitError(f"{self.path}: tensor {name} has {buf.size} bytes, {n_bytes} were declared")
+        self._fh.write(memoryview(buf))
+        self._fh.write(b"\0" * (-n_bytes % ALIGNMENT))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._fh is None:
+            return
+        fh, self._fh = self._fh, None
+        complete = self._next == len(self._tensors)
+        fh.flush()
+        fh.close()
+        if not complete:
+            raise LowbitError(f"{self.path}: closed after {self._next} of {len(self._tensors)} tensors")
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

@@ -1,0 +1,44 @@
+"""Compute a model's importance matrix from calibration text, as llama-imatrix does.
+
+The text is tokenized once, cut into chunks of ``n_ctx`` tokens (the leftover tail is dropped), and
+where the model wants a BOS token the first token of every chunk is replaced by it.  Every linear
+layer inside the transformer blocks is hooked (the output head is not, as llama-imatrix's default);
+entries are named by GGUF tensor names so the file works with llama-quantize and with lowbit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.algorithms.imatrix import Imatrix, ImatrixCollector, run_chunks
+from lowbit.errors import LowbitError
+from lowbit.model.gguf_mix import gguf_name
+from lowbit.model.load import LoadedModel
+
+
+def imatrix_chunks(loaded: LoadedModel, text: str, n_ctx: int = 512, max_chunks: int | None = None) -> torch.Tensor:
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if loaded.add_bos and loaded.bos_id is not None:
+        ids = [loaded.bos_id, *ids]
+    n = len(ids) // n_ctx
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    if n < 1:
+        raise LowbitError(f"calibration text too short: {len(ids)} tokens, need at least {n_ctx}")
+    chunks = torch.tensor(ids[: n * n_ctx], dtype=torch.long).reshape(n, n_ctx)
+    if loaded.add_bos and loaded.bos_id is not None:
+        chunks[:, 0] = loaded.bos_id
+    return chunks
+
+
+def compute_imatrix(loaded: LoadedModel, text: str, n_ctx: int = 512, max_chunks: int | None = None,
+                    dataset: str = "calibration", progress: bool = True) -> Imatrix:
+    """The importance matrix of ``loaded`` over ``text``, keyed by GGUF tensor names."""
+    chunks = imatrix_chunks(loaded, text, n_ctx, max_chunks)
+
+    def rename(module: str) -> str | None:
+        return gguf_name(f"{module}.weight")
+
+    with ImatrixCollector(loaded.model, lambda n: rename(n) is not None and n != "lm_head") as col:
+        run_chunks(loaded.model, chunks, len(chunks), progress)
+    return col.to_imatrix(rename, chunk_size=n_ctx, chunk_count=len(chunks), datasets=[dataset])
