@@ -12,7 +12,6 @@ always runs on the CPU with as many threads as there are cores.  Each figure is 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -24,31 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowbit.eval.llamacpp import llama_quantize
 from lowbit.io.gguf_out import write_gguf
-from lowbit.model.gguf_mix import FILE_TYPES
 from lowbit.model.load import resolve_model_path
 
 OUT = Path(__file__).parent / "results"
-
-
-def llama_quantize(src: Path, dst: Path, ft_name: str, imatrix: dict[str, np.ndarray] | None, threads: int) -> None:
-    import llama_cpp
-
-    ft = FILE_TYPES[ft_name]
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype, p.allow_requantize, p.pure, p.nthread = ft.ftype, True, ft.pure, threads
-    keep = []
-    if imatrix:
-        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, v) in enumerate(sorted(imatrix.items())):
-            v = np.ascontiguousarray(v, dtype=np.float32)
-            keep.append(v)
-            arr[i].name, arr[i].size = name.encode(), v.size
-            arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        arr[len(imatrix)].name = None
-        p.imatrix = arr
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) != 0:
-        raise RuntimeError(f"llama_model_quantize failed for {ft_name}")
 
 
 def same_tensors(a: Path, b: Path) -> bool:

@@ -4,7 +4,6 @@ bytes, from the same original, with and without an importance matrix."""
 
 from __future__ import annotations
 
-import ctypes
 from collections import Counter
 from pathlib import Path
 
@@ -31,26 +30,9 @@ def smol_imatrix(smol):
 
 def llama_quantize(src: Path, dst: Path, ftype_name: str, imatrix: dict[str, np.ndarray] | None = None) -> None:
     """llama.cpp's quantizer, as llama-quantize calls it (requantizing the bundled Q4_1 file)."""
-    import llama_cpp
+    from lowbit.eval.llamacpp import llama_quantize as quantize
 
-    ft = FILE_TYPES[ftype_name]
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = ft.ftype
-    p.allow_requantize = True
-    p.pure = ft.pure
-    p.nthread = 2
-    keep = []
-    if imatrix:
-        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, v) in enumerate(sorted(imatrix.items())):
-            v = np.ascontiguousarray(v, dtype=np.float32)
-            keep.append(v)
-            arr[i].name = name.encode()
-            arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = v.size
-        arr[len(imatrix)].name = None
-        p.imatrix = arr
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
+    quantize(src, dst, ftype_name, imatrix, threads=2)
 
 
 def assert_same_tensors(ours: Path, ref: Path) -> Counter:

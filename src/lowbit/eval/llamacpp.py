@@ -39,3 +39,34 @@ class LlamaCppModel:
 
     def close(self) -> None:
         self.llm.close()
+
+
+def llama_quantize(src: Path, dst: Path, ft_name: str, imatrix: dict[str, np.ndarray] | None = None,
+                   threads: int | None = None) -> None:
+    """Quantize ``src`` to ``dst`` with llama.cpp's own quantizer (llama_model_quantize, the code behind
+    llama-quantize), requantizing quantized sources as ``--allow-requantize`` does: the reference that
+    lowbit's GGUF output is checked against, byte for byte."""
+    import ctypes
+
+    import llama_cpp
+
+    from lowbit.model.gguf_mix import file_type
+
+    ft = file_type(ft_name)
+    if ft is None:
+        raise LowbitError(f"{ft_name} is not a llama.cpp file type")
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.allow_requantize, p.pure = ft.ftype, True, ft.pure
+    p.nthread = threads or os.cpu_count() or 1
+    keep = []  # the arrays must outlive the call
+    if imatrix:
+        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, v) in enumerate(sorted(imatrix.items())):
+            v = np.ascontiguousarray(v, dtype=np.float32)
+            keep.append(v)
+            arr[i].name, arr[i].size = name.encode(), v.size
+            arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[len(imatrix)].name = None
+        p.imatrix = arr
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) != 0:
+        raise LowbitError(f"{src}: llama.cpp's quantizer failed for {ft_name}")

@@ -136,8 +136,9 @@ def make_qx_quants(
         else:
             best = scale * sumlx
             cands = [i for i in range(-9, 10) if i != 0]
-            # candidates do not depend on earlier choices: evaluate all, then select in order
-            # one candidate at a time: the [n, G] temporaries stay in cache
+            # one candidate at a time (the [n, G] temporaries stay in cache); the codes of the
+            # winning candidate are recomputed once at the end from its inverse scale
+            sel = iscale
             for i in cands:
                 isc = sdiv(-f32_lin(nmax, 0.1, i, 0.0), smx)
                 lc = torch.round(isc[None, :] * x).clamp_(-nmax, nmax - 1)
@@ -145,9 +146,10 @@ def make_qx_quants(
                 s_l2 = seqsum(w * lc * lc)
                 take = (s_l2 > 0) & (s_lx * s_lx > best * s_l2)
                 if bool(take.any()):
-                    L = torch.where(take[None, :], lc + nmax, L)
+                    sel = torch.where(take, isc, sel)
                     scale = torch.where(take, s_lx / _safe(s_l2), scale)
                     best = torch.where(take, scale * s_lx, best)
+            L = torch.round(sel[None, :] * x).clamp_(-nmax, nmax - 1) + nmax
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero[None, :], torch.zeros_like(L), L)
     return scale, L
@@ -215,6 +217,9 @@ def make_qkx_quants(
         return seqsum(w * diff)
 
     best = err(scale, mn, L)
+    # the codes of the winning candidate are recomputed at the end from its inverse scale and
+    # the min it was computed with (the same operations, so the same values)
+    sel_isc, sel_mn = iscale, mn
     if nstep >= 1:
         for i in range(nstep + 1):
             c = f32_lin(rmin, rdelta, i, float(nmax))
@@ -235,10 +240,12 @@ def make_qkx_quants(
             this_scale = torch.where(pos, sum_xl / _safe(sum_l2), this_scale)
             cur = err(this_scale, this_min, la)
             take = ok & (cur < best) & ~empty
-            L = torch.where(take[None, :], la, L)
+            sel_isc = torch.where(take, isc, sel_isc)
+            sel_mn = torch.where(take, mn, sel_mn)
             best = torch.where(take, cur, best)
             scale = torch.where(take, this_scale, scale)
             mn = torch.where(take, this_min, mn)
+        L = torch.round(sel_isc * (x - sel_mn)).clamp_(0, nmax)
     L = torch.where(empty[None, :], torch.zeros_like(L), L)
     scale = torch.where(empty, torch.zeros_like(scale), scale)
     return scale, -mn, L

@@ -126,14 +126,16 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
                   entries: list[tuple[str, tuple[int, ...]]], load: Callable[[str], np.ndarray], fmt_name: str,
                   info: ModelInfo, source: str, progress: bool = True, imatrix: dict[str, np.ndarray] | None = None,
                   raw: Callable[[str], tuple[int, np.ndarray]] | None = None, device: str | torch.device = "cpu",
-                  raw_kv: list[tuple[str, bytes]] | None = None) -> QuantReport:
+                  raw_kv: list[tuple[str, bytes]] | None = None, measure_error: bool = False) -> QuantReport:
     """Write a GGUF file, streaming: metadata first (``raw_kv``, encoded entries as copied from a
     source file, and/or what ``metadata(writer)`` adds to a gguf-py writer), then every tensor of
     ``entries`` (GGUF name, shape rows first), loaded as float32 by ``load``, in the type llama.cpp's
     rules give it under file type ``fmt_name``, in llama.cpp's tensor order, one tensor in memory at
     a time.  ``raw(name)`` gives a source tensor's type and bytes, for tensors copied unchanged.
     ``imatrix`` maps GGUF tensor names to importance vectors (one weight per column).  The
-    quantizers run with torch on ``device`` (the bytes are the same on any device)."""
+    quantizers run with torch on ``device`` (the bytes are the same on any device).  With
+    ``measure_error`` each tensor's relative squared error goes into the report (one more
+    dequantization per tensor)."""
     import gguf
 
     ft = file_type(fmt_name)
@@ -206,9 +208,10 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
             else:
                 qt = tfmt.quantize(wt, name=f"{source}:{name}")
             writer.write_tensor(name, _as_array(tfmt.name, qt.to("cpu").parts))
-            dq = tfmt.dequantize(qt)
-            num = ((dq - wt) ** 2).sum(dtype=torch.float64)
-            err = float(num / (wt * wt).sum(dtype=torch.float64).clamp_min(1e-30))
+            err = None
+            if measure_error:
+                num = ((tfmt.dequantize(qt) - wt) ** 2).sum(dtype=torch.float64)
+                err = float(num / (wt * wt).sum(dtype=torch.float64).clamp_min(1e-30))
             report.tensors.append(TensorRecord(name, shape, tfmt.name, True, tfmt.storage_bits(tuple(wt.shape)), err))
         writer.close()
         tmp.replace(out)

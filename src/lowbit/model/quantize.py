@@ -50,7 +50,7 @@ class TensorRecord:
     format: str
     quantized: bool
     bits: int
-    rel_error: float  # ||W - Q(W)||^2 / ||W||^2
+    rel_error: float | None  # ||W - Q(W)||^2 / ||W||^2 (None: not measured)
 
 
 @dataclass
