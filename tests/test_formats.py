@@ -52,6 +52,18 @@ def test_signed_zero_block_follows_libggml(ggml):
         assert np.array_equal(get_format(name).quantize(torch.from_numpy(w)).parts["blocks"].numpy(), ggml.quantize(int(t), w))
 
 
+def test_first_extreme_wins_when_max_and_min_tie(ggml):
+    """Q4_0/Q5_0 take the sign of the first element of largest magnitude: check both orders."""
+    w = np.linspace(-0.3, 0.3, 4 * 32, dtype=np.float32).reshape(4, 32)
+    w[0, 3], w[0, 9] = -0.5, 0.5  # negative first
+    w[1, 3], w[1, 9] = 0.5, -0.5  # positive first
+    w[2, 0], w[2, 31] = -0.7, 0.7
+    w[3, 0], w[3, 31] = 0.7, -0.7
+    for name in ("q4_0", "q5_0"):
+        ours = get_format(name).quantize(torch.from_numpy(w)).parts["blocks"].numpy()
+        assert np.array_equal(ours, ggml.quantize(int(LEGACY[name]), w)), name
+
+
 @pytest.mark.parametrize("name", list(LEGACY))
 def test_legacy_on_real_weights(name, smol_weights, ggml):
     fmt = get_format(name)

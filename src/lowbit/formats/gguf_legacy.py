@@ -42,6 +42,21 @@ def _f16_from(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).to(torch.float32)
 
 
+def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Per row, the first element of largest magnitude (with its sign), as ggml's scan finds it.
+
+    The row's max and min decide it, except where they tie in magnitude; only those rows need the
+    (slower) search for the first index."""
+    hi = x.amax(dim=1, keepdim=True)
+    lo = x.amin(dim=1, keepdim=True)
+    out = torch.where(-lo > hi, lo, hi)
+    tie = ((-lo == hi) & (hi > 0)).reshape(-1)
+    if bool(tie.any()):
+        sub = x[tie]
+        out[tie] = sub.gather(1, sub.abs().argmax(dim=1, keepdim=True))
+    return out
+
+
 class LegacyGGUF(Format):
     block_size = QK
 
@@ -92,8 +107,7 @@ class LegacyGGUF(Format):
             q = torch.trunc((x - lo) * inv + 0.5)
             head = [_f16_bytes(d), _f16_bytes(lo)]
         else:
-            idx = x.abs().argmax(dim=1, keepdim=True)
-            vmax = x.gather(1, idx)
+            vmax = _signed_absmax(x)
             # ggml starts from max = 0.0 and replaces it only on a strictly larger magnitude, so a
             # block of zeros (of either sign) gets d = 0.0 / -8 = -0.0 (gguf-py differs here)
             vmax = torch.where(vmax == 0, torch.zeros_like(vmax), vmax)
