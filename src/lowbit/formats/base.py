@@ -35,6 +35,62 @@ class QTensor:
         return QTensor(self.format, self.shape, {k: v.to(device) for k, v in self.parts.items()}, dict(self.meta))
 
 
+@dataclass
+class Grid:
+    """The values each weight of a quantized tensor may take, given its stored scales: integer codes
+    ``q`` in ``[qmin, qmax]`` decode to ``scale * (q - zero) + offset``, or, for a format with a
+    code book, to ``scale * levels[q] + offset``.  Every field is per weight (``[rows, cols]``; a
+    slice of columns of a full grid is a grid of those columns).
+
+    Calibration methods (GPTQ, SpQR, ...) keep a format's scales and choose the codes themselves:
+    :meth:`nearest` rounds arbitrary values to the grid, and the format's ``with_codes`` stores the
+    chosen codes in place of its own.  The decoded values are computed exactly as the format's
+    ``dequantize`` computes them."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    offset: torch.Tensor | None
+    qmin: int
+    qmax: int
+    levels: torch.Tensor | None = None  # code book (float32), or None for integer codes
+
+    def __getitem__(self, cols: slice | int) -> Grid:
+        sl = cols if isinstance(cols, slice) else slice(cols, cols + 1)
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, sl]
+
+        return Grid(self.scale[:, sl], cut(self.zero), cut(self.offset), self.qmin, self.qmax, self.levels)
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes (int64, shape of ``x``) of the grid values nearest to ``x``."""
+        y = x if self.offset is None else x - self.offset
+        safe = torch.where(self.scale == 0, torch.ones_like(self.scale), self.scale)
+        y = y / safe
+        if self.levels is not None:
+            levels = self.levels.to(y.device)
+            order = torch.argsort(levels)
+            srt = levels[order]
+            q = order[torch.bucketize(y.contiguous(), (srt[1:] + srt[:-1]) / 2)]
+        else:
+            if self.zero is not None:
+                y = y + self.zero
+            q = torch.round(y).clamp_(self.qmin, self.qmax).to(torch.int64)
+        return torch.where(self.scale == 0, torch.full_like(q, max(self.qmin, 0)), q)
+
+    def values(self, q: torch.Tensor) -> torch.Tensor:
+        """The float32 values of codes ``q``."""
+        if self.levels is not None:
+            v = self.scale * self.levels.to(q.device)[q]
+        else:
+            qf = q.to(torch.float32)
+            v = self.scale * (qf if self.zero is None else qf - self.zero)
+        return v if self.offset is None else v + self.offset
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        return self.values(self.nearest(x))
+
+
 class Format:
     """Base class. Subclasses set ``name`` and implement the three methods below."""
 
@@ -77,6 +133,29 @@ class Format:
 
     def roundtrip(self, w: torch.Tensor) -> torch.Tensor:
         return self.dequantize(self.quantize(w))
+
+    def tensor_bits(self, qt: QTensor) -> int:
+        """Bits stored for ``qt`` (formats whose size depends on the data, such as SpQR's
+        outliers, override this; for the others it is :meth:`storage_bits` of the shape)."""
+        return self.storage_bits(qt.shape)
+
+    # ---- fixed scales, chosen codes (used by GPTQ and other calibration methods) ----------
+    #: True where :meth:`grid` and :meth:`with_codes` are implemented
+    has_grid: bool = False
+    #: columns that share scales: codes chosen for a slice of this many columns (a multiple of it)
+    #: may be re-scaled from that slice alone (0: the whole row shares them)
+    @property
+    def scale_group(self) -> int:
+        return self.block_size
+
+    def grid(self, qt: QTensor) -> Grid:
+        """Per-weight grid of the values ``qt``'s stored scales allow."""
+        raise FormatError(f"format {self.name} does not expose its grid, so calibration methods cannot choose its codes")
+
+    def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
+        """``qt`` with its codes replaced by ``codes`` (int, ``[rows, cols]``, in the grid's range);
+        the scales stay as they are."""
+        raise FormatError(f"format {self.name} does not expose its grid, so calibration methods cannot choose its codes")
 
     def __repr__(self) -> str:
         return f"<format {self.name}>"

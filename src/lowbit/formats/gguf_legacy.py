@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.base import Format, QTensor, map_row_chunks, pack_bits, register, unpack_bits
+from lowbit.formats.base import Format, Grid, QTensor, map_row_chunks, pack_bits, register, unpack_bits
 
 QK = 32
 
@@ -160,6 +160,35 @@ class LegacyGGUF(Format):
         if self.affine:
             return (d * qf + _f16_from(blocks[:, 2:4])).reshape(qt.shape)
         return (d * (qf - 2 ** (self.bits - 1))).reshape(qt.shape)
+
+    # ---- grid (GPTQ and other methods choose the codes) -----------------------------
+    has_grid = True
+
+    def grid(self, qt: QTensor) -> Grid:
+        rows, cols = qt.shape
+        blocks = qt.parts["blocks"].reshape(-1, self.type_size)
+
+        def per_weight(v: torch.Tensor) -> torch.Tensor:
+            return v.reshape(-1, 1).expand(-1, QK).reshape(rows, cols)
+
+        d = per_weight(_f16_from(blocks[:, 0:2]))
+        if self.bits == 8:
+            return Grid(d, None, None, -128, 127)
+        nmax = 2**self.bits - 1
+        if self.affine:
+            return Grid(d, None, per_weight(_f16_from(blocks[:, 2:4])), 0, nmax)
+        return Grid(d, torch.full_like(d, float(2 ** (self.bits - 1))), None, 0, nmax)
+
+    def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
+        rows, cols = qt.shape
+        blocks = qt.parts["blocks"].reshape(-1, self.type_size)
+        q = codes.reshape(-1, QK).to(torch.int64)
+        if self.bits == 8:
+            out = torch.cat([blocks[:, 0:2], q.to(torch.int8).view(torch.uint8)], dim=1)
+        else:
+            head = [blocks[:, 0:4] if self.affine else blocks[:, 0:2]]
+            out = self._pack(rows, head, q.clamp(0, 2**self.bits - 1).to(torch.uint8)).reshape(-1, self.type_size)
+        return QTensor(self.name, qt.shape, {"blocks": out.reshape(rows, -1)}, dict(qt.meta))
 
     def storage_bits(self, shape: tuple[int, int]) -> int:
         return shape[0] * (shape[1] // QK) * self.type_size * 8

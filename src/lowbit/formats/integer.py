@@ -25,6 +25,7 @@ import torch
 from lowbit.formats.base import (
     Format,
     FormatError,
+    Grid,
     QTensor,
     ceil_div,
     pack_bits,
@@ -127,6 +128,10 @@ class IntFormat(Format):
                     zs.append(zero.reshape(rows, -1))
             codes, scales = torch.cat(cs, 1), torch.cat(ss, 1)
             zeros = torch.cat(zs, 1) if zs else None
+        return self._pack(rows, cols, codes, scales, zeros)
+
+    def _pack(self, rows: int, cols: int, codes: torch.Tensor, scales: torch.Tensor,
+              zeros: torch.Tensor | None) -> QTensor:
         offset = 2 ** (self.bits - 1) if self.symmetric else 0
         parts = {
             "codes": pack_bits((codes + offset).to(torch.uint8), self.bits),
@@ -160,6 +165,66 @@ class IntFormat(Format):
             out.append(self._decode(c, s_, z_).reshape(rows, b - a))
             gi += n
         return torch.cat(out, 1)
+
+    # ---- grid (GPTQ and other methods choose the codes) -----------------------------
+    has_grid = True
+
+    @property
+    def scale_group(self) -> int:
+        return max(self.group, 0)
+
+    def _group_sizes(self, cols: int) -> torch.Tensor:
+        sizes = [gs for a, b, gs in self._segments(cols) for _ in range((b - a) // gs)]
+        return torch.tensor(sizes, dtype=torch.long)
+
+    def _per_weight(self, t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """[rows * groups] per-group values -> [rows, cols] per weight."""
+        if self.group == -1:
+            return t.reshape(1, 1).expand(rows, cols)
+        t = t.reshape(rows, -1)
+        return torch.repeat_interleave(t, self._group_sizes(cols).to(t.device), dim=1)
+
+    def grid(self, qt: QTensor) -> Grid:
+        rows, cols = qt.shape
+        scale = qt.parts["scale"].to(torch.float32)
+        if self.symmetric:
+            lim = 2 ** (self.bits - 1)
+            return Grid(self._per_weight(scale, rows, cols), None, None, -lim, lim - 1)
+        zero = unpack_bits(qt.parts["zero"], self.bits, scale.numel()).to(torch.float32)
+        return Grid(self._per_weight(scale, rows, cols), self._per_weight(zero, rows, cols), None,
+                    0, 2**self.bits - 1)
+
+    def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
+        offset = 2 ** (self.bits - 1) if self.symmetric else 0
+        parts = dict(qt.parts)
+        parts["codes"] = pack_bits((codes.to(torch.int64) + offset).to(torch.uint8), self.bits)
+        return QTensor(self.name, qt.shape, parts, dict(qt.meta))
+
+    def quantize_clipped(self, w: torch.Tensor, ratio: torch.Tensor, name: str = "tensor") -> QTensor:
+        """Round to nearest with each group's range shrunk by ``ratio`` (``[rows, groups]``, in
+        (0, 1]): the clipping that AWQ searches for."""
+        w = self.check(w, name)
+        rows, cols = w.shape
+        if self.group == -1:
+            raise FormatError(f"{self.name}: clipping ratios need groups or channels, not one scale per tensor")
+        ratio = ratio.to(w.device, torch.float32).reshape(rows, -1)
+        cs, ss, zs = [], [], []
+        gi = 0
+        for a, b, gs in self._segments(cols):
+            n = (b - a) // gs
+            g = w[:, a:b].reshape(-1, gs)
+            r = ratio[:, gi : gi + n].reshape(-1, 1)
+            lo = g.amin(dim=1, keepdim=True) * r
+            hi = g.amax(dim=1, keepdim=True) * r
+            if self.symmetric:
+                lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+            scale, zero = self._params(lo, hi)
+            cs.append(self._codes(g, scale, zero).reshape(rows, b - a))
+            ss.append(scale.reshape(rows, -1))
+            if zero is not None:
+                zs.append(zero.reshape(rows, -1))
+            gi += n
+        return self._pack(rows, cols, torch.cat(cs, 1), torch.cat(ss, 1), torch.cat(zs, 1) if zs else None)
 
     def storage_bits(self, shape: tuple[int, int]) -> int:
         rows, cols = shape

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.base import Format, QTensor, map_row_chunks, register
+from lowbit.formats.base import Format, Grid, QTensor, map_row_chunks, register
 from lowbit.formats.ggml_ref import GROUP_MAX_EPS, best_index_int8, csqrt, first_absmax, sdiv, seqsum
 from lowbit.formats.kquants import _f16b, _from_f16b, check_imatrix
 
@@ -139,6 +139,31 @@ class IQ4(Format):
         q = vals[_unpack_nl(b[:, 8:136])]
         dl = (d[:, None] * ls.to(torch.float32)).repeat_interleave(32, dim=1)
         return (dl * q).reshape(qt.shape)
+
+    # ---- grid (GPTQ and other methods choose the codes) -----------------------------
+    has_grid = True
+
+    def grid(self, qt: QTensor) -> Grid:
+        b = qt.parts["blocks"].reshape(-1, self.type_size)
+        vals = torch.tensor(KVALUES, dtype=torch.float32, device=b.device)
+        d = _from_f16b(b[:, 0:2])
+        if self.block_size == 32:
+            dl = d[:, None].expand(-1, 32)
+        else:
+            sh = b[:, 2].to(torch.int32) | (b[:, 3].to(torch.int32) << 8)
+            sl = b[:, 4:8]
+            lo = torch.stack([sl & 0x0F, sl >> 4], dim=2).reshape(-1, 8).to(torch.int32)
+            hi = (sh[:, None] >> (2 * torch.arange(8, device=b.device, dtype=torch.int32))) & 3
+            ls = (lo | (hi << 4)) - 32
+            dl = (d[:, None] * ls.to(torch.float32)).repeat_interleave(32, dim=1)
+        return Grid(dl.reshape(qt.shape), None, None, 0, 15, vals)
+
+    def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
+        rows, _ = qt.shape
+        b = qt.parts["blocks"].reshape(-1, self.type_size)
+        head = 2 if self.block_size == 32 else 8
+        out = torch.cat([b[:, :head], _pack_nl(codes.reshape(b.shape[0], -1).clamp(0, 15))], dim=1)
+        return QTensor(self.name, qt.shape, {"blocks": out.reshape(rows, -1)}, dict(qt.meta))
 
     def storage_bits(self, shape: tuple[int, int]) -> int:
         return shape[0] * (shape[1] // self.block_size) * self.type_size * 8

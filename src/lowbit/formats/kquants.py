@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import FormatError
-from lowbit.formats.base import Format, QTensor, map_row_chunks, register
+from lowbit.formats.base import Format, Grid, QTensor, map_row_chunks, register
 from lowbit.formats.ggml_ref import (
     GROUP_MAX_EPS,
     csqrt,
@@ -199,13 +199,19 @@ def _q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     ok = dd != 0
     lq = torch.round(x / torch.where(ok, dd, 1.0)).clamp_(-4, 3) + 4
     L = torch.where(ok, lq, L).to(torch.uint8)
+    return torch.cat([*_pack_q3_codes(L), sc_bytes, _f16b(d)], dim=1)
+
+
+def _pack_q3_codes(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[NB, 256] codes 0..7 -> (hmask [NB, 32], low two bits [NB, 64])."""
+    L = L.to(torch.uint8)
     high = L > 3
     L = torch.where(high, L - 4, L)
     # hmask: bit (j // 32) of byte (j % 32) for weight j
     hb = high.to(torch.uint8).reshape(-1, 8, 32)
-    shifts = torch.arange(8, dtype=torch.uint8, device=x.device).reshape(1, 8, 1)
+    shifts = torch.arange(8, dtype=torch.uint8, device=L.device).reshape(1, 8, 1)
     hmask = (hb << shifts).sum(dim=1, dtype=torch.int32).to(torch.uint8)
-    return torch.cat([hmask, _pack_2bit(L), sc_bytes, _f16b(d)], dim=1)
+    return hmask, _pack_2bit(L)
 
 
 def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> torch.Tensor:
@@ -247,12 +253,18 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> torch.Tensor:
     lq = torch.round((x + dm) / torch.where(ok, dd, 1.0)).clamp_(0, nmax)
     L = torch.where(ok, lq, L).to(torch.uint8)
     head = [_f16b(d), _f16b(dmin), _pack_scales_k4(ls, lm)]
+    return torch.cat(head + _pack_q45_codes(L, nmax), dim=1)
+
+
+def _pack_q45_codes(L: torch.Tensor, nmax: int) -> list[torch.Tensor]:
+    """[NB, 256] codes -> Q4_K's 128 bytes of nibbles, or Q5_K's 32 bytes of high bits and 128 of nibbles."""
+    L = L.to(torch.uint8)
     if nmax == 15:
-        return torch.cat(head + [_pack_4bit_64(L)], dim=1)
+        return [_pack_4bit_64(L)]
     high = (L >> 4).reshape(-1, 4, 2, 32)  # [nb, chunk c, half s, j]: bit 2c+s of qh[j]
-    shifts = torch.arange(8, dtype=torch.uint8, device=x.device).reshape(1, 4, 2, 1)
+    shifts = torch.arange(8, dtype=torch.uint8, device=L.device).reshape(1, 4, 2, 1)
     qh = (high << shifts).reshape(-1, 8, 32).sum(dim=1, dtype=torch.int32).to(torch.uint8)
-    return torch.cat(head + [qh, _pack_4bit_64(L & 0x0F)], dim=1)
+    return [qh, _pack_4bit_64(L & 0x0F)]
 
 
 def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
@@ -270,14 +282,20 @@ def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     dd = (d16[:, None] * sc).repeat_interleave(16, dim=1)
     ok = dd != 0
     lq = torch.round(x / torch.where(ok, dd, 1.0)).clamp_(-32, 31) + 32
-    L = torch.where(ok, lq, L).to(torch.uint8).reshape(-1, 2, 4, 32)  # [nb, half, s, l]
+    L = torch.where(ok, lq, L)
+    sc8 = sc.to(torch.int8).view(torch.uint8)
+    out = torch.cat([*_pack_q6_codes(L), sc8, _f16b(d)], dim=1)
+    return torch.where(zero[:, None], torch.zeros_like(out), out)
+
+
+def _pack_q6_codes(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[NB, 256] codes 0..63 -> (ql [NB, 128], qh [NB, 64])."""
+    L = L.to(torch.uint8).reshape(-1, 2, 4, 32)  # [nb, half, s, l]
     low = L & 0x0F
     ql = torch.stack([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], dim=2)
     hi = L >> 4
     qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    sc8 = sc.to(torch.int8).view(torch.uint8)
-    out = torch.cat([ql.reshape(-1, 128), qh.reshape(-1, 64), sc8, _f16b(d)], dim=1)
-    return torch.where(zero[:, None], torch.zeros_like(out), out)
+    return ql.reshape(-1, 128), qh.reshape(-1, 64)
 
 
 # ------------------------------------------------------------------------------------------
@@ -380,6 +398,52 @@ class KQuant(Format):
         else:
             x = _deq_q6_k(b)
         return x.reshape(qt.shape)
+
+    # ---- grid (GPTQ and other methods choose the codes) -----------------------------
+    has_grid = True
+
+    def grid(self, qt: QTensor) -> Grid:
+        """Per weight: Q2_K/Q4_K/Q5_K decode ``dl * q - ml``, Q3_K ``dl * (q - 4)`` (q = 0..7, the high
+        bit from hmask), Q6_K ``dl * (q - 32)``; ``dl`` and ``ml`` are the sub-block scale and min."""
+        rows, cols = qt.shape
+        b = qt.parts["blocks"].reshape(-1, self.type_size)
+
+        def shaped(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(rows, cols)
+
+        if self.name == "q2_k":
+            sc = b[:, 0:16]
+            d, dmin = _from_f16b(b[:, 80:82]), _from_f16b(b[:, 82:84])
+            dl = (d[:, None] * (sc & 0x0F).to(torch.float32)).repeat_interleave(16, dim=1)
+            ml = (dmin[:, None] * (sc >> 4).to(torch.float32)).repeat_interleave(16, dim=1)
+            return Grid(shaped(dl), None, shaped(-ml), 0, 3)
+        if self.name == "q3_k":
+            dl = (_from_f16b(b[:, 108:110])[:, None] * _unpack_scales_q3(b[:, 96:108])).repeat_interleave(16, dim=1)
+            return Grid(shaped(dl), torch.full_like(shaped(dl), 4.0), None, 0, 7)
+        if self.name in ("q4_k", "q5_k"):
+            d, dmin = _from_f16b(b[:, 0:2]), _from_f16b(b[:, 2:4])
+            ls, lm = _unpack_scales_k4(b[:, 4:16])
+            dl = (d[:, None] * ls).repeat_interleave(32, dim=1)
+            ml = (dmin[:, None] * lm).repeat_interleave(32, dim=1)
+            return Grid(shaped(dl), None, shaped(-ml), 0, 15 if self.name == "q4_k" else 31)
+        sc = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+        dl = (_from_f16b(b[:, 208:210])[:, None] * sc).repeat_interleave(16, dim=1)
+        return Grid(shaped(dl), torch.full_like(shaped(dl), 32.0), None, 0, 63)
+
+    def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
+        rows, _ = qt.shape
+        b = qt.parts["blocks"].reshape(-1, self.type_size)
+        L = codes.reshape(-1, QK_K)
+        if self.name == "q2_k":
+            out = torch.cat([b[:, 0:16], _pack_2bit(L.clamp(0, 3)), b[:, 80:84]], dim=1)
+        elif self.name == "q3_k":
+            out = torch.cat([*_pack_q3_codes(L.clamp(0, 7)), b[:, 96:110]], dim=1)
+        elif self.name in ("q4_k", "q5_k"):
+            nmax = 15 if self.name == "q4_k" else 31
+            out = torch.cat([b[:, 0:16], *_pack_q45_codes(L.clamp(0, nmax), nmax)], dim=1)
+        else:
+            out = torch.cat([*_pack_q6_codes(L.clamp(0, 63)), b[:, 192:210]], dim=1)
+        return QTensor(self.name, qt.shape, {"blocks": out.reshape(rows, -1)}, dict(qt.meta))
 
     def storage_bits(self, shape: tuple[int, int]) -> int:
         return shape[0] * (shape[1] // QK_K) * self.type_size * 8

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.base import Format, QTensor, ceil_div, pack_nibbles_lohi, register, unpack_nibbles_lohi
+from lowbit.formats.base import Format, Grid, QTensor, ceil_div, pack_nibbles_lohi, register, unpack_nibbles_lohi
 
 NF4_LEVELS = torch.tensor(
     [
@@ -108,6 +108,19 @@ class FourBitFormat(Format):
         codes = unpack_nibbles_lohi(qt.parts["codes"]).long().reshape(-1, BLOCK)
         absmax = self._absmax(qt.parts)
         return (self.levels.to(absmax.device)[codes] * absmax[:, None]).reshape(qt.shape)
+
+    # ---- grid (GPTQ and other methods choose the codes) -----------------------------
+    has_grid = True
+
+    def grid(self, qt: QTensor) -> Grid:
+        absmax = self._absmax(qt.parts)
+        scale = absmax[:, None].expand(-1, BLOCK).reshape(qt.shape)
+        return Grid(scale, None, None, 0, 15, self.levels.to(absmax.device))
+
+    def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
+        parts = dict(qt.parts)
+        parts["codes"] = pack_nibbles_lohi(codes.clamp(0, 15).to(torch.uint8).reshape(qt.shape[0], -1))
+        return QTensor(self.name, qt.shape, parts, dict(qt.meta))
 
     def storage_bits(self, shape: tuple[int, int]) -> int:
         n = shape[0] * shape[1]
