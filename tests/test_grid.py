@@ -60,3 +60,24 @@ def test_codes_outside_the_range_are_clamped():
     grid = fmt.grid(qt)
     q = grid.nearest(w * 10)
     assert int(q.min()) >= grid.qmin and int(q.max()) <= grid.qmax
+
+
+@pytest.mark.parametrize("name", ["int4-asym-g128", "int3-g64", "q4_0", "q5_1", "q4_k", "q6_k", "iq4_xs", "nf4"])
+def test_join_columns_equals_quantizing_the_whole(name, smol_weights):
+    """Formats whose scales come from each group alone give the same tensor quantized in slices."""
+    fmt = get_format(name)
+    w = smol_weights["blk.0.attn_q.weight"][:, :512].clone()  # 576 x 512
+    assert fmt.joinable
+    step = max(fmt.scale_group, 128)
+    pieces = [fmt.quantize(w[:, a : a + step]) for a in range(0, 512, step)]
+    whole = fmt.quantize(w)
+    joined = fmt.join_columns(pieces)
+    assert joined.shape == whole.shape
+    assert torch.equal(fmt.dequantize(joined), fmt.dequantize(whole))
+
+
+def test_ragged_int_groups_join():
+    fmt = get_format("int4-asym-g128")
+    w = torch.randn(8, 576)
+    pieces = [fmt.quantize(w[:, a : min(576, a + 128)]) for a in range(0, 576, 128)]
+    assert torch.equal(fmt.dequantize(fmt.join_columns(pieces)), fmt.dequantize(fmt.quantize(w)))

@@ -157,6 +157,19 @@ class Format:
         the scales stay as they are."""
         raise FormatError(f"format {self.name} does not expose its grid, so calibration methods cannot choose its codes")
 
+    @property
+    def joinable(self) -> bool:
+        """True where :meth:`join_columns` works (every GGUF block type, integer and NF4/FP4 formats)."""
+        return self.has_grid and self.gguf_type is not None
+
+    def join_columns(self, qts: list[QTensor]) -> QTensor:
+        """One tensor from tensors that hold consecutive column slices (whole groups) of the same rows."""
+        if not qts or not all(set(q.parts) == {"blocks"} for q in qts):
+            raise FormatError(f"format {self.name} cannot join column slices")
+        rows = qts[0].shape[0]
+        blocks = torch.cat([q.parts["blocks"].reshape(rows, -1) for q in qts], dim=1)
+        return QTensor(self.name, (rows, sum(q.shape[1] for q in qts)), {"blocks": blocks})
+
     def __repr__(self) -> str:
         return f"<format {self.name}>"
 

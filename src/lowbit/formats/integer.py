@@ -200,6 +200,24 @@ class IntFormat(Format):
         parts["codes"] = pack_bits((codes.to(torch.int64) + offset).to(torch.uint8), self.bits)
         return QTensor(self.name, qt.shape, parts, dict(qt.meta))
 
+    @property
+    def joinable(self) -> bool:
+        return self.group > 0
+
+    def join_columns(self, qts: list[QTensor]) -> QTensor:
+        rows = qts[0].shape[0]
+        codes, scales, zeros = [], [], []
+        offset = 2 ** (self.bits - 1) if self.symmetric else 0
+        for q in qts:
+            c = q.shape[1]
+            codes.append(unpack_bits(q.parts["codes"], self.bits, c).to(torch.int64) - offset)
+            s_ = q.parts["scale"].to(torch.float32).reshape(rows, -1)
+            scales.append(s_)
+            if "zero" in q.parts:
+                zeros.append(unpack_bits(q.parts["zero"], self.bits, s_.numel()).to(torch.float32).reshape(rows, -1))
+        cols = sum(q.shape[1] for q in qts)
+        return self._pack(rows, cols, torch.cat(codes, 1), torch.cat(scales, 1), torch.cat(zeros, 1) if zeros else None)
+
     def quantize_clipped(self, w: torch.Tensor, ratio: torch.Tensor, name: str = "tensor") -> QTensor:
         """Round to nearest with each group's range shrunk by ``ratio`` (``[rows, groups]``, in
         (0, 1]): the clipping that AWQ searches for."""

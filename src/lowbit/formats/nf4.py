@@ -122,6 +122,16 @@ class FourBitFormat(Format):
         parts["codes"] = pack_nibbles_lohi(codes.clamp(0, 15).to(torch.uint8).reshape(qt.shape[0], -1))
         return QTensor(self.name, qt.shape, parts, dict(qt.meta))
 
+    @property
+    def joinable(self) -> bool:
+        return not self.double_quant  # double quantization's statistics span the whole tensor
+
+    def join_columns(self, qts: list[QTensor]) -> QTensor:
+        rows = qts[0].shape[0]
+        codes = torch.cat([q.parts["codes"].reshape(rows, -1) for q in qts], dim=1)
+        absmax = torch.cat([q.parts["absmax"].reshape(rows, -1) for q in qts], dim=1).reshape(-1)
+        return QTensor(self.name, (rows, sum(q.shape[1] for q in qts)), {"codes": codes, "absmax": absmax})
+
     def storage_bits(self, shape: tuple[int, int]) -> int:
         n = shape[0] * shape[1]
         nb = n // BLOCK

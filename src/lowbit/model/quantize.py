@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lowbit.formats import Format, QTensor, get_format
-from lowbit.model.policy import check_scheme, plan_model
+from lowbit.model.policy import TensorChoice, check_scheme, plan_model
 
 
 class QuantLinear(nn.Module):
@@ -90,6 +90,16 @@ def _rel_error(w: torch.Tensor, dq: torch.Tensor) -> float:
     return float(((w.double() - dq.double()) ** 2).sum()) / den if den > 0 else 0.0
 
 
+def plan_for(model: nn.Module, fmt_name: str, has_imatrix: bool = False) -> dict[str, TensorChoice]:
+    """The format of every parameter of ``model`` under scheme ``fmt_name`` (see :mod:`policy`)."""
+    from lowbit.model.gguf_mix import file_type, info_from_config
+
+    check_scheme(fmt_name)  # fail early on an unknown name
+    params = list(_unique_params(model))
+    info = info_from_config(model.config) if file_type(fmt_name) and hasattr(model, "config") else None
+    return plan_model([(n, tuple(p.shape)) for n, p in params], fmt_name, info, _is_tied(model), has_imatrix=has_imatrix)
+
+
 def quantize_model(model: nn.Module, fmt_name: str, progress: bool = True,
                    imatrix: dict[str, np.ndarray] | None = None) -> QuantReport:
     """Quantize ``model`` in place with format (or llama.cpp file type, e.g. ``q4_k_m``)
@@ -102,16 +112,19 @@ def quantize_model(model: nn.Module, fmt_name: str, progress: bool = True,
     table gains nothing from dequantizing on the fly; kept tensors are rounded to their storage
     type (FP16, or F32 for GGUF's norms) so that what is evaluated is what would be stored.
     """
-    from lowbit.model.gguf_mix import file_type, gguf_name, info_from_config
+    choices = plan_for(model, fmt_name, has_imatrix=bool(imatrix))
+    return quantize_rest(model, fmt_name, choices, skip=set(), progress=progress, imatrix=imatrix)
 
-    check_scheme(fmt_name)  # fail early on an unknown name
-    tied = _is_tied(model)
+
+def quantize_rest(model: nn.Module, fmt_name: str, choices: dict[str, TensorChoice], skip: set[str],
+                  progress: bool = True, imatrix: dict[str, np.ndarray] | None = None) -> QuantReport:
+    """Round-to-nearest for every parameter not in ``skip``, each in its planned format."""
+    from lowbit.model.gguf_mix import gguf_name
+
     report = QuantReport(fmt_name)
     modules = dict(model.named_modules())
-    params = list(_unique_params(model))
+    params = [(n, p) for n, p in _unique_params(model) if n not in skip]
     shared = _shared_ids(model)
-    info = info_from_config(model.config) if file_type(fmt_name) and hasattr(model, "config") else None
-    choices = plan_model([(n, tuple(p.shape)) for n, p in params], fmt_name, info, tied, has_imatrix=bool(imatrix))
     bar = tqdm(params, desc=f"quantize {fmt_name}", unit="tensor", disable=not progress, leave=False)
     for name, p in bar:
         choice = choices[name]

@@ -1,0 +1,172 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight matrix column by column, pushing each column's
+rounding error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's
+inputs, so that the layer's *output* error ``tr(dW H dW^T)`` stays small.
+
+Works with any lowbit format that exposes its grid (:meth:`lowbit.formats.Format.grid`): integer
+formats with groups, llama.cpp's legacy, K- and IQ4 types, NF4/FP4.  The format decides the scales
+(from the current, error-updated weights of each group when the group is reached, or once from the
+original weights with ``static_groups``); GPTQ decides the codes.
+
+* ``act_order``: columns in order of decreasing Hessian diagonal (the most sensitive first); the
+  groups stay the contiguous groups of the format (static groups), so the result is stored like any
+  other tensor of that format.
+* Lazy batch updates: columns are processed in blocks (128); inside a block the update is applied
+  column by column, to the rest of the matrix once per block.
+* Damping: ``damp * mean(diag H)`` is added to the diagonal; if the Cholesky factorization still
+  fails, the damping is doubled and the factorization retried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import FormatError, LowbitError
+from lowbit.formats.base import Format, Grid, QTensor
+
+
+@dataclass
+class GPTQConfig:
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    #: pass the Hessian diagonal to formats whose scale search takes an importance matrix
+    use_imatrix: bool = True
+    max_damp: float = 10.0
+
+
+@dataclass
+class GPTQResult:
+    qtensor: QTensor
+    damp: float  # the damping that let the factorization succeed
+    error: float  # tr(dW H dW^T) / tr(W H W^T): relative output error
+    rtn_error: float  # the same for round-to-nearest with the same format
+
+
+def _take(g: Grid, idx: torch.Tensor) -> Grid:
+    def t(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[:, idx]
+
+    return Grid(g.scale[:, idx], t(g.zero), t(g.offset), g.qmin, g.qmax, g.levels)
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float = 10.0) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp*mean(diag H)*I)^-1`` (float64), doubling ``damp`` until
+    the factorization succeeds.  Returns the factor and the damping used."""
+    h = h.to(torch.float64)
+    n = h.shape[0]
+    mean_diag = float(torch.diagonal(h).mean())
+    if not mean_diag > 0:
+        mean_diag = 1.0
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    d = damp
+    while True:
+        hd = h + (d * mean_diag) * eye
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(u).all()):
+                return u, d
+        if d >= max_damp:
+            raise LowbitError(f"the Hessian stays singular even with damping {d:g}; the calibration data "
+                              "may be too small for this layer")
+        d = d * 2 if d > 0 else 1e-4
+
+
+def _group_layout(fmt: Format, cols: int, static: bool) -> int:
+    """Columns per scale group (0: scales fixed for the whole row before the first column)."""
+    g = fmt.scale_group
+    if static or g <= 0 or g >= cols:
+        return 0
+    return g
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, cfg: GPTQConfig | None = None,
+                  name: str = "tensor") -> GPTQResult:
+    """GPTQ for one weight ``w`` [rows, cols] with input Hessian ``h`` [cols, cols] (``X^T X / n``)."""
+    cfg = cfg or GPTQConfig()
+    if not fmt.has_grid:
+        raise FormatError(f"{name}: GPTQ needs a format that exposes its grid; {fmt.name} does not")
+    w0 = fmt.check(w, name)
+    rows, cols = w0.shape
+    if h.shape != (cols, cols):
+        raise ValueError(f"{name}: Hessian of shape {tuple(h.shape)} for a weight with {cols} columns")
+    dev = w0.device
+    h = h.to(dev, torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    W = w0.clone()
+    W[:, dead] = 0.0
+    imatrix = torch.diagonal(h).to(torch.float32).clamp_min(0) if (cfg.use_imatrix and fmt.uses_imatrix) else None
+
+    def rtn(x: torch.Tensor, cols_sl: slice) -> QTensor:
+        if imatrix is not None:
+            return fmt.quantize(x, name=name, imatrix=imatrix[cols_sl])
+        return fmt.quantize(x, name=name)
+
+    static = cfg.static_groups or cfg.act_order
+    group = _group_layout(fmt, cols, static)
+    if group and not fmt.joinable:
+        group = 0  # this format cannot be assembled from column slices: scales from the original weights
+    template = rtn(W, slice(None)) if not group else None
+    full_grid = fmt.grid(template) if template is not None else None
+
+    perm = torch.argsort(torch.diagonal(h), descending=True) if cfg.act_order else None
+    if perm is not None:
+        W = W[:, perm]
+        h = h[perm][:, perm]
+        assert full_grid is not None
+        full_grid = _take(full_grid, perm)
+    u, damp = inverse_hessian_factor(h, cfg.damp, cfg.max_damp)
+    hinv = u.to(torch.float32)
+
+    block = cfg.block_size
+    if group:
+        block = group * max(1, -(-cfg.block_size // group))  # a whole number of groups per block
+    codes = torch.empty(rows, cols, dtype=torch.int64, device=dev)
+    pieces: list[QTensor] = []
+    grid: Grid | None = None
+    g0 = 0  # first column of the current group's grid
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group and col % group == 0:
+                end = min(col + group, cols)
+                piece = rtn(W1[:, i : i + (end - col)], slice(col, end))
+                pieces.append(piece)
+                grid, g0 = fmt.grid(piece), col
+            gcol = full_grid[col] if full_grid is not None else grid[col - g0]  # type: ignore[index]
+            x = W1[:, i : i + 1]
+            q = gcol.nearest(x)
+            v = gcol.values(q)
+            codes[:, col] = q[:, 0]
+            err = (x - v) / Hinv1[i, i]
+            W1[:, i:] -= err * Hinv1[i : i + 1, i:]
+            Err1[:, i] = err[:, 0]
+        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+
+    if perm is not None:
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(cols, device=dev)
+        codes = codes[:, inv]
+    if template is None:
+        template = fmt.join_columns(pieces)
+    qt = fmt.with_codes(template, codes)
+    qt.meta["gptq_damp"] = damp
+    # relative output error of GPTQ and of plain rounding, on the undamped Hessian (original order)
+    hh = h if perm is None else h[inv][:, inv]
+    den = float(((w0.double() @ hh) * w0.double()).sum()) or 1.0
+
+    def rel(dq: torch.Tensor) -> float:
+        dw = (dq - w0).double()
+        return float(((dw @ hh) * dw).sum()) / den
+
+    rtn_err = rel(fmt.dequantize(rtn(w0, slice(None))))
+    return GPTQResult(qt, damp, rel(fmt.dequantize(qt)), rtn_err)

@@ -1,0 +1,74 @@
+"""Linear layers stored in a rotated basis (QuIP-style incoherence processing).
+
+The stored weight is ``Q(R_out W R_in^T)``; at run time the input is rotated, multiplied by the
+dequantized weight and rotated back: ``y = ((x R_in^T) Q(W')^T) R_out + b``.  With ``Q`` the
+identity this is exactly ``x W^T + b``: rotations are orthogonal.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lowbit.algorithms.gptq import gptq_quantize
+from lowbit.algorithms.rotation import Rotation, rotate_hessian, rotate_weight
+from lowbit.formats import Format, QTensor, get_format
+
+
+class RotatedQuantLinear(nn.Module):
+    def __init__(self, qt: QTensor, bias: torch.Tensor | None, seed_in: int, seed_out: int) -> None:
+        super().__init__()
+        self.fmt: Format = get_format(qt.format)
+        self.shape = qt.shape
+        self.meta = dict(qt.meta, rotation_seeds=(seed_in, seed_out))
+        self.out_features, self.in_features = qt.shape
+        self._parts = list(qt.parts)
+        for k, v in qt.parts.items():
+            self.register_buffer(f"q_{k}", v)
+        self.bias = bias
+        self.r_in = Rotation(self.in_features, seed_in)
+        self.r_out = Rotation(self.out_features, seed_out)
+
+    @property
+    def qtensor(self) -> QTensor:
+        return QTensor(self.fmt.name, self.shape, {k: getattr(self, f"q_{k}") for k in self._parts}, self.meta)
+
+    def rotated_weight(self) -> torch.Tensor:
+        return self.fmt.dequantize(self.qtensor)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The effective weight ``R_out^T Q(W') R_in`` in the original basis."""
+        wq = self.rotated_weight().to(torch.float64)
+        return self.r_out.apply_inverse(self.r_in.apply_inverse(wq).t()).t().to(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self.r_in.apply(x), self.rotated_weight().to(x.dtype))
+        y = self.r_out.apply_inverse(y)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, format={self.fmt.name}, "
+                f"rotations=({self.r_in.kind}; {self.r_out.kind})")
+
+
+def quip_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, bias: torch.Tensor | None, cfg, seed: int  # type: ignore[no-untyped-def]
+                  ) -> tuple[RotatedQuantLinear, float, float, dict[str, float]]:
+    """Incoherence processing + GPTQ: rotate the weight and its Hessian, run GPTQ in the rotated
+    basis, and return the layer with the relative output errors of this and of plain
+    round-to-nearest in the original basis (both measured on the original Hessian)."""
+    rows, cols = w.shape
+    seed_in, seed_out = 2 * seed + 1, 2 * seed + 2
+    r_in, r_out = Rotation(cols, seed_in), Rotation(rows, seed_out)
+    w64 = w.to(torch.float64)
+    wr = rotate_weight(w64, r_out, r_in).to(torch.float32)
+    hr = rotate_hessian(h.to(torch.float64), r_in)
+    res = gptq_quantize(wr, hr, fmt, cfg.gptq)
+    mod = RotatedQuantLinear(res.qtensor, bias, seed_in, seed_out)
+    h64 = h.to(torch.float64)
+    den = float(((w64 @ h64) * w64).sum()) or 1.0
+    dw = mod.dequantized_weight().to(torch.float64) - w64
+    dr = fmt.roundtrip(w).to(torch.float64) - w64
+    err = float(((dw @ h64) * dw).sum()) / den
+    rtn = float(((dr @ h64) * dr).sum()) / den
+    return mod, err, rtn, {"damp": res.damp, "rotated_rtn_error": res.rtn_error}
