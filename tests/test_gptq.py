@@ -11,27 +11,6 @@ from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 
 
-@pytest.fixture(scope="module")
-def smol_inputs(smol):
-    """Real inputs of two SmolLM2 linear layers (layer 3's q_proj and down_proj) on calibration text,
-    split into a part to calibrate on and a held-out part."""
-    from lowbit.eval.data import calibration_text
-    from lowbit.model.imatrix import imatrix_chunks
-
-    chunks = imatrix_chunks(smol, calibration_text(), n_ctx=512, max_chunks=24)
-    layer = smol.model.model.layers[3]
-    got: dict[str, list[torch.Tensor]] = {"q": [], "down": []}
-    hooks = [layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: got["q"].append(a[0][0].clone())),
-             layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: got["down"].append(a[0][0].clone()))]
-    with torch.inference_mode():
-        for c in chunks:
-            smol.model.model(input_ids=c[None], use_cache=False)
-    for h in hooks:
-        h.remove()
-    weights = {"q": layer.self_attn.q_proj.weight.detach().clone(), "down": layer.mlp.down_proj.weight.detach().clone()}
-    return {k: (weights[k], torch.cat(v[:20]), torch.cat(v[20:])) for k, v in got.items()}
-
-
 def _hessian(x: torch.Tensor) -> torch.Tensor:
     st = InputStats(x.shape[1])
     st.add(x)

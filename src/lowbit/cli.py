@@ -38,40 +38,119 @@ def cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_scheme(args: argparse.Namespace) -> str:
+    """The format a quantize command asks for: ``--format``, or one built from --bits/--group-size."""
+    if args.format:
+        if args.bits is not None:
+            raise LowbitError("give either --format or --bits/--group-size, not both")
+        return str(args.format)
+    if args.bits is None:
+        raise LowbitError("give --format (e.g. q4_k_m, int4-asym-g128) or --bits and --group-size")
+    g = args.group_size
+    if args.method == "spqr":
+        return f"spqr{args.bits}-g{g or 16}"
+    gran = "-ch" if g in (0, -1) else f"-g{g}"
+    return f"int{args.bits}{'' if args.sym else '-asym'}{gran}"
+
+
+def _calib_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from lowbit.algorithms.gptq import GPTQConfig
+    from lowbit.model.calibrate import CalibConfig
+
+    return CalibConfig(method=args.method, n_samples=args.calib_samples, seq_len=args.calib_len,
+                       gptq=GPTQConfig(damp=args.damp, act_order=args.act_order),
+                       spqr_outliers=args.outliers)
+
+
+def _calibration_chunks(args: argparse.Namespace, loaded, cfg):  # type: ignore[no-untyped-def]
+    from lowbit.model.imatrix import imatrix_chunks
+
+    if args.calib_text:
+        from lowbit.eval.data import read_text_file
+
+        text = read_text_file(args.calib_text)
+    else:
+        from lowbit.eval.data import calibration_text
+
+        text = calibration_text()
+    return imatrix_chunks(loaded, text, n_ctx=cfg.seq_len, max_chunks=cfg.n_samples)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.model.gguf_mix import FILE_TYPES, file_type
     from lowbit.model.load import resolve_model_path
     from lowbit.model.policy import check_scheme
 
-    check_scheme(args.format)
-    ft = file_type(args.format)
-    if ft is None:
-        raise LowbitError(f"format {args.format} has no GGUF type; GGUF output takes {', '.join(sorted(FILE_TYPES))}")
+    scheme = _method_scheme(args)
+    check_scheme(scheme)
+    ft = file_type(scheme)
     src = resolve_model_path(args.model)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise LowbitError(f"{out}: already exists (use --force to overwrite)")
-    if out.suffix.lower() != ".gguf":
-        raise LowbitError(f"{out}: lowbit writes .gguf files (other engines' formats are on the roadmap)")
+    to_gguf = out.suffix.lower() == ".gguf"
+    if to_gguf and ft is None:
+        raise LowbitError(f"format {scheme} has no GGUF type; GGUF output takes {', '.join(sorted(FILE_TYPES))} "
+                          "(write a lowbit checkpoint directory instead: an --out without .gguf)")
     imatrix = None
     if getattr(args, "imatrix", None):
+        if args.method != "rtn":
+            raise LowbitError(f"--imatrix is for round-to-nearest; {args.method} uses the calibration Hessian")
         from lowbit.io.imatrix import read_imatrix
 
         imatrix = read_imatrix(Path(args.imatrix)).values()
-    if src.is_file():
-        from lowbit.io.gguf_out import write_gguf
+    if to_gguf and args.method == "rtn":
+        if src.is_file():
+            from lowbit.io.gguf_out import write_gguf
 
-        report = write_gguf(src, out, ft.name, progress=not args.quiet, imatrix=imatrix)
+            report = write_gguf(src, out, ft.name, progress=not args.quiet, imatrix=imatrix)
+        else:
+            from lowbit.io.hf_gguf import write_gguf_from_hf
+            from lowbit.model.load import load_model
+
+            loaded = load_model(src, progress=not args.quiet)
+            report = write_gguf_from_hf(loaded, out, ft.name, progress=not args.quiet, imatrix=imatrix)
+            for n in loaded.notes:
+                print(f"note: {n}")
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
+        print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
+        return 0
+
+    import shutil
+
+    from lowbit.model.calibrate import calibrate_quantize
+    from lowbit.model.load import load_model
+
+    loaded = load_model(src, progress=not args.quiet)
+    cfg = _calib_config(args)
+    if args.method == "rtn":
+        from lowbit.model.quantize import quantize_model
+
+        report = quantize_model(loaded.model, scheme, progress=not args.quiet, imatrix=imatrix)
     else:
+        chunks = _calibration_chunks(args, loaded, cfg)
+        report, logs = calibrate_quantize(loaded, scheme, chunks, cfg, progress=not args.quiet)
+        if logs:
+            gain = sum(lg.error for lg in logs if lg.rtn_error > 0) / max(1e-30, sum(lg.rtn_error for lg in logs if lg.rtn_error > 0))
+            print(f"{args.method}: {len(chunks)} x {cfg.seq_len} calibration tokens; layer output error "
+                  f"{100 * gain:.1f}% of round-to-nearest's (summed over layers)")
+    if out.exists() and args.force:
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    if to_gguf:
         from lowbit.io.hf_gguf import write_gguf_from_hf
-        from lowbit.model.load import load_model
 
-        loaded = load_model(src, progress=not args.quiet)
-        report = write_gguf_from_hf(loaded, out, ft.name, progress=not args.quiet, imatrix=imatrix)
-        for n in loaded.notes:
-            print(f"note: {n}")
+        write_gguf_from_hf(loaded, out, ft.name, progress=not args.quiet)
+        size = out.stat().st_size
+    else:
+        from lowbit.model.checkpoint import save_checkpoint
+
+        save_checkpoint(loaded, out, scheme, args.method)
+        size = sum(f.stat().st_size for f in out.iterdir())
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
-    print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
+    print(f"wrote {out}: {size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
     return 0
 
 
@@ -149,20 +228,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lowbit.eval.compare import compare, default_out_dir, split_spec
+    from lowbit.algorithms.gptq import GPTQConfig
+    from lowbit.eval.compare import compare, default_out_dir, parse_spec
     from lowbit.eval.report import markdown_table, plot, summary, write_json
     from lowbit.io.imatrix import read_imatrix
+    from lowbit.model.calibrate import CalibConfig
     from lowbit.model.load import load_model
-    from lowbit.model.policy import check_scheme
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     for f in formats:
-        check_scheme(split_spec(f)[0])
+        parse_spec(f)
     imatrix = read_imatrix(args.imatrix).values() if args.imatrix else None
     text, text_name = _text(args)
+    calib_text = None
+    if args.calib_text:
+        from lowbit.eval.data import read_text_file
+
+        calib_text = read_text_file(args.calib_text)
     loaded = load_model(args.model, progress=not args.quiet)
+    calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, gptq=GPTQConfig(damp=args.damp))
     cmp = compare(loaded, formats, text=text, text_name=text_name, n_ctx=args.ctx,
-                  max_chunks=args.chunks, progress=not args.quiet, imatrix=imatrix)
+                  max_chunks=args.chunks, progress=not args.quiet, imatrix=imatrix, calib=calib,
+                  calib_text=calib_text)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(loaded.name)
     print(summary(cmp))
     for n in cmp.notes:
@@ -188,13 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("formats", help="list the formats and their bits per weight")
     sp.set_defaults(func=cmd_formats)
 
-    sp = sub.add_parser("quantize", help="quantize a model and write a GGUF file")
+    sp = sub.add_parser("quantize", help="quantize a model: a GGUF file, or a lowbit checkpoint directory")
     sp.add_argument("model", help="a .gguf file, a Hugging Face directory, or 'smollm2'")
-    sp.add_argument("--format", "-f", required=True,
-                    help="llama.cpp file type: q4_k_m, q3_k_s, iq4_xs, q8_0, ... (see 'lowbit formats')")
-    sp.add_argument("--out", "-o", required=True, help="output file (.gguf)")
+    sp.add_argument("--format", "-f",
+                    help="llama.cpp file type (q4_k_m, q3_k_s, iq4_xs, ...) or lowbit format (int4-asym-g128, nf4, ...)")
+    sp.add_argument("--method", "-m", default="rtn", choices=("rtn", "gptq", "awq", "quip", "spqr"),
+                    help="how codes are chosen: round-to-nearest, or a calibration method (default rtn)")
+    sp.add_argument("--bits", type=int, help="with --method: integer bits (builds int<bits>[-asym]-g<group>, or spqr<bits>)")
+    sp.add_argument("--group-size", type=int, default=128, help="with --bits: columns per scale (0: per channel)")
+    sp.add_argument("--sym", action="store_true", help="with --bits: symmetric (absmax) instead of zero-point")
+    sp.add_argument("--act-order", action="store_true", help="GPTQ/QuIP: columns in order of decreasing importance")
+    sp.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal")
+    sp.add_argument("--outliers", type=float, default=0.01, help="SpQR: fraction of weights kept as FP16 outliers")
+    sp.add_argument("--calib-text", help="calibration text file (default: the bundled Wikipedia calibration split)")
+    sp.add_argument("--calib-samples", type=int, default=128, help="calibration chunks (default 128)")
+    sp.add_argument("--calib-len", type=int, default=512, help="tokens per calibration chunk (default 512)")
+    sp.add_argument("--out", "-o", required=True,
+                    help="output: a .gguf file (llama.cpp types), or a directory (lowbit checkpoint, any format)")
     sp.add_argument("--imatrix", help="importance matrix file (llama.cpp's GGUF or legacy .dat format, or lowbit's)")
-    sp.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing output")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_quantize)
 
@@ -224,9 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", nargs="?", default="smollm2", help="model (default: the bundled SmolLM2-135M)")
     sp.add_argument("--formats", default=DEFAULT_FORMATS,
                     help="comma-separated formats or llama.cpp file types (q4_k_m, ...); a '+imatrix' suffix "
-                         "quantizes with the importance matrix")
+                         "quantizes with the importance matrix, '+gptq', '+awq', '+quip', '+spqr' with a "
+                         "calibration method (e.g. int4-asym-g128+gptq, q3_k_m+gptq, spqr3-g16+spqr)")
     sp.add_argument("--imatrix", help="importance matrix file for the '+imatrix' entries "
                                       "(default: computed from the bundled calibration text)")
+    sp.add_argument("--calib-text", help="calibration text for '+gptq' etc. (default: the bundled calibration split)")
+    sp.add_argument("--calib-samples", type=int, default=128, help="calibration chunks for methods (default 128)")
+    sp.add_argument("--calib-len", type=int, default=512, help="tokens per calibration chunk (default 512)")
+    sp.add_argument("--damp", type=float, default=0.01, help="GPTQ/QuIP/SpQR damping (fraction of mean diag H)")
     sp.add_argument("--out-dir", help="where compare.md/.json/.png go (default runs/<model>)")
     common_eval(sp, 20)
     sp.set_defaults(func=cmd_compare)

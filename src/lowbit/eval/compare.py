@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import torch
 from lowbit.eval.data import eval_text, text_digest
 from lowbit.eval.runner import Evaluation, torch_logits_fn
 from lowbit.formats import get_format
+from lowbit.model.calibrate import CalibConfig
 from lowbit.model.gguf_mix import file_type
 from lowbit.model.load import LoadedModel
 from lowbit.model.policy import check_scheme
@@ -69,12 +71,43 @@ class Comparison:
 IMATRIX_SUFFIX = "+imatrix"
 
 
+@dataclass(frozen=True)
+class Spec:
+    """One entry of a comparison: ``scheme[+method][+imatrix]`` (``int4-asym-g128+gptq``,
+    ``q4_k_m+imatrix``, ``q3_k_m+gptq``)."""
+
+    scheme: str
+    method: str = "rtn"
+    imatrix: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.scheme + ("" if self.method == "rtn" else f"+{self.method}") + (IMATRIX_SUFFIX if self.imatrix else "")
+
+
+def parse_spec(spec: str) -> Spec:
+    from lowbit.errors import LowbitError
+    from lowbit.model.calibrate import METHODS
+
+    parts = spec.strip().lower().split("+")
+    scheme, method, use_im = parts[0], "rtn", False
+    for p in parts[1:]:
+        if p == "imatrix":
+            use_im = True
+        elif p in METHODS:
+            method = p
+        else:
+            raise LowbitError(f"'{spec}': unknown suffix '+{p}' (use +imatrix or a method: {', '.join(METHODS)})")
+    check_scheme(scheme)
+    if use_im and method != "rtn":
+        raise LowbitError(f"'{spec}': {method} weighs errors with the calibration Hessian already; drop '+imatrix'")
+    return Spec(scheme, method, use_im)
+
+
 def split_spec(spec: str) -> tuple[str, bool]:
     """``q4_k_m+imatrix`` -> (``q4_k_m``, True): the scheme, and whether it uses the importance matrix."""
-    s = spec.strip().lower()
-    if s.endswith(IMATRIX_SUFFIX):
-        return s[: -len(IMATRIX_SUFFIX)], True
-    return s, False
+    s = parse_spec(spec)
+    return s.scheme, s.imatrix
 
 
 def describe(scheme: str) -> tuple[str, str]:
@@ -88,42 +121,59 @@ def describe(scheme: str) -> tuple[str, str]:
 
 def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, text_name: str = "wiki-eval",
             n_ctx: int = 512, max_chunks: int | None = 20, progress: bool = True,
-            imatrix: dict[str, np.ndarray] | None = None, imatrix_chunks: int = 32) -> Comparison:
-    """Evaluate every scheme of ``formats`` (lowbit formats or llama.cpp file types; a ``+imatrix``
-    suffix quantizes with the importance matrix ``imatrix``, computed from the calibration text when
-    not given) against the original on the same chunks."""
-    specs = [split_spec(f) for f in formats]
-    for scheme, _ in specs:
-        check_scheme(scheme)  # unknown names fail before any work
-    if imatrix is None and any(use for _, use in specs):
+            imatrix: dict[str, np.ndarray] | None = None, imatrix_chunks: int = 32,
+            calib: CalibConfig | None = None, calib_text: str | None = None) -> Comparison:
+    """Evaluate every entry of ``formats`` (lowbit formats or llama.cpp file types, with an optional
+    method suffix such as ``+gptq`` and/or ``+imatrix``; see :func:`parse_spec`) against the original
+    on the same chunks.  ``+imatrix`` quantizes with the importance matrix ``imatrix`` (computed from
+    the calibration text when not given); methods calibrate on ``calib_text`` (default: the bundled
+    calibration split, which never overlaps the evaluation text) with the settings of ``calib``."""
+    specs = [parse_spec(f) for f in formats]  # unknown names fail before any work
+    calib = calib or CalibConfig()
+    if imatrix is None and any(s.imatrix for s in specs):
         from lowbit.eval.data import calibration_text
         from lowbit.model.imatrix import compute_imatrix
 
         imatrix = compute_imatrix(loaded, calibration_text(), max_chunks=imatrix_chunks, progress=progress).values()
+    chunks = None
+    if any(s.method != "rtn" for s in specs):
+        from lowbit.eval.data import calibration_text
+        from lowbit.model.imatrix import imatrix_chunks as calib_chunks
+
+        chunks = calib_chunks(loaded, calib_text if calib_text is not None else calibration_text(),
+                              n_ctx=calib.seq_len, max_chunks=calib.n_samples)
     text = eval_text() if text is None else text
     ev = Evaluation(loaded, text, n_ctx=n_ctx, max_chunks=max_chunks, progress=progress)
+    notes = list(loaded.notes)
     try:
         base = ev.run(torch_logits_fn(loaded.model, n_ctx), "original", as_reference=True)
         results = []
-        for scheme, use_im in specs:
+        for spec in specs:
             model = copy.deepcopy(loaded.model)
-            name, desc = describe(scheme)
-            label = name + (IMATRIX_SUFFIX if use_im else "")
+            name, desc = describe(spec.scheme)
             t0 = time.perf_counter()
-            report = quantize_model(model, scheme, progress=progress, imatrix=imatrix if use_im else None)
+            if spec.method == "rtn":
+                report = quantize_model(model, spec.scheme, progress=progress, imatrix=imatrix if spec.imatrix else None)
+            else:
+                from lowbit.model.calibrate import calibrate_quantize
+
+                work = dataclasses.replace(loaded, model=model)
+                report, _ = calibrate_quantize(work, spec.scheme, chunks, dataclasses.replace(calib, method=spec.method),
+                                               progress=progress)
+                desc += f", {spec.method.upper()} on {len(chunks)} x {calib.seq_len} calibration tokens"  # type: ignore[arg-type]
             tq = time.perf_counter() - t0
+            label = name + spec.label[len(spec.scheme):]
             metrics = ev.run(torch_logits_fn(model, n_ctx), label)
             # the quantized weights inside the transformer blocks (not embeddings, head or norms)
             lin = [t for t in report.tensors if t.quantized and ".layers." in t.name]
             lin_bpw = sum(t.bits for t in lin) / max(1, sum(torch.Size(t.shape).numel() for t in lin))
-            results.append(FormatResult(label, desc + (", importance matrix" if use_im else ""),
+            results.append(FormatResult(label, desc + (", importance matrix" if spec.imatrix else ""),
                                         report.bits_per_weight, lin_bpw, report.size_bytes, tq, metrics,
                                         report.counts()))
             del model
             gc.collect()
     finally:
         ev.close()
-    notes = list(loaded.notes)
     return Comparison(loaded.name, loaded.arch, loaded.n_params, text_name, text_digest(text), n_ctx,
                       len(ev.chunks), int(base["tokens"]), base, results, notes)
 

@@ -126,12 +126,15 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
                   entries: list[tuple[str, tuple[int, ...]]], load: Callable[[str], np.ndarray], fmt_name: str,
                   info: ModelInfo, source: str, progress: bool = True, imatrix: dict[str, np.ndarray] | None = None,
                   raw: Callable[[str], tuple[int, np.ndarray]] | None = None, device: str | torch.device = "cpu",
-                  raw_kv: list[tuple[str, bytes]] | None = None, measure_error: bool = False) -> QuantReport:
+                  raw_kv: list[tuple[str, bytes]] | None = None, measure_error: bool = False,
+                  prequantized: dict[str, QTensor] | None = None) -> QuantReport:
     """Write a GGUF file, streaming: metadata first (``raw_kv``, encoded entries as copied from a
     source file, and/or what ``metadata(writer)`` adds to a gguf-py writer), then every tensor of
     ``entries`` (GGUF name, shape rows first), loaded as float32 by ``load``, in the type llama.cpp's
     rules give it under file type ``fmt_name``, in llama.cpp's tensor order, one tensor in memory at
-    a time.  ``raw(name)`` gives a source tensor's type and bytes, for tensors copied unchanged.
+    a time.  ``raw(name)`` gives a source tensor's type and bytes, for tensors copied unchanged;
+    ``prequantized`` holds tensors already quantized (by GPTQ, AWQ ...) in their planned type, rows in
+    GGUF order, written as they are.
     ``imatrix`` maps GGUF tensor names to importance vectors (one weight per column).  The
     quantizers run with torch on ``device`` (the bytes are the same on any device).  With
     ``measure_error`` each tensor's relative squared error goes into the report (one more
@@ -183,6 +186,15 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
         for name in bar:
             shape = shapes[name]
             target = types[name]
+            if prequantized and name in prequantized and target is not None:
+                tfmt = get_format(target)
+                pq = prequantized[name]
+                if get_format(pq.format).gguf_type != tfmt.gguf_type or tuple(pq.shape) != (shape[0], int(np.prod(shape[1:]))):
+                    raise LowbitError(f"{source}: tensor {name} was quantized as {pq.format} {tuple(pq.shape)}, "
+                                      f"but {ft.name} stores it as {tfmt.name} {tuple(shape)}")
+                writer.write_tensor(name, _as_array(tfmt.name, pq.to("cpu").parts))
+                report.tensors.append(TensorRecord(name, shape, tfmt.name, True, tfmt.storage_bits(pq.shape), None))
+                continue
             w = load(name)
             _check_finite(w, source, name)
             if name in copied:

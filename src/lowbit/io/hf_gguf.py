@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.formats import QTensor, get_format
 from lowbit.io.gguf_out import write_tensors
 from lowbit.model.gguf_mix import ModelInfo, gguf_name, info_from_config
 from lowbit.model.load import LoadedModel
@@ -102,7 +103,15 @@ def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: 
     theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    state = {k: v for k, v in loaded.model.state_dict().items()}
+    from lowbit.model.quantize import QuantLinear
+
+    quantized = {f"{n}.weight": m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
+    state = {k: v for k, v in loaded.model.state_dict().items()
+             if not any(k.startswith(q[: -len("weight")] + "q_") for q in quantized)}
+    for k, m in quantized.items():
+        if get_format(m.fmt.name).gguf_type is None:
+            raise LowbitError(f"{loaded.path}: {k} is stored as {m.fmt.name}, which GGUF cannot hold")
+        state[k] = torch.empty(0)  # placeholder: written from the quantized blocks below
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     if tied:
         state.pop("lm_head.weight", None)
@@ -129,16 +138,27 @@ def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: 
         raise LowbitError(f"{loaded.path}: tensors with no GGUF name: {', '.join(unknown[:5])}")
 
     hf_of = {gguf_name(k): k for k in state}
-    entries = [(g, tuple(int(x) for x in state[k].shape)) for g, k in hf_of.items() if g is not None]
+    shape_of = {k: (tuple(quantized[k].shape) if k in quantized else tuple(int(x) for x in state[k].shape)) for k in state}
+    entries = [(g, shape_of[k]) for g, k in hf_of.items() if g is not None]
+
+    def gguf_rows(name: str, a: np.ndarray) -> np.ndarray:
+        if arch == "llama" and name.endswith("attn_q.weight"):
+            return interleave_rotary_rows(a, n_head)
+        if arch == "llama" and name.endswith("attn_k.weight"):
+            return interleave_rotary_rows(a, n_kv)
+        return a
+
+    prequantized = {}
+    for g, k in hf_of.items():
+        if k in quantized:
+            qt = quantized[k].qtensor
+            blocks = gguf_rows(g, qt.parts["blocks"].reshape(qt.shape[0], -1).cpu().numpy())  # whole rows of blocks
+            prequantized[g] = QTensor(qt.format, qt.shape, {"blocks": torch.from_numpy(np.ascontiguousarray(blocks))})
 
     def load(name: str) -> np.ndarray:
-        a = state[hf_of[name]].detach().to(torch.float32).numpy()
-        if arch == "llama" and name.endswith("attn_q.weight"):
-            a = interleave_rotary_rows(a, n_head)
-        elif arch == "llama" and name.endswith("attn_k.weight"):
-            a = interleave_rotary_rows(a, n_kv)
-        return a
+        return gguf_rows(name, state[hf_of[name]].detach().to(torch.float32).numpy())
 
     info = info_from_config(cfg)
     info = ModelInfo(arch, info.n_layer, info.n_head, info.n_head_kv, info.n_expert)
-    return write_tensors(out, arch, metadata, entries, load, fmt_name, info, str(loaded.path), progress, imatrix)
+    return write_tensors(out, arch, metadata, entries, load, fmt_name, info, str(loaded.path), progress, imatrix,
+                         prequantized=prequantized)

@@ -147,6 +147,18 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype 
         arch = str(config.get("model_type", "?"))
         if arch not in SUPPORTED_ARCHS:
             raise ModelLoadError(f"{cfg}: model_type '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+        from lowbit.model.checkpoint import is_checkpoint, load_checkpoint
+
+        if is_checkpoint(path):
+            model, manifest = load_checkpoint(path, dtype=dtype)
+            try:
+                tok = AutoTokenizer.from_pretrained(path)
+            except Exception as exc:
+                raise ModelLoadError(f"{path}: could not load the tokenizer ({type(exc).__name__}: {exc})") from None
+            model.eval()
+            bos = getattr(tok, "bos_token_id", None)
+            notes.append(f"lowbit checkpoint: {manifest.get('scheme')} by {manifest.get('method')}")
+            return LoadedModel(model, tok, path, arch, bool(manifest.get("add_bos")) and bos is not None, bos, None, notes)
         has_st = any(path.glob("*.safetensors"))
         has_bin = any(path.glob("*.bin"))
         if not has_st and not has_bin:
