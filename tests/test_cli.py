@@ -117,3 +117,33 @@ def test_imatrix_then_quantize_and_compare_with_it(tmp_path):
     r = lowbit("quantize", "smollm2", "-f", "q4_k_m", "--imatrix", str(out), "-o", str(tmp_path / "y.gguf"))
     _one_error_line(r, "smol-q4_k_m.gguf: not a valid importance matrix file")
     assert {p.name for p in tmp_path.iterdir()} == {"cmp", im.name, out.name}
+
+
+def test_quantize_with_a_method_writes_a_checkpoint_that_evaluates(tmp_path):
+    out = tmp_path / "smol-gptq-int4"
+    r = lowbit("quantize", "smollm2", "--method", "gptq", "--bits", "4", "--group-size", "128", "--calib-samples", "4",
+               "--calib-len", "256", "-o", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "gptq: 4 x 256 calibration tokens" in r.stdout and "int4-asym-g128 210" in r.stdout, r.stdout
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["method"] == "gptq" and manifest["scheme"] == "int4-asym-g128"
+    assert len(manifest["modules"]) == 210
+    r = lowbit("eval", str(out), "--reference", "smollm2", "--chunks", "2", "--ctx", "256", "--quiet")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"KLD mean ([0-9.]+)", r.stdout)
+    assert m and 0 < float(m.group(1)) < 1.0, r.stdout
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_method_arguments_are_checked(tmp_path):
+    r = lowbit("quantize", "smollm2", "--method", "gptq", "-f", "int4-g128", "-o", str(tmp_path / "o.gguf"))
+    _one_error_line(r, "int4-g128 has no GGUF type")
+    r = lowbit("quantize", "smollm2", "--method", "gptq", "-f", "q4_0", "--bits", "4", "-o", str(tmp_path / "o"))
+    _one_error_line(r, "either --format or --bits")
+    r = lowbit("quantize", "smollm2", "--method", "spqr", "-f", "int3-g16", "--calib-samples", "1", "-o", str(tmp_path / "o"))
+    _one_error_line(r, "spqr format")
+    r = lowbit("compare", "smollm2", "--formats", "int4-g128+gptq+imatrix", "--chunks", "1")
+    _one_error_line(r, "drop '+imatrix'")
+    r = lowbit("compare", "smollm2", "--formats", "int4-g128+magic", "--chunks", "1")
+    _one_error_line(r, "unknown suffix '+magic'")
+    assert not list(tmp_path.iterdir())

@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bits", type=int, help="with --method: integer bits (builds int<bits>[-asym]-g<group>, or spqr<bits>)")
     sp.add_argument("--group-size", type=int, default=128, help="with --bits: columns per scale (0: per channel)")
     sp.add_argument("--sym", action="store_true", help="with --bits: symmetric (absmax) instead of zero-point")
-    sp.add_argument("--act-order", action="store_true", help="GPTQ/QuIP: columns in order of decreasing importance")
+    sp.add_argument("--no-act-order", dest="act_order", action="store_false",
+                    help="GPTQ/QuIP: quantize columns left to right instead of by decreasing importance")
     sp.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal")
     sp.add_argument("--outliers", type=float, default=0.01, help="SpQR: fraction of weights kept as FP16 outliers")
     sp.add_argument("--calib-text", help="calibration text file (default: the bundled Wikipedia calibration split)")

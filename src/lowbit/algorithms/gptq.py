@@ -30,7 +30,8 @@ from lowbit.formats.base import Format, Grid, QTensor
 class GPTQConfig:
     block_size: int = 128
     damp: float = 0.01
-    act_order: bool = False
+    #: on by default: on SmolLM2 at 3 and 4 bits GPTQ without it gains far less over round-to-nearest
+    act_order: bool = True
     static_groups: bool = False
     #: pass the Hessian diagonal to formats whose scale search takes an importance matrix
     use_imatrix: bool = True

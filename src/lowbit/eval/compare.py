@@ -22,6 +22,50 @@ from lowbit.model.policy import check_scheme
 from lowbit.model.quantize import quantize_model
 
 
+class PeakMemory:
+    """Peak resident memory of this process while the block runs, sampled every 20 ms (Linux
+    /proc; elsewhere the process's lifetime peak from getrusage).  ``peak_mb`` is the peak,
+    ``delta_mb`` its excess over the memory in use when the block started."""
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        self.start = self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mb())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak
+
+    @property
+    def delta_mb(self) -> float:
+        return self.peak - self.start
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            import os
+
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 @dataclass
 class FormatResult:
     format: str
@@ -32,6 +76,8 @@ class FormatResult:
     quant_seconds: float
     metrics: dict[str, float]
     tensor_formats: dict[str, int] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0  # the process's peak resident memory while quantizing
+    extra_rss_mb: float = 0.0  # of which above what was in use when quantization started
 
     def row(self, base_ppl: float) -> dict[str, object]:
         m = self.metrics
@@ -46,6 +92,8 @@ class FormatResult:
             "kld_p99": m.get("kld_p99", 0.0),
             "same_top_pct": 100.0 * m.get("same_top", 1.0),
             "quant_s": self.quant_seconds,
+            "peak_rss_mb": self.peak_rss_mb,
+            "extra_rss_mb": self.extra_rss_mb,
             "eval_s": m["eval_seconds"],
         }
 
@@ -152,15 +200,17 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
             model = copy.deepcopy(loaded.model)
             name, desc = describe(spec.scheme)
             t0 = time.perf_counter()
-            if spec.method == "rtn":
-                report = quantize_model(model, spec.scheme, progress=progress, imatrix=imatrix if spec.imatrix else None)
-            else:
-                from lowbit.model.calibrate import calibrate_quantize
+            with PeakMemory() as mem:
+                if spec.method == "rtn":
+                    report = quantize_model(model, spec.scheme, progress=progress,
+                                            imatrix=imatrix if spec.imatrix else None)
+                else:
+                    from lowbit.model.calibrate import calibrate_quantize
 
-                work = dataclasses.replace(loaded, model=model)
-                report, _ = calibrate_quantize(work, spec.scheme, chunks, dataclasses.replace(calib, method=spec.method),
-                                               progress=progress)
-                desc += f", {spec.method.upper()} on {len(chunks)} x {calib.seq_len} calibration tokens"  # type: ignore[arg-type]
+                    work = dataclasses.replace(loaded, model=model)
+                    report, _ = calibrate_quantize(work, spec.scheme, chunks,
+                                                   dataclasses.replace(calib, method=spec.method), progress=progress)
+                    desc += f", {spec.method.upper()} on {len(chunks)} x {calib.seq_len} calibration tokens"  # type: ignore[arg-type]
             tq = time.perf_counter() - t0
             label = name + spec.label[len(spec.scheme):]
             metrics = ev.run(torch_logits_fn(model, n_ctx), label)
@@ -169,7 +219,7 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
             lin_bpw = sum(t.bits for t in lin) / max(1, sum(torch.Size(t.shape).numel() for t in lin))
             results.append(FormatResult(label, desc + (", importance matrix" if spec.imatrix else ""),
                                         report.bits_per_weight, lin_bpw, report.size_bytes, tq, metrics,
-                                        report.counts()))
+                                        report.counts(), mem.peak_mb, mem.delta_mb))
             del model
             gc.collect()
     finally:

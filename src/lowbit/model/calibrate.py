@@ -179,6 +179,7 @@ def calibrate_quantize(loaded, scheme: str, chunks: torch.Tensor, cfg: CalibConf
         from lowbit.model.quantize import quantize_model
 
         return quantize_model(model, scheme, progress=progress, imatrix=imatrix), []
+    _check_formats(choices, cfg.method)
     torch.manual_seed(cfg.seed)
     layers = decoder_layers(model)
     report = QuantReport(f"{scheme}+{cfg.method}")
@@ -239,6 +240,21 @@ def calibrate_quantize(loaded, scheme: str, chunks: torch.Tensor, cfg: CalibConf
     rest = quantize_rest(model, scheme, choices, skip=done, progress=progress, imatrix=imatrix)
     report.tensors = _merge(report.tensors, rest.tensors, model)
     return report, logs
+
+
+def _check_formats(choices: dict, method: str) -> None:
+    """Refuse a format the method cannot produce before any work is done."""
+    from lowbit.formats.spqr import SpQRFormat
+
+    for name, ch in choices.items():
+        if not ch.quantized or not name.endswith("proj.weight"):
+            continue
+        fmt = get_format(ch.format)
+        if method == "spqr" and not isinstance(fmt, SpQRFormat):
+            raise LowbitError(f"{name}: the SpQR method stores its result in an spqr format (e.g. spqr3-g16), "
+                              f"not {fmt.name}")
+        if method in ("gptq", "quip") and not fmt.has_grid:
+            raise LowbitError(f"{name}: {method.upper()} needs a format that exposes its grid; {fmt.name} does not")
 
 
 def _merge(calibrated: list[TensorRecord], rest: list[TensorRecord], model: nn.Module) -> list[TensorRecord]:
