@@ -131,3 +131,80 @@ def test_llama_cpp_runs_a_gguf_whose_codes_gptq_chose(small, calib_chunks, held_
     kld = float((p_theirs * (torch.log(p_theirs) - p_mine)).sum(-1).mean())
     assert kld < 0.01, kld  # llama.cpp's CPU path rounds activations to 8 bits; nothing else differs
     assert float((theirs.argmax(-1) == mine.argmax(-1)).double().mean()) > 0.9
+
+
+def _tiny(arch: str):
+    """A small random model of each supported architecture (no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128)
+    if arch == "gemma3_text":
+        cfg = AutoConfig.for_model(arch, num_key_value_heads=2, head_dim=16, sliding_window=32, **common)
+    elif arch == "qwen2":
+        cfg = AutoConfig.for_model(arch, num_key_value_heads=4, **common)  # no GQA: v can feed o
+    else:
+        cfg = AutoConfig.for_model(arch, num_key_value_heads=2, **common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.rand_like(p))  # norms away from their initial value, so folding is visible
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3_text"])
+def test_awq_scaling_leaves_the_full_precision_model_unchanged(arch):
+    """Scales folded into norms (Gemma's 1 + w included), into v (o's input) and up (down's input):
+    in float64 the model's logits do not move."""
+    model = _tiny(arch).double()
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    layer = model.model.layers[0]
+    groups = awq_groups(layer)
+    prevs = [p for p, _ in groups]
+    assert prevs[0] == "input_layernorm" and "mlp.up_proj" in prevs
+    assert ("self_attn.v_proj" in prevs) == (arch == "qwen2")
+    for prev, names in groups:
+        s = torch.rand(layer.get_submodule(names[0]).in_features, dtype=torch.float64) + 0.5
+        from lowbit.model.calibrate import apply_scale
+
+        apply_scale(layer, prev, names, s)
+    with torch.inference_mode():
+        after = model(input_ids=ids).logits
+    # Gemma's norms compute in float32 whatever the model's dtype: there float32 rounding remains
+    tol = 1e-5 if arch.startswith("gemma") else 1e-9
+    assert float((after - before).abs().max()) < tol * float(before.abs().max()), float((after - before).abs().max())
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3_text"])
+def test_methods_run_on_other_architectures(arch):
+    """GPTQ, AWQ and QuIP through the whole pipeline on Qwen2 (biases on q/k/v) and Gemma-3 (sliding
+    window and global attention, q/k norms, (1 + w) norms)."""
+    model = _tiny(arch)
+    loaded = type("L", (), {"model": model})()
+    chunks = torch.randint(0, 256, (16, 32))
+    with torch.inference_mode():
+        ref = model(input_ids=chunks[:4]).logits
+    errs = {}
+    for method in ("rtn", "gptq", "awq", "quip"):
+        m = dataclasses.replace(_Loaded(copy.deepcopy(model)))
+        report, logs = calibrate_quantize(m, "int4-asym-g32", chunks, CalibConfig(method=method, batch_size=8),
+                                          progress=False)
+        with torch.inference_mode():
+            out = m.model(input_ids=chunks[:4]).logits
+        assert torch.isfinite(out).all()
+        errs[method] = float(((out - ref) ** 2).mean() / (ref**2).mean())
+        if method != "rtn":
+            assert sum(1 for lg in logs if not lg.name.startswith("awq:")) == 2 * 7
+    assert all(errs[m] < errs["rtn"] for m in ("gptq", "awq", "quip")), errs
+    del loaded
+
+
+@dataclasses.dataclass
+class _Loaded:
+    model: torch.nn.Module

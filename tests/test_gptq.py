@@ -17,36 +17,40 @@ def _hessian(x: torch.Tensor) -> torch.Tensor:
     return st.hessian()
 
 
-def _reference_gptq(w: torch.Tensor, h: torch.Tensor, fmt, damp: float) -> torch.Tensor:
-    """The textbook form, in float64: quantize one column, move the others by the optimal (OBS)
-    update, then remove that column from the inverse Hessian by one step of Gaussian elimination.
-    Scales are those of round-to-nearest on the original weights (static groups)."""
+def _reference_gptq(w: torch.Tensor, h: torch.Tensor, fmt, damp: float, act_order: bool) -> torch.Tensor:
+    """The textbook form, in float64: quantize one column, move the not yet quantized ones by the
+    optimal (OBS) update, then remove that column from the inverse Hessian by one step of Gaussian
+    elimination.  Scales are those of round-to-nearest on the original weights (static groups);
+    with ``act_order`` the columns go by decreasing Hessian diagonal."""
     grid = fmt.grid(fmt.quantize(w))
     W = w.double().clone()
     n = w.shape[1]
+    order = torch.argsort(torch.diagonal(h), descending=True).tolist() if act_order else list(range(n))
     hd = h.double() + damp * float(torch.diagonal(h).mean()) * torch.eye(n, dtype=torch.float64)
     hinv = torch.linalg.inv(hd)
     codes = torch.empty(w.shape, dtype=torch.int64)
-    for i in range(n):
+    for k, i in enumerate(order):
         q = grid[i].nearest(W[:, i : i + 1].float())
         codes[:, i] = q[:, 0]
         v = grid[i].values(q)[:, 0].double()
         err = (W[:, i] - v) / hinv[i, i]
-        W[:, i:] -= err[:, None] * hinv[i, i:][None, :]
+        rest = order[k:]
+        W[:, rest] -= err[:, None] * hinv[i, rest][None, :]
         hinv = hinv - hinv[:, i : i + 1] @ hinv[i : i + 1, :] / hinv[i, i]
     return codes
 
 
-@pytest.mark.parametrize("name", ["int4-asym-g32", "q4_0", "int3-g16"])
-def test_blocked_gptq_equals_unblocked_reference(name):
+@pytest.mark.parametrize(("name", "act_order"), [("int4-asym-g32", False), ("q4_0", False), ("int3-g16", False),
+                                                  ("int4-asym-g32", True), ("q4_k", True)])
+def test_blocked_gptq_equals_unblocked_reference(name, act_order):
     torch.manual_seed(0)
-    rows, cols = 24, 96
-    x = torch.randn(400, cols) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols))  # correlated inputs
+    rows, cols = 24, 256
+    x = torch.randn(1000, cols) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols))  # correlated inputs
     h = _hessian(x)
     w = torch.randn(rows, cols) * 0.05
     fmt = get_format(name)
-    ours = gptq_quantize(w, h, fmt, GPTQConfig(block_size=32, static_groups=True, use_imatrix=False))
-    ref_codes = _reference_gptq(w, h, fmt, damp=0.01)
+    ours = gptq_quantize(w, h, fmt, GPTQConfig(block_size=32, static_groups=True, use_imatrix=False, act_order=act_order))
+    ref_codes = _reference_gptq(w, h, fmt, damp=0.01, act_order=act_order)
     ours_codes = fmt.grid(ours.qtensor).nearest(fmt.dequantize(ours.qtensor))
     same = (ours_codes == ref_codes).double().mean().item()
     assert same > 0.995, same  # float32 against float64: a rare near-tie may round the other way

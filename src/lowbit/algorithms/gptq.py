@@ -18,6 +18,7 @@ original weights with ``static_groups``); GPTQ decides the codes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,32 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float = 10.0)
         d = d * 2 if d > 0 else 1e-4
 
 
+def run_columns(W: torch.Tensor, hinv: torch.Tensor, block: int, group: int,
+                start_group: Callable[[int, torch.Tensor], None] | None,
+                quantize_column: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+    """GPTQ's column loop, in place on ``W`` [rows, cols] with ``hinv`` the upper Cholesky factor of
+    the inverse Hessian.  Columns go in order, in blocks of ``block`` (a multiple of ``group``): each
+    column's value is ``quantize_column(col, w[:, col:col+1])``, its error, scaled by the factor's
+    diagonal, is subtracted from the block's later columns at once and from the columns after the
+    block once per block (lazy batch updates).  Where ``group`` > 0, ``start_group(col, w)`` sees the
+    current (error-updated) columns of each group before the first of them is quantized."""
+    cols = W.shape[1]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if start_group is not None and col % group == 0:
+                start_group(col, W1[:, i : i + min(group, cols - col)])
+            x = W1[:, i : i + 1]
+            err = (x - quantize_column(col, x)) / Hinv1[i, i]
+            W1[:, i:] -= err * Hinv1[i : i + 1, i:]
+            Err1[:, i] = err[:, 0]
+        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+
+
 def _group_layout(fmt: Format, cols: int, static: bool) -> int:
     """Columns per scale group (0: scales fixed for the whole row before the first column)."""
     g = fmt.scale_group
@@ -129,29 +156,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, cfg: GPTQConfig
         block = group * max(1, -(-cfg.block_size // group))  # a whole number of groups per block
     codes = torch.empty(rows, cols, dtype=torch.int64, device=dev)
     pieces: list[QTensor] = []
-    grid: Grid | None = None
-    g0 = 0  # first column of the current group's grid
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if group and col % group == 0:
-                end = min(col + group, cols)
-                piece = rtn(W1[:, i : i + (end - col)], slice(col, end))
-                pieces.append(piece)
-                grid, g0 = fmt.grid(piece), col
-            gcol = full_grid[col] if full_grid is not None else grid[col - g0]  # type: ignore[index]
-            x = W1[:, i : i + 1]
-            q = gcol.nearest(x)
-            v = gcol.values(q)
-            codes[:, col] = q[:, 0]
-            err = (x - v) / Hinv1[i, i]
-            W1[:, i:] -= err * Hinv1[i : i + 1, i:]
-            Err1[:, i] = err[:, 0]
-        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+    state: dict[str, object] = {"grid": full_grid, "g0": 0}
+
+    def start_group(col: int, cur: torch.Tensor) -> None:
+        piece = rtn(cur, slice(col, col + cur.shape[1]))
+        pieces.append(piece)
+        state["grid"], state["g0"] = fmt.grid(piece), col
+
+    def quantize_column(col: int, x: torch.Tensor) -> torch.Tensor:
+        gcol = state["grid"][col - state["g0"]]  # type: ignore[index,operator]
+        q = gcol.nearest(x)
+        codes[:, col] = q[:, 0]
+        return gcol.values(q)
+
+    run_columns(W, hinv, block, group, start_group if group else None, quantize_column)
 
     if perm is not None:
         inv = torch.empty_like(perm)

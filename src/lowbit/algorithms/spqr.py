@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowbit.algorithms.gptq import GPTQConfig, inverse_hessian_factor
+from lowbit.algorithms.gptq import GPTQConfig, inverse_hessian_factor, run_columns
 from lowbit.errors import FormatError
 from lowbit.formats.base import Format, QTensor
 from lowbit.formats.spqr import SpQRFormat
@@ -66,39 +66,29 @@ def spqr_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, cfg: SpQRConfig
     is_out = torch.zeros(rows, cols, dtype=torch.bool, device=w0.device)
     out_val = torch.zeros(rows, cols, dtype=torch.float32, device=w0.device)
     stats: list[dict[str, torch.Tensor]] = []
-    grid = None
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % G == 0:
-                seg = W1[:, i : i + G]
-                st = fmt.fit(seg[:, None, :])
-                g0 = fmt.grid_of_stats(st, G)
-                sens = ((seg - g0.round(seg)) / d[None, col : col + G]) ** 2
-                out = sens > thr
-                if bool(out.any()):
-                    st = fmt.fit(seg[:, None, :], out[:, None, :])
-                stats.append({k: v for k, v in st.items() if k not in ("scale", "zero")})
-                grid = fmt.grid_of_stats(st, G)
-                is_out[:, col : col + G] = out
-            assert grid is not None
-            gcol = grid[col % G]
-            x = W1[:, i : i + 1]
-            q = gcol.nearest(x)
-            v = gcol.values(q)
-            o = is_out[:, col : col + 1]
-            keep = x.to(torch.float16).to(torch.float32)
-            v = torch.where(o, keep, v)
-            out_val[:, col] = keep[:, 0]
-            codes[:, col] = q[:, 0]
-            err = (x - v) / Hinv1[i, i]
-            W1[:, i:] -= err * Hinv1[i : i + 1, i:]
-            Err1[:, i] = err[:, 0]
-        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+    state: dict[str, object] = {}
+
+    def start_group(col: int, seg: torch.Tensor) -> None:
+        """Set aside the group's most sensitive weights, then fit and quantize its statistics."""
+        st = fmt.fit(seg[:, None, :])
+        g0 = fmt.grid_of_stats(st, G)
+        sens = ((seg - g0.round(seg)) / d[None, col : col + G]) ** 2
+        out = sens > thr
+        if bool(out.any()):
+            st = fmt.fit(seg[:, None, :], out[:, None, :])
+        stats.append({k: v for k, v in st.items() if k not in ("scale", "zero")})
+        state["grid"] = fmt.grid_of_stats(st, G)
+        is_out[:, col : col + G] = out
+
+    def quantize_column(col: int, x: torch.Tensor) -> torch.Tensor:
+        gcol = state["grid"][col % G]  # type: ignore[index]
+        q = gcol.nearest(x)
+        codes[:, col] = q[:, 0]
+        keep = x.to(torch.float16).to(torch.float32)  # an outlier keeps its (FP16) value: no error to pass on
+        out_val[:, col] = keep[:, 0]
+        return torch.where(is_out[:, col : col + 1], keep, gcol.values(q))
+
+    run_columns(W, hinv, block, G, start_group, quantize_column)
 
     flat = is_out.reshape(-1).nonzero().reshape(-1)
     qt = fmt.encode((rows, cols), codes, stats, flat, out_val.reshape(-1)[flat])

@@ -165,6 +165,16 @@ def _fold_into_previous(prev: nn.Module, s: torch.Tensor) -> None:
             w.div_(s.to(w.dtype))
 
 
+def apply_scale(layer: nn.Module, prev_name: str, names: list[str], s: torch.Tensor) -> None:
+    """Multiply the input columns of the linear layers ``names`` by ``s`` and divide the outputs of
+    ``prev_name`` by it: the layer computes the same function (exactly, in full precision)."""
+    _fold_into_previous(layer.get_submodule(prev_name), s)
+    with torch.no_grad():
+        for n in names:
+            w = layer.get_submodule(n).weight
+            w.mul_(s[None, :].to(w.dtype))
+
+
 # ---- the driver ---------------------------------------------------------------------------
 def calibrate_quantize(loaded, scheme: str, chunks: torch.Tensor, cfg: CalibConfig | None = None,  # type: ignore[no-untyped-def]
                        progress: bool = True, imatrix: dict | None = None) -> tuple[QuantReport, list[LayerLog]]:
@@ -196,9 +206,9 @@ def calibrate_quantize(loaded, scheme: str, chunks: torch.Tensor, cfg: CalibConf
             if isinstance(m, nn.Linear) and full in choices and choices[full].quantized:
                 linears[n] = m
         fmts = {n: get_format(choices[f"{prefix}.{li}.{n}.weight"].format) for n in linears}
-        if cfg.method == "awq":
-            _awq_layer(layer, linears, fmts, batches, cfg, li, logs)
         stats = _collect(layer, linears, batches)
+        if cfg.method == "awq":
+            _awq_layer(layer, linears, fmts, stats, cfg, li, logs)
         for n, m in linears.items():
             t0 = time.perf_counter()
             fmt = fmts[n]
@@ -276,23 +286,30 @@ def _layers_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     raise LowbitError("decoder layers not found among the model's modules")
 
 
-def _awq_layer(layer: nn.Module, linears: dict[str, nn.Linear], fmts: dict, batches, cfg: CalibConfig,  # type: ignore[no-untyped-def]
-               li: int, logs: list[LayerLog]) -> None:
-    """Search AWQ scales for each (previous op, linears) group of the layer and fold them in.  Groups
-    are handled in order, each with statistics collected after the previous group was scaled."""
+def _awq_layer(layer: nn.Module, linears: dict[str, nn.Linear], fmts: dict, stats: dict[str, InputStats],
+               cfg: CalibConfig, li: int, logs: list[LayerLog]) -> None:
+    """Search AWQ scales for each (previous op, linears) group of the layer and fold them in.
+
+    Scaling leaves the layer's full-precision function unchanged, so one pass of statistics serves
+    every group: a group's inputs become ``x / s``, and their statistics are rescaled in place
+    (``H / (s s^T)``, ``mean|x| / s``) for the quantization that follows."""
     for prev_name, names in awq_groups(layer):
         names = [n for n in names if n in linears]
         if not names:
             continue
-        stats = _collect(layer, {names[0]: linears[names[0]]}, batches)[names[0]]
+        st = stats[names[0]]
         ws = [linears[n].weight.detach().to(torch.float32) for n in names]
-        s, alpha, loss, base = search_scales(ws, [fmts[n] for n in names], stats.mean_abs(), stats.hessian(), cfg.awq)
+        s, alpha, loss, base = search_scales(ws, [fmts[n] for n in names], st.mean_abs(), st.hessian(), cfg.awq)
         if alpha == 0.0 and bool((s == 1).all()):
             continue
-        _fold_into_previous(layer.get_submodule(prev_name), s)
-        with torch.no_grad():
-            for n in names:
-                linears[n].weight.mul_(s[None, :].to(linears[n].weight.dtype))
+        apply_scale(layer, prev_name, names, s)
+        s64 = s.to(torch.float64)
+        for n in names:
+            stn = stats[n]
+            if stn.h is not None:
+                stn.h /= s64[:, None] * s64[None, :]
+            stn.abs_sum /= s64
+            stn.sq_sum /= s64 * s64
         logs.append(LayerLog(li, f"awq:{prev_name}", loss, base, 0.0, {"alpha": alpha}))
 
 

