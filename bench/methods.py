@@ -82,8 +82,14 @@ def main() -> int:
     if args.device != "cpu":
         loaded.model.to(args.device)
     calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, gptq=GPTQConfig(), device=args.device)
+    def show(r, base_ppl: float) -> None:  # type: ignore[no-untyped-def]
+        row = r.row(base_ppl)
+        print(f"done {row['format']}: linear bpw {row['linear_bpw']:.3f} KLD {row['kld_mean']:.5f} "
+              f"ΔPPL {row['dppl_pct']:+.2f}% same-top {row['same_top_pct']:.2f}% in {row['quant_s']:.0f} s, "
+              f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+
     cmp = compare(loaded, specs, text_name="wiki-eval (gensim Wikipedia, evaluation split)", max_chunks=args.chunks,
-                  progress=False, calib=calib)
+                  progress=False, calib=calib, on_result=show)
     rows = cmp.rows()
     table = markdown_table(cmp, times=True)
     mem = "\n".join(f"| {r['format']} | {r['quant_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['extra_rss_mb']:.0f} |" for r in rows)

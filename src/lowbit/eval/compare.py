@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,7 +171,8 @@ def describe(scheme: str) -> tuple[str, str]:
 def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, text_name: str = "wiki-eval",
             n_ctx: int = 512, max_chunks: int | None = 20, progress: bool = True,
             imatrix: dict[str, np.ndarray] | None = None, imatrix_chunks: int = 32,
-            calib: CalibConfig | None = None, calib_text: str | None = None) -> Comparison:
+            calib: CalibConfig | None = None, calib_text: str | None = None,
+            on_result: Callable[[FormatResult, float], None] | None = None) -> Comparison:
     """Evaluate every entry of ``formats`` (lowbit formats or llama.cpp file types, with an optional
     method suffix such as ``+gptq`` and/or ``+imatrix``; see :func:`parse_spec`) against the original
     on the same chunks.  ``+imatrix`` quantizes with the importance matrix ``imatrix`` (computed from
@@ -220,6 +222,8 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
             results.append(FormatResult(label, desc + (", importance matrix" if spec.imatrix else ""),
                                         report.bits_per_weight, lin_bpw, report.size_bytes, tq, metrics,
                                         report.counts(), mem.peak_mb, mem.delta_mb))
+            if on_result is not None:
+                on_result(results[-1], base["ppl"])
             del model
             gc.collect()
     finally:

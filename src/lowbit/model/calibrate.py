@@ -27,10 +27,12 @@ from tqdm.auto import tqdm
 from lowbit.algorithms.awq import AWQConfig, search_clip, search_scales
 from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize
 from lowbit.algorithms.hessian import InputStats
+from lowbit.algorithms.spqr import SpQRConfig, spqr_quantize
 from lowbit.errors import LowbitError
 from lowbit.formats import QTensor, get_format
 from lowbit.formats.integer import IntFormat
 from lowbit.model.quantize import QuantLinear, QuantReport, TensorRecord, plan_for, quantize_rest
+from lowbit.model.rotated import quip_quantize
 
 METHODS = ("rtn", "gptq", "awq", "quip", "spqr")
 
@@ -223,13 +225,9 @@ def calibrate_quantize(loaded, scheme: str, chunks: torch.Tensor, cfg: CalibConf
                 extra = {}
                 new = QuantLinear(qt, m.bias)
             elif cfg.method == "quip":
-                from lowbit.model.rotated import quip_quantize
-
                 new, err, rtn_err, extra = quip_quantize(w, h, fmt, m.bias, cfg, seed=cfg.seed + 1000 * li + len(logs))
                 qt = new.qtensor  # type: ignore[assignment]
             else:
-                from lowbit.algorithms.spqr import SpQRConfig, spqr_quantize
-
                 res = spqr_quantize(w, h, fmt, SpQRConfig(outlier_fraction=cfg.spqr_outliers, gptq=cfg.gptq),
                                     name=f"{prefix}.{li}.{n}")
                 qt, err, rtn_err = res.qtensor, res.error, res.rtn_error
