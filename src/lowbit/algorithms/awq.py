@@ -64,14 +64,14 @@ def search_scales(ws: list[torch.Tensor], fmts: list[Format], x_mean_abs: torch.
     imatrix = torch.diagonal(h).clamp_min(0)
 
     def loss(s: torch.Tensor | None) -> float:
-        total = torch.zeros((), dtype=torch.float64)
+        total = 0.0
         for w, f in zip(ws, fmts, strict=True):
             if s is None:
                 dq = f.dequantize(_quantize(f, w, imatrix))
             else:
                 dq = f.dequantize(_quantize(f, w * s, imatrix / (s * s))) / s
-            total += _err(dq - w, h).double()
-        return float(total)
+            total += float(_err(dq - w, h))
+        return total
 
     base = loss(None)
     best, best_s, best_a = base, torch.ones_like(x_mean), 0.0
@@ -94,12 +94,12 @@ def search_clip(w: torch.Tensor, fmt: IntFormat, h: torch.Tensor, cfg: AWQConfig
     rows, cols = w.shape
     segs = fmt._segments(cols)
     ngr = sum((b - a) // gs for a, b, gs in segs)
-    best = torch.full((rows, ngr), float("inf"))
-    ratio = torch.ones(rows, ngr)
+    best = torch.full((rows, ngr), float("inf"), device=w.device)
+    ratio = torch.ones(rows, ngr, device=w.device)
     steps = int(cfg.max_shrink * cfg.n_clip_grid)
     for i in range(steps):
         r = 1.0 - i / cfg.n_clip_grid
-        dq = fmt.dequantize(fmt.quantize_clipped(w, torch.full((rows, ngr), r)))
+        dq = fmt.dequantize(fmt.quantize_clipped(w, torch.full((rows, ngr), r, device=w.device)))
         dw = dq - w
         errs = []
         for a, b, gs in segs:
