@@ -142,6 +142,8 @@ def test_method_arguments_are_checked(tmp_path):
     _one_error_line(r, "either --format or --bits")
     r = lowbit("quantize", "smollm2", "--method", "spqr", "-f", "int3-g16", "--calib-samples", "1", "-o", str(tmp_path / "o"))
     _one_error_line(r, "spqr format")
+    r = lowbit("quantize", "smollm2", "--method", "quip", "-f", "q4_0", "-o", str(tmp_path / "o.gguf"))
+    _one_error_line(r, "cannot go into a GGUF file")
     r = lowbit("compare", "smollm2", "--formats", "int4-g128+gptq+imatrix", "--chunks", "1")
     _one_error_line(r, "drop '+imatrix'")
     r = lowbit("compare", "smollm2", "--formats", "int4-g128+magic", "--chunks", "1")

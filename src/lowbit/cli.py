@@ -48,7 +48,8 @@ def _method_scheme(args: argparse.Namespace) -> str:
         raise LowbitError("give --format (e.g. q4_k_m, int4-asym-g128) or --bits and --group-size")
     g = args.group_size
     if args.method == "spqr":
-        return f"spqr{args.bits}-g{g or 16}"
+        return f"spqr{args.bits}-g{16 if g is None else g}"
+    g = 128 if g is None else g
     gran = "-ch" if g in (0, -1) else f"-g{g}"
     return f"int{args.bits}{'' if args.sym else '-asym'}{gran}"
 
@@ -92,6 +93,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if to_gguf and ft is None:
         raise LowbitError(f"format {scheme} has no GGUF type; GGUF output takes {', '.join(sorted(FILE_TYPES))} "
                           "(write a lowbit checkpoint directory instead: an --out without .gguf)")
+    if to_gguf and args.method == "quip":
+        raise LowbitError("QuIP's rotated layers cannot go into a GGUF file (llama.cpp does not rotate their "
+                          "inputs); give an --out directory for a lowbit checkpoint")
     imatrix = None
     if getattr(args, "imatrix", None):
         if args.method != "rtn":
@@ -282,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", "-m", default="rtn", choices=("rtn", "gptq", "awq", "quip", "spqr"),
                     help="how codes are chosen: round-to-nearest, or a calibration method (default rtn)")
     sp.add_argument("--bits", type=int, help="with --method: integer bits (builds int<bits>[-asym]-g<group>, or spqr<bits>)")
-    sp.add_argument("--group-size", type=int, default=128, help="with --bits: columns per scale (0: per channel)")
+    sp.add_argument("--group-size", type=int, default=None,
+                    help="with --bits: columns per scale (default 128; SpQR 16; 0: per channel)")
     sp.add_argument("--sym", action="store_true", help="with --bits: symmetric (absmax) instead of zero-point")
     sp.add_argument("--no-act-order", dest="act_order", action="store_false",
                     help="GPTQ/QuIP: quantize columns left to right instead of by decreasing importance")

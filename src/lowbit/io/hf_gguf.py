@@ -104,7 +104,11 @@ def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: 
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     from lowbit.model.quantize import QuantLinear
+    from lowbit.model.rotated import RotatedQuantLinear
 
+    if any(isinstance(m, RotatedQuantLinear) for m in loaded.model.modules()):
+        raise LowbitError(f"{loaded.path}: QuIP's rotated layers cannot go into a GGUF file (llama.cpp does not "
+                          "rotate their inputs); write a lowbit checkpoint directory instead")
     quantized = {f"{n}.weight": m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
     state = {k: v for k, v in loaded.model.state_dict().items()
              if not any(k.startswith(q[: -len("weight")] + "q_") for q in quantized)}
