@@ -149,3 +149,39 @@ def test_method_arguments_are_checked(tmp_path):
     r = lowbit("compare", "smollm2", "--formats", "int4-g128+magic", "--chunks", "1")
     _one_error_line(r, "unknown suffix '+magic'")
     assert not list(tmp_path.iterdir())
+
+
+def test_activation_schemes_on_the_command_line(tmp_path):
+    """W8A8 with SmoothQuant as a checkpoint that reloads with its integer layers; compare shows
+    W/A bits and LLM.int8()'s outliers; activation schemes refuse GGUF output and weight methods."""
+    out = tmp_path / "smol-w8a8-sq"
+    r = lowbit("quantize", "smollm2", "-f", "w8a8-static-mse", "--method", "smoothquant", "--calib-samples", "2",
+               "--calib-len", "128", "-o", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "lowbit.json").read_text())
+    acts = [m["act"] for m in manifest["modules"].values()]
+    assert len(acts) == 210 and all(a["kind"] == "int" and a["static"] for a in acts)
+    r = lowbit("eval", str(out), "--reference", "smollm2", "--chunks", "1", "--ctx", "256", "--quiet")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"KLD mean ([0-9.]+)", r.stdout)
+    assert m and 0 < float(m.group(1)) < 0.5, r.stdout
+    r = lowbit("compare", "smollm2", "--formats", "w8a8,llm-int8", "--chunks", "1", "--quiet",
+               "--out-dir", str(tmp_path / "cmp"))
+    assert r.returncode == 0, r.stderr
+    assert "| w8a8 | W8A8 |" in r.stdout and "| llm-int8 | W8A8 |" in r.stdout, r.stdout
+    doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    llm = next(x for x in doc["comparison"]["results"] if x["format"] == "llm-int8")
+    assert len(llm["details"]["outlier_fraction"]) == 210
+    assert {p.name for p in tmp_path.iterdir()} == {out.name, "cmp"}
+
+
+def test_activation_scheme_arguments_are_checked(tmp_path):
+    r = lowbit("quantize", "smollm2", "-f", "w8a8", "-o", str(tmp_path / "o.gguf"))
+    _one_error_line(r, "GGUF files cannot describe")
+    r = lowbit("quantize", "smollm2", "-f", "w8a8", "--method", "gptq", "-o", str(tmp_path / "o"))
+    _one_error_line(r, "its methods are rtn, smoothquant and qat")
+    r = lowbit("quantize", "smollm2", "-f", "int4-g128", "--method", "smoothquant", "-o", str(tmp_path / "o"))
+    _one_error_line(r, "smooths activations")
+    r = lowbit("compare", "smollm2", "--formats", "q4_0+smoothquant", "--chunks", "1")
+    _one_error_line(r, "SmoothQuant smooths activations")
+    assert not list(tmp_path.iterdir())

@@ -57,10 +57,12 @@ def _method_scheme(args: argparse.Namespace) -> str:
 def _calib_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from lowbit.algorithms.gptq import GPTQConfig
     from lowbit.model.calibrate import CalibConfig
+    from lowbit.model.qat import QATConfig
 
     return CalibConfig(method=args.method, n_samples=args.calib_samples, seq_len=args.calib_len,
                        gptq=GPTQConfig(damp=args.damp, act_order=args.act_order),
-                       spqr_outliers=args.outliers)
+                       spqr_outliers=args.outliers, smooth_alpha=args.alpha,
+                       qat=QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch))
 
 
 def _calibration_chunks(args: argparse.Namespace, loaded, cfg):  # type: ignore[no-untyped-def]
@@ -78,18 +80,29 @@ def _calibration_chunks(args: argparse.Namespace, loaded, cfg):  # type: ignore[
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.model.actquant import parse_act_scheme
     from lowbit.model.gguf_mix import FILE_TYPES, file_type
     from lowbit.model.load import resolve_model_path
     from lowbit.model.policy import check_scheme
 
     scheme = _method_scheme(args)
-    check_scheme(scheme)
-    ft = file_type(scheme)
+    act = parse_act_scheme(scheme)
+    if act is None:
+        check_scheme(scheme)
+        if args.method == "smoothquant":
+            raise LowbitError("--method smoothquant smooths activations: give an activation scheme "
+                              "(--format w8a8, w8a8-static-mse, w4a4 ...)")
+    elif args.method not in ("rtn", "smoothquant", "qat"):
+        raise LowbitError(f"{scheme} quantizes activations: its methods are rtn, smoothquant and qat, not {args.method}")
+    ft = file_type(scheme) if act is None else None
     src = resolve_model_path(args.model)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise LowbitError(f"{out}: already exists (use --force to overwrite)")
     to_gguf = out.suffix.lower() == ".gguf"
+    if to_gguf and act is not None:
+        raise LowbitError(f"{scheme} quantizes activations, which GGUF files cannot describe; give an --out "
+                          "directory for a lowbit checkpoint")
     if to_gguf and ft is None:
         raise LowbitError(f"format {scheme} has no GGUF type; GGUF output takes {', '.join(sorted(FILE_TYPES))} "
                           "(write a lowbit checkpoint directory instead: an --out without .gguf)")
@@ -127,7 +140,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     loaded = load_model(src, progress=not args.quiet)
     cfg = _calib_config(args)
-    if args.method == "rtn":
+    if args.method == "qat":
+        import copy
+
+        from lowbit.model.qat import qat_quantize
+
+        chunks = _calibration_chunks(args, loaded, cfg)
+        teacher = copy.deepcopy(loaded.model)
+        report, res = qat_quantize(loaded.model, teacher, scheme, chunks, cfg.qat, progress=not args.quiet)
+        del teacher
+        print(f"qat: {len(res.losses)} steps of {cfg.qat.batch_size} x {cfg.seq_len} tokens in {res.seconds:.0f} s; "
+              f"distillation loss {res.losses[0]:.4f} -> {sum(res.losses[-10:]) / len(res.losses[-10:]):.4f} "
+              "(mean of the last 10 steps)")
+    elif act is not None:
+        from lowbit.model.actquant import ActConfig, quantize_act_model
+
+        chunks = _calibration_chunks(args, loaded, cfg) if (act.static or args.method == "smoothquant") else None
+        report = quantize_act_model(loaded.model, act, chunks, ActConfig(args.method == "smoothquant", args.alpha),
+                                    progress=not args.quiet)
+    elif args.method == "rtn":
         from lowbit.model.quantize import quantize_model
 
         report = quantize_model(loaded.model, scheme, progress=not args.quiet, imatrix=imatrix)
@@ -250,7 +281,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         calib_text = read_text_file(args.calib_text)
     loaded = load_model(args.model, progress=not args.quiet)
-    calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, gptq=GPTQConfig(damp=args.damp))
+    from lowbit.model.qat import QATConfig
+
+    calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, gptq=GPTQConfig(damp=args.damp),
+                        smooth_alpha=args.alpha,
+                        qat=QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch))
     cmp = compare(loaded, formats, text=text, text_name=text_name, n_ctx=args.ctx,
                   max_chunks=args.chunks, progress=not args.quiet, imatrix=imatrix, calib=calib,
                   calib_text=calib_text)
@@ -283,8 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", help="a .gguf file, a Hugging Face directory, or 'smollm2'")
     sp.add_argument("--format", "-f",
                     help="llama.cpp file type (q4_k_m, q3_k_s, iq4_xs, ...) or lowbit format (int4-asym-g128, nf4, ...)")
-    sp.add_argument("--method", "-m", default="rtn", choices=("rtn", "gptq", "awq", "quip", "spqr"),
-                    help="how codes are chosen: round-to-nearest, or a calibration method (default rtn)")
+    sp.add_argument("--method", "-m", default="rtn",
+                    choices=("rtn", "gptq", "awq", "quip", "spqr", "smoothquant", "qat"),
+                    help="how codes are chosen: round-to-nearest, a calibration method, SmoothQuant (with an "
+                         "activation scheme such as w8a8) or quantization-aware training (default rtn)")
     sp.add_argument("--bits", type=int, help="with --method: integer bits (builds int<bits>[-asym]-g<group>, or spqr<bits>)")
     sp.add_argument("--group-size", type=int, default=None,
                     help="with --bits: columns per scale (default 128; SpQR 16; 0: per channel)")
@@ -293,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPTQ/QuIP: quantize columns left to right instead of by decreasing importance")
     sp.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal")
     sp.add_argument("--outliers", type=float, default=0.01, help="SpQR: fraction of weights kept as FP16 outliers")
+    sp.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (default 0.5)")
+    sp.add_argument("--qat-steps", type=int, default=100, help="QAT: optimizer steps (default 100)")
+    sp.add_argument("--qat-lr", type=float, default=1e-5, help="QAT: peak learning rate (default 1e-5)")
+    sp.add_argument("--qat-batch", type=int, default=2, help="QAT: calibration chunks per step (default 2)")
     sp.add_argument("--calib-text", help="calibration text file (default: the bundled Wikipedia calibration split)")
     sp.add_argument("--calib-samples", type=int, default=128, help="calibration chunks (default 128)")
     sp.add_argument("--calib-len", type=int, default=512, help="tokens per calibration chunk (default 512)")
@@ -330,13 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--formats", default=DEFAULT_FORMATS,
                     help="comma-separated formats or llama.cpp file types (q4_k_m, ...); a '+imatrix' suffix "
                          "quantizes with the importance matrix, '+gptq', '+awq', '+quip', '+spqr' with a "
-                         "calibration method (e.g. int4-asym-g128+gptq, q3_k_m+gptq, spqr3-g16+spqr)")
+                         "calibration method (e.g. int4-asym-g128+gptq, q3_k_m+gptq, spqr3-g16+spqr); activation "
+                         "schemes w8a8, w4a4, w8a8-static[-pct|-mse], w8a8-fp8, llm-int8, with '+smoothquant'; "
+                         "'+qat' fine-tunes any of them through fake quantization")
     sp.add_argument("--imatrix", help="importance matrix file for the '+imatrix' entries "
                                       "(default: computed from the bundled calibration text)")
     sp.add_argument("--calib-text", help="calibration text for '+gptq' etc. (default: the bundled calibration split)")
     sp.add_argument("--calib-samples", type=int, default=128, help="calibration chunks for methods (default 128)")
     sp.add_argument("--calib-len", type=int, default=512, help="tokens per calibration chunk (default 512)")
     sp.add_argument("--damp", type=float, default=0.01, help="GPTQ/QuIP/SpQR damping (fraction of mean diag H)")
+    sp.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength for '+smoothquant'")
+    sp.add_argument("--qat-steps", type=int, default=100, help="QAT steps for '+qat' entries (default 100)")
+    sp.add_argument("--qat-lr", type=float, default=1e-5, help="QAT peak learning rate (default 1e-5)")
+    sp.add_argument("--qat-batch", type=int, default=2, help="QAT calibration chunks per step (default 2)")
     sp.add_argument("--out-dir", help="where compare.md/.json/.png go (default runs/<model>)")
     common_eval(sp, 20)
     sp.set_defaults(func=cmd_compare)

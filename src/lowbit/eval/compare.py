@@ -16,6 +16,7 @@ import torch
 from lowbit.eval.data import eval_text, text_digest
 from lowbit.eval.runner import Evaluation, torch_logits_fn
 from lowbit.formats import get_format
+from lowbit.model.actquant import parse_act_scheme
 from lowbit.model.calibrate import CalibConfig
 from lowbit.model.gguf_mix import file_type
 from lowbit.model.load import LoadedModel
@@ -79,11 +80,14 @@ class FormatResult:
     tensor_formats: dict[str, int] = field(default_factory=dict)
     peak_rss_mb: float = 0.0  # the process's peak resident memory while quantizing
     extra_rss_mb: float = 0.0  # of which above what was in use when quantization started
+    wa: str = ""  # bits of weights and activations: W8A8, W4A4, W4.17A16 (weight-only)
+    details: dict[str, object] = field(default_factory=dict)  # per-entry extras (LLM.int8()'s outliers)
 
     def row(self, base_ppl: float) -> dict[str, object]:
         m = self.metrics
         return {
             "format": self.format,
+            "wa": self.wa,
             "bpw": self.bits_per_weight,
             "linear_bpw": self.linear_bpw,
             "size_mb": self.size_bytes / 1e6,
@@ -134,22 +138,37 @@ class Spec:
         return self.scheme + ("" if self.method == "rtn" else f"+{self.method}") + (IMATRIX_SUFFIX if self.imatrix else "")
 
 
+#: suffixes of a comparison entry beyond the weight methods: SmoothQuant (activation schemes) and QAT
+EXTRA_METHODS = ("smoothquant", "qat")
+
+
 def parse_spec(spec: str) -> Spec:
     from lowbit.errors import LowbitError
+    from lowbit.model.actquant import parse_act_scheme
     from lowbit.model.calibrate import METHODS
 
     parts = spec.strip().lower().split("+")
     scheme, method, use_im = parts[0], "rtn", False
+    known = METHODS + EXTRA_METHODS
     for p in parts[1:]:
         if p == "imatrix":
             use_im = True
-        elif p in METHODS:
+        elif p in known:
             method = p
         else:
-            raise LowbitError(f"'{spec}': unknown suffix '+{p}' (use +imatrix or a method: {', '.join(METHODS)})")
-    check_scheme(scheme)
+            raise LowbitError(f"'{spec}': unknown suffix '+{p}' (use +imatrix or a method: {', '.join(known)})")
+    act = parse_act_scheme(scheme)
+    if act is None:
+        check_scheme(scheme)
+        if method == "smoothquant":
+            raise LowbitError(f"'{spec}': SmoothQuant smooths activations; use it with an activation scheme "
+                              "(w8a8+smoothquant, w4a4+smoothquant, w8a8-static+smoothquant)")
+    elif method not in ("rtn", "smoothquant", "qat"):
+        raise LowbitError(f"'{spec}': {act.name} quantizes activations; its methods are +smoothquant and +qat")
     if use_im and method != "rtn":
         raise LowbitError(f"'{spec}': {method} weighs errors with the calibration Hessian already; drop '+imatrix'")
+    if use_im and act is not None:
+        raise LowbitError(f"'{spec}': the importance matrix is for weight formats that take one (K-quants, IQ4, Q4_0...)")
     return Spec(scheme, method, use_im)
 
 
@@ -160,7 +179,12 @@ def split_spec(spec: str) -> tuple[str, bool]:
 
 
 def describe(scheme: str) -> tuple[str, str]:
-    """(display name, description) of a lowbit format or a llama.cpp file type."""
+    """(display name, description) of a lowbit format, an activation scheme or a llama.cpp file type."""
+    from lowbit.model.actquant import parse_act_scheme
+
+    act = parse_act_scheme(scheme)
+    if act is not None:
+        return act.name, act.description
     ft = file_type(scheme)
     if ft is not None and ft.description:
         return ft.name, ft.description
@@ -186,7 +210,7 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
 
         imatrix = compute_imatrix(loaded, calibration_text(), max_chunks=imatrix_chunks, progress=progress).values()
     chunks = None
-    if any(s.method != "rtn" for s in specs):
+    if any(s.method != "rtn" or _needs_calibration(s.scheme) for s in specs):
         from lowbit.eval.data import calibration_text
         from lowbit.model.imatrix import imatrix_chunks as calib_chunks
 
@@ -203,7 +227,23 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
             name, desc = describe(spec.scheme)
             t0 = time.perf_counter()
             with PeakMemory() as mem:
-                if spec.method == "rtn":
+                act = parse_act_scheme(spec.scheme)
+                if spec.method == "qat":
+                    from lowbit.model.qat import qat_quantize
+
+                    report, qres = qat_quantize(model, loaded.model, spec.scheme, chunks, calib.qat,  # type: ignore[arg-type]
+                                                progress=progress)
+                    desc += (f", QAT: {len(qres.losses)} steps of {calib.qat.batch_size} x {calib.seq_len} calibration "
+                             f"tokens, distillation loss {qres.losses[0]:.4f} -> {qres.losses[-1]:.4f}")
+                elif act is not None:
+                    from lowbit.model.actquant import ActConfig, quantize_act_model
+
+                    report = quantize_act_model(model, act, chunks, ActConfig(spec.method == "smoothquant",
+                                                                              calib.smooth_alpha, calib.batch_size),
+                                                progress=progress)
+                    if spec.method == "smoothquant":
+                        desc += f", SmoothQuant alpha {calib.smooth_alpha:g}"
+                elif spec.method == "rtn":
                     report = quantize_model(model, spec.scheme, progress=progress,
                                             imatrix=imatrix if spec.imatrix else None)
                 else:
@@ -216,12 +256,23 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
             tq = time.perf_counter() - t0
             label = name + spec.label[len(spec.scheme):]
             metrics = ev.run(torch_logits_fn(model, n_ctx), label)
+            details: dict[str, object] = {}
+            if act is not None and act.kind == "llm-int8":
+                from lowbit.model.actquant import outlier_report
+
+                rep = outlier_report(model)
+                details["outlier_fraction"] = {k: v["mean_fraction"] for k, v in rep.items()}
+                mean = sum(v["mean_fraction"] for v in rep.values()) / max(1, len(rep))
+                worst = max(rep, key=lambda k: rep[k]["mean_fraction"])
+                desc += (f"; FP16 outlier features per call: {100 * mean:.3f}% on average, most in {worst} "
+                         f"({100 * rep[worst]['mean_fraction']:.2f}%)")
             # the quantized weights inside the transformer blocks (not embeddings, head or norms)
             lin = [t for t in report.tensors if t.quantized and ".layers." in t.name]
             lin_bpw = sum(t.bits for t in lin) / max(1, sum(torch.Size(t.shape).numel() for t in lin))
             results.append(FormatResult(label, desc + (", importance matrix" if spec.imatrix else ""),
                                         report.bits_per_weight, lin_bpw, report.size_bytes, tq, metrics,
-                                        report.counts(), mem.peak_mb, mem.delta_mb))
+                                        report.counts(), mem.peak_mb, mem.delta_mb, wa_label(spec.scheme, lin_bpw),
+                                        details))
             if on_result is not None:
                 on_result(results[-1], base["ppl"])
             del model
@@ -230,6 +281,23 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
         ev.close()
     return Comparison(loaded.name, loaded.arch, loaded.n_params, text_name, text_digest(text), n_ctx,
                       len(ev.chunks), int(base["tokens"]), base, results, notes)
+
+
+def _needs_calibration(scheme: str) -> bool:
+    from lowbit.model.actquant import parse_act_scheme
+
+    act = parse_act_scheme(scheme)
+    return act is not None and act.static
+
+
+def wa_label(scheme: str, linear_bpw: float) -> str:
+    """Bits of weights and activations (``W8A8``; ``W4.17A16`` for a weight-only format)."""
+    from lowbit.model.actquant import parse_act_scheme
+
+    act = parse_act_scheme(scheme)
+    if act is not None:
+        return act.wa
+    return f"W{linear_bpw:.3g}A16"
 
 
 def default_out_dir(model_name: str) -> Path:

@@ -11,6 +11,7 @@ from lowbit.eval.compare import Comparison, FormatResult
 
 COLUMNS = [
     ("format", "format", "{}"),
+    ("wa", "W/A", "{}"),
     ("bpw", "bits/weight", "{:.3f}"),
     ("linear_bpw", "linear bpw", "{:.3f}"),
     ("size_mb", "size MB", "{:.1f}"),
@@ -28,7 +29,7 @@ def markdown_table(cmp: Comparison, times: bool = False) -> str:
     head = "| " + " | ".join(c[1] for c in cols) + " |"
     sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|"
     lines = [head, sep]
-    base = {"format": "original (f32)", "bpw": 32.0, "linear_bpw": 32.0, "size_mb": cmp.n_params * 4 / 1e6,
+    base = {"format": "original (f32)", "wa": "W32A32", "bpw": 32.0, "linear_bpw": 32.0, "size_mb": cmp.n_params * 4 / 1e6,
             "ppl": cmp.base["ppl"], "dppl_pct": 0.0, "kld_mean": 0.0, "kld_p99": 0.0, "same_top_pct": 100.0,
             "quant_s": 0.0, "eval_s": cmp.base["eval_seconds"]}
     for row in [base, *cmp.rows()]:

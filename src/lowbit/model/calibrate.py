@@ -31,6 +31,7 @@ from lowbit.algorithms.spqr import SpQRConfig, spqr_quantize
 from lowbit.errors import LowbitError
 from lowbit.formats import QTensor, get_format
 from lowbit.formats.integer import IntFormat
+from lowbit.model.qat import QATConfig
 from lowbit.model.quantize import QuantLinear, QuantReport, TensorRecord, plan_for, quantize_rest
 from lowbit.model.rotated import quip_quantize
 
@@ -47,6 +48,9 @@ class CalibConfig:
     awq: AWQConfig = field(default_factory=AWQConfig)
     #: SpQR: target fraction of weights kept as FP16 outliers
     spqr_outliers: float = 0.01
+    #: SmoothQuant's migration strength
+    smooth_alpha: float = 0.5
+    qat: QATConfig = field(default_factory=QATConfig)
     seed: int = 0
     device: str = "cpu"
 

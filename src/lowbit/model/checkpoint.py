@@ -6,7 +6,8 @@ lowbit computes with it, for any format and method (GGUF holds only llama.cpp's 
                                           each quantized linear layer its parts: ``<module>.q_<part>``
     out/lowbit.json                       format version, scheme, method, and per quantized module
                                           its format, shape and, for rotated (QuIP) layers, the seeds
-                                          of their rotations
+                                          of their rotations; for layers that quantize their
+                                          inputs (W8A8, LLM.int8() ...), the activation settings
 
 :func:`load_checkpoint` rebuilds the model from these files (no pickles, no code from the
 directory) and ``lowbit eval`` / ``lowbit compare`` accept such a directory wherever they take a
@@ -34,6 +35,7 @@ def save_checkpoint(loaded, out: Path, scheme: str, method: str, extra: dict | N
     """Write ``loaded`` (a model quantized in memory by lowbit) to the directory ``out``."""
     from safetensors.torch import save_file
 
+    from lowbit.model.actquant import ActQuantLinear
     from lowbit.model.quantize import QuantLinear
     from lowbit.model.rotated import RotatedQuantLinear
 
@@ -56,6 +58,9 @@ def save_checkpoint(loaded, out: Path, scheme: str, method: str, extra: dict | N
                 if isinstance(mod, RotatedQuantLinear):
                     entry["kind"] = "rotated"
                     entry["rotation_seeds"] = [mod.r_in.seed, mod.r_out.seed]
+                elif isinstance(mod, ActQuantLinear):
+                    entry["kind"] = "act"
+                    entry["act"] = mod.act_config()
                 else:
                     entry["kind"] = "linear"
                 modules[name] = entry
@@ -122,6 +127,10 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.
             if entry.get("kind") == "rotated":
                 s_in, s_out = entry["rotation_seeds"]
                 new: nn.Module = RotatedQuantLinear(qt, bias, int(s_in), int(s_out))
+            elif entry.get("kind") == "act":
+                from lowbit.model.actquant import act_linear
+
+                new = act_linear(qt, bias, dict(entry.get("act") or {}))
             else:
                 new = QuantLinear(qt, bias)
             parent, _, child = mname.rpartition(".")

@@ -1,0 +1,361 @@
+"""Weights *and* activations quantized: W8A8 (integer or FP8), W4A4, static full-integer layers,
+LLM.int8() and SmoothQuant.
+
+Scheme names (``lowbit quantize --format`` / ``lowbit compare --formats``):
+
+* ``w8a8``: int8 weights (absmax, one scale per output channel) and int8 activations quantized on
+  the fly per token; the product is an integer matrix product (int32 accumulation) scaled back to
+  floats.  ``w4a4``, ``w4a8``, ``w6a6`` ...: the same with other bit widths (2 to 8).
+* ``w8a8-static[-minmax|-pct|-mse]``: activations on one static per-tensor grid (scale and zero
+  point) chosen from calibration text by an observer (default ``minmax``); full-integer arithmetic,
+  the zero point subtracted through the weights' column sums.
+* ``w8a8-fp8``: FP8 E4M3 weights (one scale per channel) and FP8 E4M3 activations per token;
+  products of FP8 values are exact in float32, accumulation in float32, as on FP8 tensor cores.
+* ``llm-int8[-t<threshold>]``: LLM.int8() (Dettmers et al., 2022): int8 weights per output row,
+  int8 activations per token, except the input features where any value exceeds the threshold
+  (6.0 by default) in the current batch: those go through a 16-bit path.  Each layer counts how
+  many features it routed there.
+
+With ``+smoothquant`` the activations are smoothed first (:mod:`lowbit.algorithms.smoothquant`,
+factors folded into the previous norm or linear layer).  The linear layers inside the decoder
+blocks are converted; embeddings, output head and norms stay in FP16 as for weight-only formats.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.algorithms.observers import OBSERVERS, Observer
+from lowbit.algorithms.smoothquant import smoothing_factors
+from lowbit.errors import LowbitError
+from lowbit.formats import QTensor, get_format
+from lowbit.formats.activations import quantize_per_token, quantize_per_token_fp8, quantize_static
+from lowbit.model.quantize import QuantLinear, QuantReport, TensorRecord, plan_for, quantize_rest
+
+_WA = re.compile(r"^w(\d)a(\d)(-fp8)?(-static(?:-(minmax|pct|mse))?)?$")
+_INT8 = re.compile(r"^llm-int8(?:-t(\d+(?:\.\d+)?))?$")
+
+
+@dataclass(frozen=True)
+class ActScheme:
+    name: str
+    w_bits: int
+    a_bits: int
+    kind: str  # "int", "fp8" or "llm-int8"
+    static: bool = False
+    observer: str = "minmax"
+    threshold: float = 6.0
+
+    @property
+    def weight_format(self) -> str:
+        return "fp8-e4m3-ch" if self.kind == "fp8" else f"int{self.w_bits}-ch"
+
+    @property
+    def wa(self) -> str:
+        """Bits of weights and activations, e.g. ``W8A8``; LLM.int8() is W8A8 with FP16 outliers."""
+        return f"W{self.w_bits}A{self.a_bits}"
+
+    @property
+    def description(self) -> str:
+        if self.kind == "llm-int8":
+            return (f"LLM.int8(): int8 weights per row and activations per token, input features over "
+                    f"{self.threshold:g} in FP16")
+        if self.kind == "fp8":
+            return "W8A8 FP8 E4M3: weights per channel, activations per token (dynamic)"
+        act = (f"static per-tensor int{self.a_bits} activations ({self.observer} observer)" if self.static
+               else f"dynamic per-token int{self.a_bits} activations")
+        return f"W{self.w_bits}A{self.a_bits}: int{self.w_bits} weights per channel, {act}, integer products"
+
+
+def parse_act_scheme(name: str) -> ActScheme | None:
+    """The activation scheme named ``name``, or None if it names none (a weight-only format)."""
+    key = name.strip().lower()
+    m = _INT8.match(key)
+    if m:
+        thr = float(m.group(1)) if m.group(1) else 6.0
+        if thr <= 0:
+            raise LowbitError(f"'{name}': the LLM.int8() threshold must be positive")
+        return ActScheme(key, 8, 8, "llm-int8", threshold=thr)
+    m = _WA.match(key)
+    if not m:
+        return None
+    wb, ab = int(m.group(1)), int(m.group(2))
+    if not (2 <= wb <= 8 and 2 <= ab <= 8):
+        raise LowbitError(f"'{name}': weights and activations take 2 to 8 bits")
+    if m.group(3):
+        if (wb, ab) != (8, 8) or m.group(4):
+            raise LowbitError(f"'{name}': FP8 is W8A8 with dynamic activations only ('w8a8-fp8')")
+        return ActScheme(key, 8, 8, "fp8")
+    static = bool(m.group(4))
+    obs = m.group(5) or "minmax"
+    assert obs in OBSERVERS
+    return ActScheme(key, wb, ab, "int", static=static, observer=obs)
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 product of int8 matrices ``a`` [M, K] and ``b`` [K, N]."""
+    try:
+        return torch._int_mm(a, b)
+    except RuntimeError:  # shapes a backend's kernel refuses (e.g. small M on CUDA): exact in float64
+        return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int32)
+
+
+class ActQuantLinear(QuantLinear):
+    """Base of the layers that quantize their inputs too; stores its weight like :class:`QuantLinear`."""
+
+    def act_config(self) -> dict[str, object]:
+        raise NotImplementedError
+
+
+class IntActLinear(ActQuantLinear):
+    """Integer weights (per output channel) times integer activations (per token, or static per
+    tensor with a zero point), multiplied in integers and scaled back."""
+
+    def __init__(self, qt: QTensor, bias: torch.Tensor | None, a_bits: int = 8,
+                 static: tuple[float, int] | None = None) -> None:
+        super().__init__(qt, bias)
+        fmt = get_format(qt.format)
+        grid = fmt.grid(qt)
+        if grid.zero is not None or grid.levels is not None or getattr(fmt, "group", None) != 0:
+            raise LowbitError(f"{qt.format}: integer activation layers need symmetric per-channel integer weights")
+        codes = grid.nearest(fmt.dequantize(qt)).to(torch.int8)
+        self.register_buffer("w_codes_t", codes.t().contiguous(), persistent=False)
+        self.register_buffer("w_scale", grid.scale[:, 0].contiguous(), persistent=False)
+        self.register_buffer("w_colsum", codes.to(torch.int32).sum(1), persistent=False)
+        self.a_bits = a_bits
+        self.static = static
+
+    def act_config(self) -> dict[str, object]:
+        return {"kind": "int", "a_bits": self.a_bits, "static": list(self.static) if self.static else None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.static is not None:
+            ac = quantize_static(x2, self.static[0], self.static[1], self.a_bits)
+        else:
+            ac = quantize_per_token(x2, self.a_bits)
+        acc = int_matmul(ac.codes, self.w_codes_t)
+        if ac.zero:
+            acc = acc - ac.zero * self.w_colsum[None, :]
+        y = acc.to(torch.float32) * ac.scale * self.w_scale[None, :]
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class FP8ActLinear(ActQuantLinear):
+    """FP8 E4M3 weights (per channel) times FP8 E4M3 activations (per token), float32 accumulation."""
+
+    def __init__(self, qt: QTensor, bias: torch.Tensor | None) -> None:
+        super().__init__(qt, bias)
+        fmt = get_format(qt.format)
+        if fmt.name != "fp8-e4m3-ch":
+            raise LowbitError(f"{qt.format}: FP8 activation layers need fp8-e4m3-ch weights")
+        self.register_buffer("w_dec_t", qt.parts["values"].view(torch.float8_e4m3fn).to(torch.float32).t().contiguous(),
+                             persistent=False)
+        self.register_buffer("w_scale", qt.parts["scale"].to(torch.float32).reshape(-1), persistent=False)
+
+    def act_config(self) -> dict[str, object]:
+        return {"kind": "fp8"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ac = quantize_per_token_fp8(x2, "e4m3")
+        y = (ac.codes.to(torch.float32) @ self.w_dec_t) * ac.scale * self.w_scale[None, :]
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class LLMInt8Linear(ActQuantLinear):
+    """LLM.int8(): the input features with any |value| over ``threshold`` in the current batch are
+    multiplied in 16 bits (FP16 inputs times the FP16 dequantized weight columns), the rest in int8
+    (per token / per output row absmax).  Counts the features routed to the 16-bit path."""
+
+    def __init__(self, qt: QTensor, bias: torch.Tensor | None, threshold: float = 6.0) -> None:
+        super().__init__(qt, bias)
+        fmt = get_format(qt.format)
+        if fmt.name != "int8-ch":
+            raise LowbitError(f"{qt.format}: LLM.int8() needs int8-ch weights")
+        grid = fmt.grid(qt)
+        w = fmt.dequantize(qt)
+        codes = grid.nearest(w).to(torch.int8)
+        self.register_buffer("w_codes_t", codes.t().contiguous(), persistent=False)
+        self.register_buffer("w_scale", grid.scale[:, 0].contiguous(), persistent=False)
+        self.register_buffer("w_half_t", w.to(torch.float16).t().contiguous(), persistent=False)
+        self.threshold = float(threshold)
+        self.calls = 0
+        self.outlier_features = 0  # summed over calls
+        self.ever = torch.zeros(qt.shape[1], dtype=torch.bool)
+        self.last_outliers = torch.zeros(0, dtype=torch.int64)
+
+    def act_config(self) -> dict[str, object]:
+        return {"kind": "llm-int8", "threshold": self.threshold}
+
+    @property
+    def outlier_fraction(self) -> float:
+        """Mean fraction of input features sent to the 16-bit path per call."""
+        return self.outlier_features / max(1, self.calls * self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        mask = (x2.abs() > self.threshold).any(dim=0)
+        cols = mask.nonzero().reshape(-1)
+        self.calls += 1
+        self.outlier_features += int(cols.numel())
+        self.ever |= mask.cpu()
+        self.last_outliers = cols.cpu()
+        regular = x2.masked_fill(mask[None, :], 0.0) if cols.numel() else x2
+        ac = quantize_per_token(regular, 8)
+        y = int_matmul(ac.codes, self.w_codes_t).to(torch.float32) * ac.scale * self.w_scale[None, :]
+        if cols.numel():
+            # FP16 operands, float32 accumulation (what a tensor core's FP16 GEMM does)
+            y = y + x2[:, cols].to(torch.float16).to(torch.float32) @ self.w_half_t[cols].to(torch.float32)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def act_linear(qt: QTensor, bias: torch.Tensor | None, config: dict) -> ActQuantLinear:
+    """Rebuild an activation-quantized layer from its weight and :meth:`ActQuantLinear.act_config`."""
+    kind = config.get("kind")
+    if kind == "int":
+        st = config.get("static")
+        return IntActLinear(qt, bias, int(config["a_bits"]), (float(st[0]), int(st[1])) if st else None)
+    if kind == "fp8":
+        return FP8ActLinear(qt, bias)
+    if kind == "llm-int8":
+        return LLMInt8Linear(qt, bias, float(config["threshold"]))
+    raise LowbitError(f"unknown activation layer kind {kind!r}")
+
+
+# ---- calibration passes ---------------------------------------------------------------------------
+def _decoder_linears(model: nn.Module, choices: dict) -> dict[str, nn.Linear]:
+    from lowbit.model.calibrate import decoder_layers
+
+    decoder_layers(model)  # a clear error for a model without decoder layers
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and f"{n}.weight" in choices and choices[f"{n}.weight"].quantized}
+
+
+def _run_calibration(model: nn.Module, chunks: torch.Tensor, batch_size: int, hooks: dict[str, object],
+                     progress: bool, desc: str) -> None:
+    """Run the decoder body over ``chunks`` with a pre-hook ``fn(x)`` on each named module."""
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, fn=fn: fn(a[0]))  # type: ignore[misc]
+               for n, fn in hooks.items()]
+    body = getattr(model, "model", model)
+    dev = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for i in tqdm(range(0, len(chunks), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+                body(input_ids=chunks[i : i + batch_size].to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def input_absmax(model: nn.Module, names: list[str], chunks: torch.Tensor, batch_size: int = 8,
+                 progress: bool = False) -> dict[str, torch.Tensor]:
+    """Per input channel max |x| of each named linear layer over the calibration ``chunks``."""
+    out: dict[str, torch.Tensor] = {}
+
+    def make(n: str):  # type: ignore[no-untyped-def]
+        def fn(x: torch.Tensor) -> None:
+            m = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).to(torch.float32)
+            out[n] = m if n not in out else torch.maximum(out[n], m)
+        return fn
+
+    _run_calibration(model, chunks, batch_size, {n: make(n) for n in names}, progress, "activation ranges")
+    return out
+
+
+def smooth_model(model: nn.Module, chunks: torch.Tensor, alpha: float = 0.5, batch_size: int = 8,
+                 progress: bool = False) -> dict[str, float]:
+    """SmoothQuant: fold smoothing factors into every (previous op, linear layers) pair of each decoder
+    layer where a fold is exact (norm -> q/k/v, norm -> gate/up, up -> down, v -> o without GQA).
+    Returns the largest factor per group, for the report."""
+    from lowbit.model.calibrate import _layers_prefix, apply_scale, awq_groups, decoder_layers
+
+    layers = decoder_layers(model)
+    prefix = _layers_prefix(model, layers)
+    groups = [(li, prev, names) for li, layer in enumerate(layers) for prev, names in awq_groups(layer)]
+    first = sorted({f"{prefix}.{li}.{names[0]}" for li, _, names in groups})
+    amax = input_absmax(model, first, chunks, batch_size, progress)
+    out = {}
+    for li, prev, names in groups:
+        layer = layers[li]
+        key = f"{prefix}.{li}.{names[0]}"
+        if key not in amax:
+            continue
+        s = smoothing_factors(amax[key], [layer.get_submodule(n).weight for n in names], alpha)
+        apply_scale(layer, prev, names, s.to(layer.get_submodule(names[0]).weight.device))
+        out[key] = float(s.max())
+    return out
+
+
+def observe_static(model: nn.Module, names: list[str], chunks: torch.Tensor, observer: str, bits: int,
+                   batch_size: int = 8, progress: bool = False) -> dict[str, tuple[float, int]]:
+    """Static (scale, zero point) of each named layer's inputs from an observer over ``chunks``."""
+    obs = {n: Observer(observer, bits=bits, sample=1 << 17, seed=i) for i, n in enumerate(names)}
+    _run_calibration(model, chunks, batch_size, {n: obs[n].add for n in names}, progress, f"{observer} observers")
+    return {n: o.params() for n, o in obs.items()}
+
+
+@dataclass
+class ActConfig:
+    smoothquant: bool = False
+    alpha: float = 0.5
+    batch_size: int = 8
+
+
+def quantize_act_model(model: nn.Module, scheme: str | ActScheme, chunks: torch.Tensor | None = None,
+                       cfg: ActConfig | None = None, progress: bool = True) -> QuantReport:
+    """Convert ``model`` in place to the activation scheme ``scheme``.  ``chunks`` (calibration token
+    ids, ``[n, seq_len]``) are needed for SmoothQuant and static schemes."""
+    s = scheme if isinstance(scheme, ActScheme) else parse_act_scheme(scheme)
+    if s is None:
+        raise LowbitError(f"'{scheme}' is not an activation scheme (w8a8, w4a4, w8a8-static-mse, w8a8-fp8, llm-int8)")
+    cfg = cfg or ActConfig()
+    if (cfg.smoothquant or s.static) and (chunks is None or len(chunks) == 0):
+        raise LowbitError(f"{s.name}{'+smoothquant' if cfg.smoothquant else ''} needs calibration text")
+    if cfg.smoothquant:
+        smooth_model(model, chunks, cfg.alpha, cfg.batch_size, progress)  # type: ignore[arg-type]
+    wfmt = get_format(s.weight_format)
+    choices = plan_for(model, s.weight_format)
+    linears = _decoder_linears(model, choices)
+    static = observe_static(model, list(linears), chunks, s.observer, s.a_bits, cfg.batch_size,  # type: ignore[arg-type]
+                            progress) if s.static else {}
+    report = QuantReport(s.name + ("+smoothquant" if cfg.smoothquant else ""))
+    done = set()
+    for n, m in tqdm(list(linears.items()), desc=s.name, unit="layer", disable=not progress, leave=False):
+        w = m.weight.detach()
+        qt = wfmt.quantize(w.to(torch.float32), name=f"{n}.weight")
+        if s.kind == "llm-int8":
+            new: ActQuantLinear = LLMInt8Linear(qt, m.bias, s.threshold)
+        elif s.kind == "fp8":
+            new = FP8ActLinear(qt, m.bias)
+        else:
+            new = IntActLinear(qt, m.bias, s.a_bits, static.get(n))
+        new.to(w.device)
+        dq = wfmt.dequantize(qt)
+        err = float(((w.double() - dq.double()) ** 2).sum() / max(float((w.double() ** 2).sum()), 1e-300))
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        report.tensors.append(TensorRecord(f"{n}.weight", tuple(w.shape), wfmt.name, True,
+                                           wfmt.storage_bits(tuple(w.shape)), err))  # type: ignore[arg-type]
+        done.add(f"{n}.weight")
+    rest = quantize_rest(model, s.weight_format, choices, skip=done, progress=False)
+    report.tensors += rest.tensors
+    return report
+
+
+def outlier_report(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per LLM.int8() layer: the mean fraction of input features sent to FP16 per call, and the
+    fraction ever sent."""
+    return {n: {"mean_fraction": m.outlier_fraction, "ever_fraction": float(m.ever.float().mean()), "calls": m.calls}
+            for n, m in model.named_modules() if isinstance(m, LLMInt8Linear)}
