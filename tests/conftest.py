@@ -43,6 +43,18 @@ def smol(smol_path: Path):
     return load_model(smol_path)
 
 
+@pytest.fixture(scope="module")
+def small(smol):
+    """SmolLM2 cut to its first 3 decoder layers (real weights, real architecture)."""
+    import copy
+    import dataclasses
+
+    model = copy.deepcopy(smol.model)
+    model.model.layers = model.model.layers[:3]
+    model.config.num_hidden_layers = 3
+    return dataclasses.replace(smol, model=model)
+
+
 class GGML:
     """libggml from llama-cpp-python, called through ctypes: the byte-level reference."""
 

@@ -4,7 +4,6 @@ LLM.int8()'s outlier path, SmoothQuant's exact folding, and quantization-aware t
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -223,14 +222,6 @@ def test_smoothing_leaves_the_full_precision_model_unchanged(arch):
     wmax = torch.stack([model.model.layers[0].get_submodule(f"self_attn.{p}_proj").weight.detach().abs().amax(0)
                         for p in "qkv"]).amax(0)
     assert torch.allclose(a1.double(), wmax.double(), rtol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def small(smol):
-    model = copy.deepcopy(smol.model)
-    model.model.layers = model.model.layers[:3]
-    model.config.num_hidden_layers = 3
-    return dataclasses.replace(smol, model=model)
 
 
 @pytest.fixture(scope="module")

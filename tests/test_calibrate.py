@@ -16,15 +16,6 @@ from lowbit.model.rotated import RotatedQuantLinear
 
 
 @pytest.fixture(scope="module")
-def small(smol):
-    """SmolLM2 cut to its first 3 decoder layers (real weights, real architecture)."""
-    model = copy.deepcopy(smol.model)
-    model.model.layers = model.model.layers[:3]
-    model.config.num_hidden_layers = 3
-    return dataclasses.replace(smol, model=model)
-
-
-@pytest.fixture(scope="module")
 def calib_chunks(smol):
     from lowbit.eval.data import calibration_text
     from lowbit.model.imatrix import imatrix_chunks

@@ -1,0 +1,103 @@
+"""Benchmark: activation quantization (W8A8 naive and with SmoothQuant, static observers, FP8,
+LLM.int8(), W4A8, W4A4) and quantization-aware training at 4 and 3 bits, against the original and
+against weight-only formats of the same bits, all on the same evaluation chunks.
+
+    .venv/bin/python bench/activations.py [--model smollm2] [--chunks 20] [--calib-samples 64] [--qat-steps 100]
+
+Prints a table (W/A bits, KLD, ΔPPL, same-top-token, time, peak RSS) and, for LLM.int8(), the
+fraction of input features sent to FP16 per layer; writes bench/results/activations-<model>-<device>.{json,md,png}.
+Calibration (static ranges, smoothing factors, QAT's training text) uses the bundled calibration
+split, disjoint from the evaluation text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.eval.compare import compare
+from lowbit.eval.report import markdown_table, plot, summary, write_json
+from lowbit.model.calibrate import CalibConfig
+from lowbit.model.load import load_model
+from lowbit.model.qat import QATConfig
+
+OUT = Path(__file__).parent / "results"
+DEFAULT = ("w8a8,w8a8+smoothquant,w8a8-static,w8a8-static-pct,w8a8-static-mse,w8a8-static-mse+smoothquant,"
+           "w8a8-fp8,llm-int8,int8,w4a8,w4a8+smoothquant,w4a4,w4a4+smoothquant,"
+           "int4-asym-g128,int4-asym-g128+qat,int3-asym-g128,int3-asym-g128+qat")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--formats", default=DEFAULT)
+    ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--qat-steps", type=int, default=100)
+    ap.add_argument("--qat-lr", type=float, default=1e-5)
+    ap.add_argument("--qat-batch", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--name", help="output file stem (default activations-<model>-<device>)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    specs = [s for s in args.formats.split(",") if s]
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, progress=False)
+    if args.device != "cpu":
+        loaded.model.to(args.device)
+    calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, smooth_alpha=args.alpha,
+                        qat=QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch),
+                        device=args.device)
+
+    def show(r, base_ppl: float) -> None:  # type: ignore[no-untyped-def]
+        row = r.row(base_ppl)
+        print(f"done {row['format']} ({row['wa']}): KLD {row['kld_mean']:.5f} ΔPPL {row['dppl_pct']:+.2f}% "
+              f"same-top {row['same_top_pct']:.2f}% in {row['quant_s']:.0f} s, peak RSS {row['peak_rss_mb']:.0f} MB",
+              flush=True)
+
+    cmp = compare(loaded, specs, text_name="wiki-eval (gensim Wikipedia, evaluation split)", max_chunks=args.chunks,
+                  progress=False, calib=calib, on_result=show)
+    table = markdown_table(cmp, times=True)
+    outl = ""
+    for r in cmp.results:
+        frac = r.details.get("outlier_fraction") if r.details else None
+        if isinstance(frac, dict) and frac:
+            by_role: dict[str, list[float]] = {}
+            for name, v in frac.items():
+                by_role.setdefault(name.rsplit(".", 1)[-1], []).append(float(v))
+            outl += f"\n{r.format}: input features sent to FP16 per call, by projection (mean / max over layers)\n\n"
+            outl += "| projection | mean % | max % |\n|---|---:|---:|\n"
+            outl += "\n".join(f"| {k} | {100 * sum(v) / len(v):.3f} | {100 * max(v):.3f} |" for k, v in sorted(by_role.items()))
+            outl += "\n"
+    print(summary(cmp))
+    print(table)
+    print(outl)
+    name = args.name or f"activations-{Path(args.model).stem}-{args.device.split(':')[0]}"
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
+    meta = {
+        "command": "python bench/activations.py " + " ".join(sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "device": dev, "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+        "calibration": {"samples": args.calib_samples, "tokens_per_sample": args.calib_len,
+                        "text": "wiki-calib (gensim Wikipedia, calibration split)", "smoothquant_alpha": args.alpha,
+                        "qat": {"steps": args.qat_steps, "lr": args.qat_lr, "batch": args.qat_batch}},
+        "total_seconds": time.perf_counter() - t0,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    write_json(cmp, OUT / f"{name}.json", extra=meta)
+    plot(cmp, OUT / f"{name}.png")
+    (OUT / f"{name}.md").write_text(summary(cmp) + "\n\n" + table + "\n" + outl)
+    print(f"\nwrote {OUT}/{name}.{{json,md,png}} in {meta['total_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
