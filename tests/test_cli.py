@@ -185,3 +185,25 @@ def test_activation_scheme_arguments_are_checked(tmp_path):
     r = lowbit("compare", "smollm2", "--formats", "q4_0+smoothquant", "--chunks", "1")
     _one_error_line(r, "SmoothQuant smooths activations")
     assert not list(tmp_path.iterdir())
+
+
+def test_target_bpw_writes_a_searched_gguf(tmp_path):
+    out = tmp_path / "smol-4.5.gguf"
+    r = lowbit("quantize", "smollm2", "--target-bpw", "6.0", "--sens-chunks", "1", "--calib-len", "64", "--calib-samples", "4",
+               "--exclude-types", "q4_1", "-o", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"chose ([0-9.]+) MB \(([0-9.]+) bits/weight\); predicted KLD ([0-9.]+), measured ([0-9.]+)", r.stdout)
+    assert m, r.stdout
+    assert float(m.group(2)) <= 6.0 and float(m.group(3)) > 0 and float(m.group(4)) > 0
+    from lowbit.model.gguf_file import GGUFFile
+
+    gf = GGUFFile(out)
+    types = {t.type for t in gf.tensors.values()}
+    assert len(types) > 2 and 3 not in types  # several types, never Q4_1 (ggml type 3)
+    r = lowbit("quantize", "smollm2", "--target-bpw", "4", "-f", "q4_0", "-o", str(tmp_path / "x.gguf"))
+    _one_error_line(r, "drop --format")
+    r = lowbit("quantize", "smollm2", "--target-size", "lots", "-o", str(tmp_path / "x.gguf"))
+    _one_error_line(r, "give a size such as")
+    r = lowbit("quantize", "smollm2", "--target-bpw", "4", "-o", str(tmp_path / "x"))
+    _one_error_line(r, "writes a GGUF file")
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

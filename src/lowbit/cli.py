@@ -79,12 +79,85 @@ def _calibration_chunks(args: argparse.Namespace, loaded, cfg):  # type: ignore[
     return imatrix_chunks(loaded, text, n_ctx=cfg.seq_len, max_chunks=cfg.n_samples)
 
 
+def _parse_size(text: str) -> int:
+    """'1.2GB', '800MB', '500000000' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*", text.lower())
+    if not m:
+        raise LowbitError(f"--target-size {text!r}: give a size such as 1.2GB, 800MB or 90MiB")
+    unit = (m.group(2) or "b").rstrip("b") or ""
+    mult = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    return int(float(m.group(1)) * mult[unit])
+
+
+def cmd_quantize_budget(args: argparse.Namespace) -> int:
+    """--target-bpw / --target-size: measure sensitivities, search the mix, write the GGUF file."""
+    import copy
+    import dataclasses
+
+    from lowbit.eval import mixsearch as ms
+    from lowbit.model.load import load_model, resolve_model_path
+
+    if args.method != "rtn" or args.format or args.bits is not None:
+        raise LowbitError("--target-bpw/--target-size choose the llama.cpp type of every tensor themselves; "
+                          "drop --format, --bits and --method")
+    if args.target_bpw is not None and args.target_size is not None:
+        raise LowbitError("give --target-bpw or --target-size, not both")
+    out = Path(args.out)
+    if out.suffix.lower() != ".gguf":
+        raise LowbitError(f"{out}: the budget search writes a GGUF file (an --out ending in .gguf)")
+    if out.exists() and not args.force:
+        raise LowbitError(f"{out}: already exists (use --force to overwrite)")
+    if args.target_bpw is not None and not 1.0 < args.target_bpw <= 32.0:
+        raise LowbitError(f"--target-bpw {args.target_bpw}: give bits per weight between 1 and 32")
+    target_bytes = _parse_size(args.target_size) if args.target_size is not None else None
+    excluded = tuple(t.strip().lower() for t in (args.exclude_types or "").split(",") if t.strip())
+    allowed = tuple(t for t in ms.K_TYPES + ms.LEGACY_TYPES if t not in excluded)
+    src = resolve_model_path(args.model)
+    loaded = load_model(src, progress=not args.quiet)
+    from lowbit.eval.data import calibration_text, read_text_file
+    from lowbit.model.imatrix import imatrix_chunks
+
+    text = read_text_file(args.calib_text) if args.calib_text else calibration_text()
+    if args.imatrix:
+        from lowbit.io.imatrix import read_imatrix
+
+        imatrix = read_imatrix(Path(args.imatrix)).values()
+    else:
+        from lowbit.model.imatrix import compute_imatrix
+
+        imatrix = compute_imatrix(loaded, text, n_ctx=args.calib_len, max_chunks=args.calib_samples,
+                                  progress=not args.quiet).values()
+    chunks = imatrix_chunks(loaded, text, n_ctx=args.calib_len, max_chunks=args.sens_chunks)
+    sens = ms.measure(loaded, chunks, imatrix, allowed=allowed, progress=not args.quiet)
+    budget = sens.budget_for_bpw(args.target_bpw) if target_bytes is None else 8 * target_bytes
+    mix, sol = ms.search(sens, budget)
+    work = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    measured = ms.validate(work, sens, {"searched": mix}, chunks, imatrix)["searched"][1]
+    del work
+    from lowbit.io.hf_gguf import write_gguf_from_hf
+
+    if out.exists():
+        out.unlink()
+    report = write_gguf_from_hf(loaded, out, "q4_k_m", progress=not args.quiet, imatrix=imatrix, types=dict(mix))
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
+    print(f"sensitivities of {len(sens.tensors)} tensors on {sens.tokens} calibration tokens in {sens.seconds:.0f} s")
+    print(f"budget {budget / 8e6:.2f} MB ({budget / sens.n_params:.3f} bits/weight): chose {sol.bits / 8e6:.2f} MB "
+          f"({sol.bits / sens.n_params:.3f} bits/weight); predicted KLD {sol.loss:.5f}, measured {measured:.5f} "
+          f"on the calibration chunks")
+    print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.model.actquant import parse_act_scheme
     from lowbit.model.gguf_mix import FILE_TYPES, file_type
     from lowbit.model.load import resolve_model_path
     from lowbit.model.policy import check_scheme
 
+    if args.target_bpw is not None or args.target_size is not None:
+        return cmd_quantize_budget(args)
     scheme = _method_scheme(args)
     act = parse_act_scheme(scheme)
     if act is None:
@@ -331,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal")
     sp.add_argument("--outliers", type=float, default=0.01, help="SpQR: fraction of weights kept as FP16 outliers")
     sp.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (default 0.5)")
+    sp.add_argument("--target-bpw", type=float, help="GGUF output: choose every tensor's llama.cpp type to fit this "
+                                                     "many bits per weight with the least predicted KL divergence")
+    sp.add_argument("--target-size", help="the same for a file size, e.g. 90MB or 1.2GB")
+    sp.add_argument("--sens-chunks", type=int, default=8,
+                    help="with a target: calibration chunks for the per-tensor sensitivities (default 8)")
+    sp.add_argument("--exclude-types", help="with a target: llama.cpp types the search must not use (e.g. q4_1, "
+                                            "the type a model was distributed in, which reproduces it for free)")
     sp.add_argument("--qat-steps", type=int, default=100, help="QAT: optimizer steps (default 100)")
     sp.add_argument("--qat-lr", type=float, default=1e-5, help="QAT: peak learning rate (default 1e-5)")
     sp.add_argument("--qat-batch", type=int, default=2, help="QAT: calibration chunks per step (default 2)")

@@ -127,7 +127,8 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
                   info: ModelInfo, source: str, progress: bool = True, imatrix: dict[str, np.ndarray] | None = None,
                   raw: Callable[[str], tuple[int, np.ndarray]] | None = None, device: str | torch.device = "cpu",
                   raw_kv: list[tuple[str, bytes]] | None = None, measure_error: bool = False,
-                  prequantized: dict[str, QTensor] | None = None) -> QuantReport:
+                  prequantized: dict[str, QTensor] | None = None,
+                  types: dict[str, str | None] | None = None) -> QuantReport:
     """Write a GGUF file, streaming: metadata first (``raw_kv``, encoded entries as copied from a
     source file, and/or what ``metadata(writer)`` adds to a gguf-py writer), then every tensor of
     ``entries`` (GGUF name, shape rows first), loaded as float32 by ``load``, in the type llama.cpp's
@@ -138,7 +139,8 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
     ``imatrix`` maps GGUF tensor names to importance vectors (one weight per column).  The
     quantizers run with torch on ``device`` (the bytes are the same on any device).  With
     ``measure_error`` each tensor's relative squared error goes into the report (one more
-    dequantization per tensor)."""
+    dequantization per tensor).  ``types`` (GGUF name -> lowbit format, None for F32) replaces
+    llama.cpp's rules with a chosen mix (``fmt_name`` then only labels the file)."""
     import gguf
 
     ft = file_type(fmt_name)
@@ -150,8 +152,21 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
     for name, v in imatrix.items():
         if not np.isfinite(np.asarray(v)).all():
             raise FormatError(f"importance matrix entry {name} has NaN or Inf values")
-    types = plan(entries, ft, info, has_imatrix=bool(imatrix))
     shapes = dict(entries)
+    if types is None:
+        types = plan(entries, ft, info, has_imatrix=bool(imatrix))
+    else:
+        missing = [n for n in shapes if n not in types]
+        if missing:
+            raise LowbitError(f"the chosen mix has no type for {', '.join(missing[:5])}")
+        for n, t in types.items():
+            if t is None:
+                continue
+            f = get_format(t)
+            if f.gguf_type is None:
+                raise LowbitError(f"{n}: {t} is not a type llama.cpp can load")
+            if n in shapes and f.block_size and shapes[n][-1] % f.block_size:
+                raise LowbitError(f"{n}: rows of {shapes[n][-1]} values do not fit {t}'s blocks of {f.block_size}")
     order = llama_order(shapes)
 
     # what each tensor becomes: copied from the source (its type unchanged) or quantized

@@ -91,7 +91,11 @@ def _tokenizer_metadata(writer: object, loaded: LoadedModel, arch: str, vocab_si
 
 
 def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: bool = True,
-                       imatrix: dict[str, np.ndarray] | None = None) -> QuantReport:
+                       imatrix: dict[str, np.ndarray] | None = None,
+                       types: dict[str, str | None] | None = None) -> QuantReport:
+    """Write ``loaded`` (a Hugging Face model, possibly quantized in memory by lowbit) as a GGUF file
+    of file type ``fmt_name``, or with the per-tensor ``types`` of a chosen mix (GGUF names; tensors
+    not named there stay F32)."""
     arch = GGUF_ARCH.get(loaded.arch)
     if arch is None:
         raise LowbitError(f"{loaded.path}: GGUF output supports {', '.join(GGUF_ARCH)}, not {loaded.arch}")
@@ -164,5 +168,7 @@ def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: 
 
     info = info_from_config(cfg)
     info = ModelInfo(arch, info.n_layer, info.n_head, info.n_head_kv, info.n_expert)
+    if types is not None:
+        types = {g: types.get(g) for g, _ in entries}
     return write_tensors(out, arch, metadata, entries, load, fmt_name, info, str(loaded.path), progress, imatrix,
-                         prequantized=prequantized)
+                         prequantized=prequantized, types=types)

@@ -1,0 +1,245 @@
+"""Fit a model to a budget: per-tensor sensitivities, a predicted loss for every (tensor, format),
+and the mix of llama.cpp types with the least predicted loss under a size budget.
+
+**Proxy.**  Storing tensor ``t`` in format ``f`` changes its weights by ``dW``; the layer's output
+error on calibration activations is about ``sum_j imp_j * sum_i dW_ij^2`` (``imp`` = mean squared
+input per column: the importance matrix, i.e. the diagonal of ``X^T X / tokens``).  That error is
+cheap to compute for every format.
+
+**Calibration of the proxy.**  How much a layer's output error costs in the model's final KL
+divergence differs from layer to layer.  For each tensor, lowbit quantizes *that tensor alone* in
+a reference type (4-bit: Q4_K where its rows fit, Q4_0 elsewhere), measures the KL divergence from
+the original on calibration text, and sets the tensor's sensitivity ``alpha_t = KLD_t / err_t(ref)``.
+The predicted loss of a whole mix is ``sum_t alpha_t * err_t(f_t)``: small perturbations add up.
+:func:`validate` measures real mixes to check that the predictions order them correctly.
+
+**Search.**  :func:`lowbit.algorithms.budget.solve` picks the formats.  Budgets count every stored
+bit of the GGUF file's tensors (1-D tensors stay F32, as llama.cpp keeps them), over all weights, as
+llama.cpp's bits-per-weight figures do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.algorithms.budget import Candidate, Solution, solve
+from lowbit.errors import LowbitError
+from lowbit.eval.runner import torch_logits_fn
+from lowbit.formats import get_format
+from lowbit.model.gguf_mix import allows_quantization, gguf_name
+from lowbit.model.load import LoadedModel
+
+#: llama.cpp types the search may use, for rows that are a multiple of 256 and for the others
+K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
+LEGACY_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+
+
+def candidate_types(cols: int, allowed: tuple[str, ...] | None = None) -> list[str]:
+    """llama.cpp types whose blocks fit rows of ``cols`` values."""
+    pool = list(K_TYPES) + [t for t in LEGACY_TYPES if t not in K_TYPES]
+    if allowed is not None:
+        pool = [t for t in pool if t in allowed]
+    return [t for t in pool if cols % get_format(t).block_size == 0]
+
+
+def reference_type(cols: int) -> str:
+    return "q4_k" if cols % 256 == 0 else "q4_0"
+
+
+@dataclass
+class TensorSensitivity:
+    name: str  # Hugging Face parameter name
+    gguf: str  # GGUF tensor name
+    shape: tuple[int, int]
+    bits: dict[str, int]  # stored bits per candidate type
+    err: dict[str, float]  # importance-weighted squared error per candidate type
+    ref: str
+    ref_kld: float
+    alpha: float
+
+    def predicted(self, fmt: str) -> float:
+        return self.alpha * self.err[fmt]
+
+
+@dataclass
+class Sensitivities:
+    tensors: dict[str, TensorSensitivity]
+    fixed_bits: int  # bits of the tensors the search does not choose for (1-D tensors in F32)
+    n_params: int  # every weight of the model (tied tensors once)
+    chunks: int
+    tokens: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def candidates(self) -> dict[str, list[Candidate]]:
+        return {n: [Candidate(f, s.bits[f], s.predicted(f)) for f in s.bits] for n, s in self.tensors.items()}
+
+    def _check(self, mix: dict[str, str]) -> dict[str, TensorSensitivity]:
+        by_gguf = {s.gguf: s for s in self.tensors.values()}
+        for g, t in mix.items():
+            if g in by_gguf and t not in by_gguf[g].bits:
+                raise LowbitError(f"{g}: type {t} was not measured (measured: {', '.join(by_gguf[g].bits)})")
+        return by_gguf
+
+    def predict(self, mix: dict[str, str]) -> float:
+        """Predicted KLD of a mix (GGUF tensor name -> type)."""
+        by_gguf = self._check(mix)
+        return sum(by_gguf[g].predicted(t) for g, t in mix.items() if g in by_gguf)
+
+    def bits_of(self, mix: dict[str, str]) -> int:
+        by_gguf = self._check(mix)
+        return self.fixed_bits + sum(by_gguf[g].bits[t] for g, t in mix.items() if g in by_gguf)
+
+    def budget_for_bpw(self, bpw: float) -> int:
+        return int(bpw * self.n_params)
+
+
+def _params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    seen: set[int] = set()
+    out = []
+    for n, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        out.append((n, p))
+    return out
+
+
+def _ref_logprobs(model: nn.Module, chunks: torch.Tensor, n_ctx: int) -> list[torch.Tensor]:
+    fn = torch_logits_fn(model, n_ctx)
+    return [torch.log_softmax(fn(c).double(), -1).float() for c in chunks]
+
+
+def _kld(model: nn.Module, chunks: torch.Tensor, ref: list[torch.Tensor], n_ctx: int) -> float:
+    fn = torch_logits_fn(model, n_ctx)
+    tot, n = 0.0, 0
+    for c, r in zip(chunks, ref, strict=True):
+        lp = torch.log_softmax(fn(c).double(), -1)
+        r64 = r.double()
+        tot += float((r64.exp() * (r64 - lp)).sum())
+        n += r.shape[0]
+    return tot / max(1, n)
+
+
+def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.ndarray] | None = None,
+            allowed: tuple[str, ...] | None = None, progress: bool = True) -> Sensitivities:
+    """Sensitivities of every tensor llama.cpp quantizes, from the calibration token ``chunks``
+    (``[n, n_ctx]``) and the importance matrix ``imatrix`` (GGUF names; columns weighted equally
+    where a tensor has none, e.g. the token embedding)."""
+    model = loaded.model
+    if len(chunks) == 0:
+        raise LowbitError("sensitivity measurement needs calibration text")
+    n_ctx = int(chunks.shape[1])
+    t0 = time.perf_counter()
+    imatrix = imatrix or {}
+    ref = _ref_logprobs(model, chunks, n_ctx)
+    params = _params(model)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    todo, fixed, n_params = [], 0, 0
+    for n, p in params:
+        n_params += p.numel()
+        g = gguf_name(n)
+        if g is None:
+            if n == "lm_head.weight" and tied:
+                continue
+            raise LowbitError(f"{loaded.path}: tensor {n} has no GGUF name; the search writes GGUF files")
+        if allows_quantization(g, p.dim()):
+            todo.append((n, g, p))
+        else:
+            fixed += 32 * p.numel()
+    out: dict[str, TensorSensitivity] = {}
+    notes = []
+    bar = tqdm(todo, desc="sensitivity", unit="tensor", disable=not progress, leave=False)
+    for n, g, p in bar:
+        w = p.detach().to(torch.float32).reshape(p.shape[0], -1)
+        cols = w.shape[1]
+        types = candidate_types(cols, allowed)
+        if not types:
+            raise LowbitError(f"{g}: no allowed type fits rows of {cols} values")
+        im = imatrix.get(g)
+        imp = torch.ones(cols) if im is None else torch.as_tensor(np.asarray(im, np.float32))
+        if imp.numel() != cols:
+            raise LowbitError(f"importance matrix entry {g} has {imp.numel()} values, the tensor has {cols} columns")
+        bits, err, deq = {}, {}, {}
+        for t in types:
+            fmt = get_format(t)
+            qt = fmt.quantize(w, name=g, imatrix=imp) if (fmt.uses_imatrix and im is not None) else fmt.quantize(w, name=g)
+            dq = fmt.dequantize(qt)
+            bits[t] = fmt.storage_bits(tuple(w.shape))
+            err[t] = float((((dq - w) ** 2).sum(0, dtype=torch.float64) * imp.double()).sum())
+            deq[t] = dq
+        rt = reference_type(cols) if reference_type(cols) in types else types[0]
+        saved = p.detach().clone()
+        try:
+            with torch.no_grad():
+                p.copy_(deq[rt].reshape(p.shape).to(p.dtype))
+            kld = _kld(model, chunks, ref, n_ctx)
+        finally:
+            with torch.no_grad():
+                p.copy_(saved)
+        alpha = kld / err[rt] if err[rt] > 0 else 0.0
+        out[n] = TensorSensitivity(n, g, (w.shape[0], w.shape[1]), bits, err, rt, kld, alpha)
+    if any(s.alpha <= 0 for s in out.values()):
+        notes.append("some tensors showed no measurable KL divergence at their reference type")
+    return Sensitivities(out, fixed, n_params, len(chunks), len(chunks) * len(ref[0]), time.perf_counter() - t0, notes)
+
+
+def search(sens: Sensitivities, budget_bits: int) -> tuple[dict[str, str], Solution]:
+    """The mix (GGUF tensor name -> type) with the least predicted loss whose tensors take at most
+    ``budget_bits`` bits in all."""
+    free = budget_bits - sens.fixed_bits
+    sol = solve(sens.candidates(), free)
+    sol.bits += sens.fixed_bits
+    sol.budget = budget_bits
+    mix = {sens.tensors[n].gguf: c.format for n, c in sol.choice.items()}
+    return mix, sol
+
+
+def apply_mix(loaded: LoadedModel, mix: dict[str, str], imatrix: dict[str, np.ndarray] | None = None,
+              progress: bool = False):  # type: ignore[no-untyped-def]
+    """Quantize ``loaded.model`` in place with the types of ``mix`` (tensors outside it stay F32)."""
+    from lowbit.model.policy import TensorChoice
+    from lowbit.model.quantize import _unique_params, quantize_rest
+
+    choices = {}
+    for n, _p in _unique_params(loaded.model):
+        g = gguf_name(n)
+        t = mix.get(g) if g is not None else None
+        choices[n] = TensorChoice(t, True) if t is not None else TensorChoice("f32", False)
+    return quantize_rest(loaded.model, "mix", choices, skip=set(), progress=progress, imatrix=imatrix)
+
+
+def mix_of_file_type(loaded: LoadedModel, ft_name: str, imatrix: bool) -> dict[str, str]:
+    """llama.cpp's own per-tensor types of file type ``ft_name`` for this model (GGUF names)."""
+    from lowbit.model.quantize import plan_for
+
+    return {gguf_name(n): c.format for n, c in plan_for(loaded.model, ft_name, has_imatrix=imatrix).items()  # type: ignore[misc]
+            if c.quantized and gguf_name(n) is not None}
+
+
+def validate(loaded: LoadedModel, sens: Sensitivities, mixes: dict[str, dict[str, str]], chunks: torch.Tensor,
+             imatrix: dict[str, np.ndarray] | None = None,
+             on_result: Callable[[str, float, float, int], None] | None = None) -> dict[str, tuple[float, float, int]]:
+    """Measured against predicted KLD of each named mix on ``chunks``: {name: (predicted, measured, bits)}."""
+    import copy
+    import dataclasses
+
+    n_ctx = int(chunks.shape[1])
+    ref = _ref_logprobs(loaded.model, chunks, n_ctx)
+    out = {}
+    for name, mix in mixes.items():
+        work = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+        apply_mix(work, mix, imatrix)
+        measured = _kld(work.model, chunks, ref, n_ctx)
+        out[name] = (sens.predict(mix), measured, sens.bits_of(mix))
+        if on_result is not None:
+            on_result(name, *out[name])
+        del work
+    return out

@@ -1,0 +1,87 @@
+"""Sensitivity-driven mixes of llama.cpp types under a size budget, on SmolLM2's first layers."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from lowbit.eval import mixsearch as ms
+from lowbit.formats import get_format
+
+# the bundled original sits on Q4_1's grid, so Q4_1 would reproduce it for free: not a candidate
+ALLOWED = tuple(t for t in ms.K_TYPES + ms.LEGACY_TYPES if t != "q4_1")
+
+
+@pytest.fixture(scope="module")
+def setup(small):
+    from lowbit.eval.data import calibration_text, eval_text
+    from lowbit.model.imatrix import compute_imatrix, imatrix_chunks
+
+    im = compute_imatrix(small, calibration_text(), n_ctx=128, max_chunks=4, progress=False).values()
+    cal = imatrix_chunks(small, calibration_text(), n_ctx=128, max_chunks=2)
+    held = imatrix_chunks(small, eval_text(), n_ctx=256, max_chunks=2)
+    sens = ms.measure(small, cal, im, allowed=ALLOWED, progress=False)
+    return im, held, sens
+
+
+def test_sensitivities_cover_every_quantized_tensor(small, setup):
+    _, _, sens = setup
+    assert len(sens.tensors) == 1 + 3 * 7  # tied embedding + 3 layers x 7 projections
+    for s in sens.tensors.values():
+        assert "q4_1" not in s.bits and s.alpha > 0 and s.ref_kld > 0
+        assert s.ref == ("q4_k" if s.shape[1] % 256 == 0 else "q4_0")
+        # more bits, less error (per format family)
+        assert s.err["q8_0"] < s.err["q5_0"] < s.err["q4_0"]
+        assert all(s.bits[t] == get_format(t).storage_bits(s.shape) for t in s.bits)
+    assert sens.n_params == sum(p.numel() for p in small.model.parameters())  # tied weights once
+
+
+def test_search_fits_the_budget_and_predictions_order_real_mixes(small, setup):
+    im, held, sens = setup
+    mixes = {}
+    for ft in ("q3_k_m", "q4_k_m", "q4_0", "q8_0"):
+        mix = ms.mix_of_file_type(small, ft, imatrix=True)
+        budget = sens.bits_of(mix)
+        found, sol = ms.search(sens, budget)
+        assert sol.bits <= budget and sens.bits_of(found) == sol.bits
+        assert sens.predict(found) <= sens.predict(mix) + 1e-12
+        mixes[ft] = mix
+        mixes[f"search@{ft}"] = found
+    res = ms.validate(small, sens, {k: mixes[k] for k in ("q3_k_m", "q4_k_m", "q4_0", "q8_0")}, held, im)
+    by_pred = sorted(res, key=lambda k: res[k][0])
+    by_meas = sorted(res, key=lambda k: res[k][1])
+    assert by_pred == by_meas, res
+    with pytest.raises(Exception, match="below the smallest choice"):
+        ms.search(sens, sens.fixed_bits + 1000)
+
+
+def test_searched_mix_as_a_gguf_that_llama_cpp_runs(small, setup, tmp_path):
+    from lowbit.eval.llamacpp import LlamaCppModel
+    from lowbit.eval.runner import torch_logits_fn
+    from lowbit.io.hf_gguf import write_gguf_from_hf
+    from lowbit.model.gguf_file import GGUFFile
+
+    im, held, sens = setup
+    budget = sens.budget_for_bpw(6.0)
+    mix, sol = ms.search(sens, budget)
+    assert sol.bits <= budget and len(set(mix.values())) > 1
+    path = tmp_path / "mix.gguf"
+    report = write_gguf_from_hf(small, path, "q4_k_m", progress=False, imatrix=im, types=dict(mix))
+    gf = GGUFFile(path)
+    for g, t in mix.items():
+        assert gf.tensors[g].type == get_format(t).gguf_type, g
+    assert report.total_bits == sol.bits  # the file holds exactly the bits the search counted
+    work = dataclasses.replace(small, model=copy.deepcopy(small.model))
+    ms.apply_mix(work, mix, im)
+    llm = LlamaCppModel(path, n_ctx=256)
+    try:
+        theirs = llm.logits_fn()(held[0])
+    finally:
+        llm.close()
+    mine = torch_logits_fn(work.model, 256)(held[0])
+    p_theirs, lp_mine = torch.softmax(theirs.double(), -1), torch.log_softmax(mine.double(), -1)
+    kld = float((p_theirs * (torch.log(p_theirs) - lp_mine)).sum(-1).mean())
+    assert kld < 0.01, kld
