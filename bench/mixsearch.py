@@ -1,0 +1,129 @@
+"""Benchmark: lowbit's searched mixes of llama.cpp types against llama.cpp's own mixes (Q3_K_M,
+Q4_K_M, Q5_K_M, ...) at the same bits per weight, the same importance matrix for both, evaluated
+on the same held-out text; plus how well the predicted KLD matches the measured one.
+
+    .venv/bin/python bench/mixsearch.py [--model smollm2] [--mixes q3_k_m,q4_k_m,q5_k_m] [--chunks 20]
+                                        [--sens-chunks 8] [--imatrix-chunks 64] [--exclude q4_1]
+
+``--exclude`` removes types from the search: the bundled models were distributed quantized, and
+re-quantizing a tensor into the type it came in reproduces it for free (SmolLM2's Q4_1).  llama.cpp's
+mixes keep whatever types their rules give.  Writes bench/results/mixsearch-<model>-<device>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.eval import mixsearch as ms
+from lowbit.eval.data import calibration_text, eval_text
+from lowbit.eval.runner import Evaluation, torch_logits_fn
+from lowbit.model.imatrix import compute_imatrix, imatrix_chunks
+from lowbit.model.load import load_model
+
+OUT = Path(__file__).parent / "results"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--mixes", default="q3_k_m,q4_k_m,q5_k_m")
+    ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--sens-chunks", type=int, default=8)
+    ap.add_argument("--imatrix-chunks", type=int, default=64)
+    ap.add_argument("--exclude", default="q4_1", help="types the search may not use (comma-separated)")
+    ap.add_argument("--name")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, progress=False)
+    excluded = {t for t in args.exclude.split(",") if t}
+    allowed = tuple(t for t in ms.K_TYPES + ms.LEGACY_TYPES if t not in excluded)
+    im = compute_imatrix(loaded, calibration_text(), max_chunks=args.imatrix_chunks, progress=False).values()
+    cal = imatrix_chunks(loaded, calibration_text(), n_ctx=512, max_chunks=args.sens_chunks)
+    sens = ms.measure(loaded, cal, im, allowed=allowed, progress=True)
+    print(f"sensitivities: {len(sens.tensors)} tensors, {sens.tokens} tokens, {sens.seconds:.0f} s", flush=True)
+    ev = Evaluation(loaded, eval_text(), n_ctx=512, max_chunks=args.chunks, progress=False)
+    rows = []
+    try:
+        base = ev.run(torch_logits_fn(loaded.model, 512), "original", as_reference=True)
+        for ft in [m for m in args.mixes.split(",") if m]:
+            theirs = ms.mix_of_file_type(loaded, ft, imatrix=True)
+            budget = sens.bits_of(theirs)
+            ours, sol = ms.search(sens, budget)
+            for label, mix in ((f"llama.cpp {ft}+imatrix", theirs), (f"lowbit search @ {ft}", ours)):
+                work = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+                ts = time.perf_counter()
+                ms.apply_mix(work, mix, im)
+                met = ev.run(torch_logits_fn(work.model, 512), label)
+                bits = sens.bits_of(mix)
+                counts: dict[str, int] = {}
+                for t in mix.values():
+                    counts[t] = counts.get(t, 0) + 1
+                row = {"mix": label, "target": ft, "bpw": bits / sens.n_params, "size_mb": bits / 8e6,
+                       "predicted_kld": sens.predict(mix), "kld_mean": met["kld_mean"], "ppl": met["ppl"],
+                       "dppl_pct": 100 * (met["ppl"] / base["ppl"] - 1), "same_top_pct": 100 * met["same_top"],
+                       "types": counts, "seconds": time.perf_counter() - ts}
+                rows.append(row)
+                print(f"{label}: {row['bpw']:.3f} bpw, predicted KLD {row['predicted_kld']:.5f}, measured "
+                      f"{row['kld_mean']:.5f}, ΔPPL {row['dppl_pct']:+.2f}%  {counts}", flush=True)
+                del work
+    finally:
+        ev.close()
+    head = "| mix | bits/weight | predicted KLD | measured KLD | ΔPPL % | same top % |\n|---|---:|---:|---:|---:|---:|\n"
+    table = head + "\n".join(f"| {r['mix']} | {r['bpw']:.3f} | {r['predicted_kld']:.5f} | {r['kld_mean']:.5f} | "
+                             f"{r['dppl_pct']:+.2f} | {r['same_top_pct']:.2f} |" for r in rows)
+    print(table)
+    name = args.name or f"mixsearch-{Path(args.model).stem}-cpu"
+    doc = {"command": "python bench/mixsearch.py " + " ".join(sys.argv[1:]), "model": loaded.name,
+           "original_ppl": base["ppl"], "eval_chunks": args.chunks, "sens_chunks": args.sens_chunks,
+           "imatrix_chunks": args.imatrix_chunks, "excluded_types": sorted(excluded), "rows": rows,
+           "sensitivity_seconds": sens.seconds, "total_seconds": time.perf_counter() - t0,
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}}
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = OUT / f".{name}.json.part"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(OUT / f"{name}.json")
+    (OUT / f"{name}.md").write_text(f"{loaded.name}, original PPL {base['ppl']:.3f}, {args.chunks} chunks x 512 tokens\n\n"
+                                    + table + "\n")
+    _plot(rows, OUT / f"{name}.png", loaded.name)
+    print(f"wrote {OUT}/{name}.{{json,md,png}}")
+    return 0
+
+
+def _plot(rows: list[dict], path: Path, model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for prefix, style in (("llama.cpp", "o-"), ("lowbit", "s-")):
+        pts = sorted((r["bpw"], r["kld_mean"]) for r in rows if r["mix"].startswith(prefix))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{prefix} mixes")
+    for r in rows:
+        ax.annotate(r["target"], (r["bpw"], r["kld_mean"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (whole model)")
+    ax.set_ylabel("mean KL divergence vs original")
+    ax.set_title(f"{model}: searched mixes vs llama.cpp's at the same size", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.part.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
