@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--qat-steps", type=int, default=100)
-    ap.add_argument("--qat-lr", type=float, default=1e-5)
+    ap.add_argument("--qat-lr", type=float, default=5e-5)
     ap.add_argument("--qat-batch", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--name", help="output file stem (default activations-<model>-<device>)")

@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--exclude-types", help="with a target: llama.cpp types the search must not use (e.g. q4_1, "
                                             "the type a model was distributed in, which reproduces it for free)")
     sp.add_argument("--qat-steps", type=int, default=100, help="QAT: optimizer steps (default 100)")
-    sp.add_argument("--qat-lr", type=float, default=1e-5, help="QAT: peak learning rate (default 1e-5)")
+    sp.add_argument("--qat-lr", type=float, default=5e-5, help="QAT: peak learning rate (default 5e-5)")
     sp.add_argument("--qat-batch", type=int, default=2, help="QAT: calibration chunks per step (default 2)")
     sp.add_argument("--calib-text", help="calibration text file (default: the bundled Wikipedia calibration split)")
     sp.add_argument("--calib-samples", type=int, default=128, help="calibration chunks (default 128)")
@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--damp", type=float, default=0.01, help="GPTQ/QuIP/SpQR damping (fraction of mean diag H)")
     sp.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength for '+smoothquant'")
     sp.add_argument("--qat-steps", type=int, default=100, help="QAT steps for '+qat' entries (default 100)")
-    sp.add_argument("--qat-lr", type=float, default=1e-5, help="QAT peak learning rate (default 1e-5)")
+    sp.add_argument("--qat-lr", type=float, default=5e-5, help="QAT peak learning rate (default 5e-5)")
     sp.add_argument("--qat-batch", type=int, default=2, help="QAT calibration chunks per step (default 2)")
     sp.add_argument("--out-dir", help="where compare.md/.json/.png go (default runs/<model>)")
     common_eval(sp, 20)

@@ -60,7 +60,7 @@ class FakeQuantLinear(nn.Module):
 @dataclass
 class QATConfig:
     steps: int = 100
-    lr: float = 1e-5
+    lr: float = 5e-5
     batch_size: int = 2
     warmup: float = 0.1  # fraction of steps with a linear warm-up, then a cosine decay to 0
     max_grad_norm: float = 1.0
