@@ -207,3 +207,14 @@ def test_target_bpw_writes_a_searched_gguf(tmp_path):
     r = lowbit("quantize", "smollm2", "--target-bpw", "4", "-o", str(tmp_path / "x"))
     _one_error_line(r, "writes a GGUF file")
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_export_to_compressed_tensors_from_the_command_line(tmp_path):
+    out = tmp_path / "smol-ct"
+    r = lowbit("quantize", "smollm2", "-f", "int4-g64", "--out-format", "compressed-tensors", "-o", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["config_groups"]["group_0"]["weights"]["group_size"] == 64
+    r = lowbit("quantize", "smollm2", "-f", "w8a8", "--out-format", "compressed-tensors", "-o", str(tmp_path / "x"))
+    _one_error_line(r, "weight-only integer model")
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
