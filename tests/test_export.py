@@ -67,3 +67,18 @@ def test_export_refusals(small, tmp_path):
     with pytest.raises(LowbitError, match="4- or 8-bit integer formats"):
         export_compressed_tensors(dataclasses.replace(small, model=m2), tmp_path / "c")
     assert not list(tmp_path.iterdir())
+
+
+def test_gguf_imports_into_a_hugging_face_directory(smol, smol_path, tmp_path):
+    from lowbit.io.hf_import import import_gguf
+    from lowbit.model.load import load_model
+
+    out = import_gguf(smol_path, tmp_path / "hf", dtype="float32", progress=False)
+    back = load_model(out, progress=False)
+    assert back.arch == smol.arch and back.add_bos == smol.add_bos and back.n_params == smol.n_params
+    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back.model(input_ids=ids).logits, smol.model(input_ids=ids).logits)
+    with pytest.raises(LowbitError, match="already exists"):
+        import_gguf(smol_path, out, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]

@@ -270,6 +270,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from lowbit.io.hf_import import import_gguf
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise LowbitError(f"{out}: already exists (use --force to overwrite)")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    import_gguf(args.model, out, args.dtype, progress=not args.quiet)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out}: a Hugging Face model directory, {size / 1e6:.1f} MB ({args.dtype})")
+    return 0
+
+
 def cmd_imatrix(args: argparse.Namespace) -> int:
     from lowbit.io.imatrix import write_imatrix
     from lowbit.model.imatrix import compute_imatrix
@@ -391,6 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--ctx", type=int, default=512, help="context length per chunk (default 512)")
         sp.add_argument("--chunks", type=int, default=chunks, help="evaluate only the first N chunks")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser("import", help="a GGUF file as a Hugging Face model directory (weights dequantized)")
+    sp.add_argument("model", help="a .gguf file or 'smollm2'")
+    sp.add_argument("--out", "-o", required=True, help="output directory")
+    sp.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing output")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_import)
 
     sp = sub.add_parser("formats", help="list the formats and their bits per weight")
     sp.set_defaults(func=cmd_formats)
