@@ -82,3 +82,31 @@ def test_gguf_imports_into_a_hugging_face_directory(smol, smol_path, tmp_path):
     with pytest.raises(LowbitError, match="already exists"):
         import_gguf(smol_path, out, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "nf4-dq", "fp4"])
+def test_bitsandbytes_loads_the_nf4_export(fmt, small, tmp_path):
+    """transformers with bitsandbytes (CPU backend) loads lowbit's NF4/FP4 as Linear4bit layers whose
+    weights bitsandbytes itself dequantizes to exactly lowbit's values."""
+    import bitsandbytes.functional as bnbf
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.io.export_bnb import export_bitsandbytes
+
+    transformers.logging.set_verbosity_error()
+    model = copy.deepcopy(small.model)
+    quantize_model(model, fmt, progress=False)
+    out = export_bitsandbytes(dataclasses.replace(small, model=model), tmp_path / "bnb")
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    for i in range(3):
+        lin = theirs.model.layers[i].mlp.down_proj
+        assert type(lin).__name__ == "Linear4bit"
+        w = bnbf.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float()
+        assert torch.equal(w, model.model.layers[i].mlp.down_proj.dequantized_weight())
+    ids = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, theirs(input_ids=ids).logits
+    # bitsandbytes' CPU path multiplies in bfloat16: close, not equal
+    pa, lb = torch.softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+    assert float((pa * (torch.log(pa) - lb)).sum(-1).mean()) < 1e-3

@@ -173,8 +173,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise LowbitError(f"{out}: already exists (use --force to overwrite)")
     to_gguf = out.suffix.lower() == ".gguf"
-    if args.out_format == "compressed-tensors" and (to_gguf or act is not None or args.method == "quip"):
-        raise LowbitError("--out-format compressed-tensors writes a directory of a weight-only integer model "
+    if args.out_format != "lowbit" and (to_gguf or act is not None or args.method == "quip"):
+        raise LowbitError(f"--out-format {args.out_format} writes a directory of a weight-only model "
                           "(not a .gguf, not activation schemes, not QuIP's rotated layers)")
     if to_gguf and act is not None:
         raise LowbitError(f"{scheme} quantizes activations, which GGUF files cannot describe; give an --out "
@@ -259,6 +259,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from lowbit.io.export_ct import export_compressed_tensors
 
         export_compressed_tensors(loaded, out)
+        size = sum(f.stat().st_size for f in out.iterdir())
+    elif args.out_format == "bitsandbytes":
+        from lowbit.io.export_bnb import export_bitsandbytes
+
+        export_bitsandbytes(loaded, out)
         size = sum(f.stat().st_size for f in out.iterdir())
     else:
         from lowbit.model.checkpoint import save_checkpoint
@@ -436,9 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal")
     sp.add_argument("--outliers", type=float, default=0.01, help="SpQR: fraction of weights kept as FP16 outliers")
     sp.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (default 0.5)")
-    sp.add_argument("--out-format", choices=("lowbit", "compressed-tensors"), default="lowbit",
-                    help="for a directory --out: lowbit's checkpoint, or compressed-tensors' pack-quantized layout "
-                         "(transformers and vLLM load it; 4/8-bit integer formats whose groups divide every row)")
+    sp.add_argument("--out-format", choices=("lowbit", "compressed-tensors", "bitsandbytes"), default="lowbit",
+                    help="for a directory --out: lowbit's checkpoint; compressed-tensors' pack-quantized layout "
+                         "(transformers and vLLM load it; 4/8-bit integer formats whose groups divide every row); "
+                         "or bitsandbytes' 4-bit serialization (nf4, nf4-dq, fp4, fp4-dq)")
     sp.add_argument("--target-bpw", type=float, help="GGUF output: choose every tensor's llama.cpp type to fit this "
                                                      "many bits per weight with the least predicted KL divergence")
     sp.add_argument("--target-size", help="the same for a file size, e.g. 90MB or 1.2GB")
