@@ -19,8 +19,6 @@ renamed when complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats.base import unpack_nibbles_lohi
 from lowbit.formats.nf4 import BLOCK, DQ_BLOCK, DYNAMIC_MAP, FourBitFormat
+from lowbit.io.hf_dir import write_model_dir
 
 
 def _state(name: str, fmt: FourBitFormat, qt) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -52,8 +51,6 @@ def _state(name: str, fmt: FourBitFormat, qt) -> dict[str, torch.Tensor]:  # typ
 def export_bitsandbytes(loaded, out: Path) -> Path:  # type: ignore[no-untyped-def]
     """Write ``loaded`` (quantized in memory with ``nf4``, ``nf4-dq``, ``fp4`` or ``fp4-dq``) as a
     bitsandbytes 4-bit Hugging Face checkpoint directory ``out``."""
-    from safetensors.torch import save_file
-
     from lowbit.model.quantize import QuantLinear
 
     out = Path(out)
@@ -92,17 +89,4 @@ def export_bitsandbytes(loaded, out: Path) -> Path:  # type: ignore[no-untyped-d
         "llm_int8_skip_modules": ["lm_head"], "llm_int8_threshold": 6.0,
         "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False,
     }
-    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        tok = getattr(loaded, "tokenizer", None)
-        if tok is not None and hasattr(tok, "save_pretrained"):
-            tok.save_pretrained(str(tmp))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_model_dir(out, tensors, config, getattr(loaded, "tokenizer", None))

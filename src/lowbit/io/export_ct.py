@@ -22,15 +22,13 @@ written in FP16.  The directory is written under a temporary name and renamed wh
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.integer import IntFormat
+from lowbit.io.hf_dir import write_model_dir
 
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
@@ -73,8 +71,6 @@ def _quantized_linears(model: torch.nn.Module) -> dict[str, object]:
 def export_compressed_tensors(loaded, out: Path) -> Path:  # type: ignore[no-untyped-def]
     """Write ``loaded`` (quantized in memory with one of lowbit's 4- or 8-bit integer formats) as a
     compressed-tensors ``pack-quantized`` checkpoint directory ``out``."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.exists():
         raise LowbitError(f"{out}: already exists")
@@ -137,17 +133,4 @@ def export_compressed_tensors(loaded, out: Path) -> Path:  # type: ignore[no-unt
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }
-    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        tok = getattr(loaded, "tokenizer", None)
-        if tok is not None and hasattr(tok, "save_pretrained"):
-            tok.save_pretrained(str(tmp))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_model_dir(out, tensors, config, getattr(loaded, "tokenizer", None))
