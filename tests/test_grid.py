@@ -81,3 +81,15 @@ def test_ragged_int_groups_join():
     w = torch.randn(8, 576)
     pieces = [fmt.quantize(w[:, a : min(576, a + 128)]) for a in range(0, 576, 128)]
     assert torch.equal(fmt.dequantize(fmt.join_columns(pieces)), fmt.dequantize(fmt.quantize(w)))
+
+
+@pytest.mark.parametrize("name", ["int4-asym-g128", "int4-g64", "int8", "int3-asym-g32"])
+def test_int_codes_read_back_what_with_codes_stored(name, smol_weights):
+    fmt = get_format(name)
+    qt = fmt.quantize(_weights(smol_weights, name))
+    grid = fmt.grid(qt)
+    codes = fmt.codes(qt)
+    assert int(codes.min()) >= grid.qmin and int(codes.max()) <= grid.qmax
+    assert torch.equal(grid.values(codes), fmt.dequantize(qt))
+    shifted = (codes + 1).clamp(grid.qmin, grid.qmax)
+    assert torch.equal(fmt.codes(fmt.with_codes(qt, shifted)), shifted)

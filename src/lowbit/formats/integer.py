@@ -194,6 +194,11 @@ class IntFormat(Format):
         return Grid(self._per_weight(scale, rows, cols), self._per_weight(zero, rows, cols), None,
                     0, 2**self.bits - 1)
 
+    def codes(self, qt: QTensor) -> torch.Tensor:
+        """The stored codes (int64, ``[rows, cols]``, in the grid's range): the inverse of :meth:`with_codes`."""
+        offset = 2 ** (self.bits - 1) if self.symmetric else 0
+        return unpack_bits(qt.parts["codes"], self.bits, qt.shape[1]).to(torch.int64) - offset
+
     def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
         offset = 2 ** (self.bits - 1) if self.symmetric else 0
         parts = dict(qt.parts)
@@ -207,10 +212,8 @@ class IntFormat(Format):
     def join_columns(self, qts: list[QTensor]) -> QTensor:
         rows = qts[0].shape[0]
         codes, scales, zeros = [], [], []
-        offset = 2 ** (self.bits - 1) if self.symmetric else 0
         for q in qts:
-            c = q.shape[1]
-            codes.append(unpack_bits(q.parts["codes"], self.bits, c).to(torch.int64) - offset)
+            codes.append(self.codes(q))
             s_ = q.parts["scale"].to(torch.float32).reshape(rows, -1)
             scales.append(s_)
             if "zero" in q.parts:

@@ -96,9 +96,8 @@ def export_compressed_tensors(loaded, out: Path) -> Path:  # type: ignore[no-unt
     for n, m in qlins.items():
         qt = m.qtensor  # type: ignore[attr-defined]
         grid = fmt.grid(qt)
-        codes = grid.nearest(fmt.dequantize(qt))
         step = group if group > 0 else qt.shape[1]
-        signed = codes - (0 if fmt.symmetric else half)
+        signed = fmt.codes(qt) - (0 if fmt.symmetric else half)
         tensors[f"{n}.weight_packed"] = pack_int32(signed, bits)
         tensors[f"{n}.weight_scale"] = grid.scale[:, ::step].to(torch.float16).contiguous()
         if not fmt.symmetric:

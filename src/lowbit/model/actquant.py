@@ -35,6 +35,7 @@ from lowbit.algorithms.smoothquant import smoothing_factors
 from lowbit.errors import LowbitError
 from lowbit.formats import QTensor, get_format
 from lowbit.formats.activations import quantize_per_token, quantize_per_token_fp8, quantize_static
+from lowbit.formats.integer import IntFormat
 from lowbit.model.quantize import QuantLinear, QuantReport, TensorRecord, plan_for, quantize_rest
 
 _WA = re.compile(r"^w(\d)a(\d)(-fp8)?(-static(?:-(minmax|pct|mse))?)?$")
@@ -105,6 +106,14 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int32)
 
 
+def _int_weight(qt: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes ``[out, in]`` and float32 scales ``[out]`` of a symmetric per-channel integer weight."""
+    fmt = get_format(qt.format)
+    if not isinstance(fmt, IntFormat) or not fmt.symmetric or fmt.group != 0:
+        raise LowbitError(f"{qt.format}: integer activation layers need symmetric per-channel integer weights")
+    return fmt.codes(qt).to(torch.int8), qt.parts["scale"].to(torch.float32).reshape(-1)
+
+
 class ActQuantLinear(QuantLinear):
     """Base of the layers that quantize their inputs too; stores its weight like :class:`QuantLinear`."""
 
@@ -119,13 +128,9 @@ class IntActLinear(ActQuantLinear):
     def __init__(self, qt: QTensor, bias: torch.Tensor | None, a_bits: int = 8,
                  static: tuple[float, int] | None = None) -> None:
         super().__init__(qt, bias)
-        fmt = get_format(qt.format)
-        grid = fmt.grid(qt)
-        if grid.zero is not None or grid.levels is not None or getattr(fmt, "group", None) != 0:
-            raise LowbitError(f"{qt.format}: integer activation layers need symmetric per-channel integer weights")
-        codes = grid.nearest(fmt.dequantize(qt)).to(torch.int8)
+        codes, scale = _int_weight(qt)
         self.register_buffer("w_codes_t", codes.t().contiguous(), persistent=False)
-        self.register_buffer("w_scale", grid.scale[:, 0].contiguous(), persistent=False)
+        self.register_buffer("w_scale", scale, persistent=False)
         self.register_buffer("w_colsum", codes.to(torch.int32).sum(1), persistent=False)
         self.a_bits = a_bits
         self.static = static
@@ -179,15 +184,12 @@ class LLMInt8Linear(ActQuantLinear):
 
     def __init__(self, qt: QTensor, bias: torch.Tensor | None, threshold: float = 6.0) -> None:
         super().__init__(qt, bias)
-        fmt = get_format(qt.format)
-        if fmt.name != "int8-ch":
+        if qt.format != "int8-ch":
             raise LowbitError(f"{qt.format}: LLM.int8() needs int8-ch weights")
-        grid = fmt.grid(qt)
-        w = fmt.dequantize(qt)
-        codes = grid.nearest(w).to(torch.int8)
+        codes, scale = _int_weight(qt)
         self.register_buffer("w_codes_t", codes.t().contiguous(), persistent=False)
-        self.register_buffer("w_scale", grid.scale[:, 0].contiguous(), persistent=False)
-        self.register_buffer("w_half_t", w.to(torch.float16).t().contiguous(), persistent=False)
+        self.register_buffer("w_scale", scale, persistent=False)
+        self.register_buffer("w_half_t", self.dequantized_weight().to(torch.float16).t().contiguous(), persistent=False)
         self.threshold = float(threshold)
         self.calls = 0
         self.outlier_features = 0  # summed over calls
