@@ -26,7 +26,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats.base import unpack_nibbles_lohi
 from lowbit.formats.nf4 import BLOCK, DQ_BLOCK, DYNAMIC_MAP, FourBitFormat
-from lowbit.io.hf_dir import write_model_dir
+from lowbit.io.hf_dir import hf_config, kept_tensors, write_model_dir
 
 
 def _state(name: str, fmt: FourBitFormat, qt) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -71,22 +71,12 @@ def export_bitsandbytes(loaded, out: Path) -> Path:  # type: ignore[no-untyped-d
         tensors.update(_state(n, fmt, m.qtensor))
         if m.bias is not None:
             tensors[f"{n}.bias"] = m.bias.detach().to(torch.float32).contiguous()
-    prefixes = tuple(f"{n}." for n in qlins)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if name.startswith(prefixes) or id(p) in seen or (tied and name == "lm_head.weight"):
-            continue
-        seen.add(id(p))
-        tensors[name] = p.detach().to(torch.float32).contiguous().cpu()
-    config = model.config.to_dict()
-    config["dtype"] = "float32"
-    config.pop("torch_dtype", None)
-    config["quantization_config"] = {
+    tensors.update(kept_tensors(model, list(qlins), torch.float32))
+    config = hf_config(model, "float32", {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
         "bnb_4bit_quant_type": fmt.kind, "bnb_4bit_use_double_quant": fmt.double_quant,
         "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": ["lm_head"], "llm_int8_threshold": 6.0,
         "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False,
-    }
+    })
     return write_model_dir(out, tensors, config, getattr(loaded, "tokenizer", None))

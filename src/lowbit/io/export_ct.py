@@ -28,7 +28,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.integer import IntFormat
-from lowbit.io.hf_dir import write_model_dir
+from lowbit.io.hf_dir import hf_config, kept_tensors, write_model_dir
 
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
@@ -107,22 +107,12 @@ def export_compressed_tensors(loaded, out: Path) -> Path:  # type: ignore[no-unt
         tensors[f"{n}.weight_shape"] = torch.tensor(list(qt.shape), dtype=torch.int64)
         if m.bias is not None:  # type: ignore[attr-defined]
             tensors[f"{n}.bias"] = m.bias.detach().to(torch.float16).contiguous()  # type: ignore[attr-defined]
-    prefixes = tuple(f"{n}." for n in qlins)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if name.startswith(prefixes) or id(p) in seen or (tied and name == "lm_head.weight"):
-            continue
-        seen.add(id(p))
-        tensors[name] = p.detach().to(torch.float16).contiguous().cpu()
-    config = model.config.to_dict()
-    config["dtype"] = "float16"
-    config.pop("torch_dtype", None)
+    tensors.update(kept_tensors(model, list(qlins), torch.float16))
     weights: dict[str, object] = {"num_bits": bits, "type": "int", "symmetric": bool(fmt.symmetric),
                                   "strategy": "group" if group > 0 else "channel", "dynamic": False}
     if group > 0:
         weights["group_size"] = group
-    config["quantization_config"] = {
+    config = hf_config(model, "float16", {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
@@ -131,5 +121,5 @@ def export_compressed_tensors(loaded, out: Path) -> Path:  # type: ignore[no-unt
         "ignore": ["lm_head"],
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
-    }
+    })
     return write_model_dir(out, tensors, config, getattr(loaded, "tokenizer", None))

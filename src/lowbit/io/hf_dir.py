@@ -11,6 +11,30 @@ from pathlib import Path
 import torch
 
 
+def kept_tensors(model: torch.nn.Module, quantized: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every parameter outside the ``quantized`` modules, in ``dtype``: tied weights once, and no
+    ``lm_head.weight`` when the config ties it to the embedding."""
+    prefixes = tuple(f"{n}." for n in quantized)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    seen: set[int] = set()
+    out = {}
+    for name, p in model.named_parameters():
+        if name.startswith(prefixes) or id(p) in seen or (tied and name == "lm_head.weight"):
+            continue
+        seen.add(id(p))
+        out[name] = p.detach().to(dtype).contiguous().cpu()
+    return out
+
+
+def hf_config(model: torch.nn.Module, dtype: str, quantization_config: dict) -> dict:
+    """The model's config.json contents with its dtype and a ``quantization_config``."""
+    config = model.config.to_dict()
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
+    config["quantization_config"] = quantization_config
+    return config
+
+
 def write_model_dir(out: Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer: object | None) -> Path:
     from safetensors.torch import save_file
 
