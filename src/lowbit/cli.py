@@ -93,8 +93,6 @@ def _parse_size(text: str) -> int:
 
 def cmd_quantize_budget(args: argparse.Namespace) -> int:
     """--target-bpw / --target-size: measure sensitivities, search the mix, write the GGUF file."""
-    import copy
-    import dataclasses
 
     from lowbit.eval import mixsearch as ms
     from lowbit.model.load import load_model, resolve_model_path
@@ -133,9 +131,7 @@ def cmd_quantize_budget(args: argparse.Namespace) -> int:
     sens = ms.measure(loaded, chunks, imatrix, allowed=allowed, progress=not args.quiet)
     budget = sens.budget_for_bpw(args.target_bpw) if target_bytes is None else 8 * target_bytes
     mix, sol = ms.search(sens, budget)
-    work = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
-    measured = ms.validate(work, sens, {"searched": mix}, chunks, imatrix)["searched"][1]
-    del work
+    measured = ms.validate(loaded, sens, {"searched": mix}, chunks, imatrix)["searched"][1]  # on a copy
     from lowbit.io.hf_gguf import write_gguf_from_hf
 
     if out.exists():

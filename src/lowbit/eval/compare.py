@@ -144,7 +144,6 @@ EXTRA_METHODS = ("smoothquant", "qat")
 
 def parse_spec(spec: str) -> Spec:
     from lowbit.errors import LowbitError
-    from lowbit.model.actquant import parse_act_scheme
     from lowbit.model.calibrate import METHODS
 
     parts = spec.strip().lower().split("+")
@@ -180,8 +179,6 @@ def split_spec(spec: str) -> tuple[str, bool]:
 
 def describe(scheme: str) -> tuple[str, str]:
     """(display name, description) of a lowbit format, an activation scheme or a llama.cpp file type."""
-    from lowbit.model.actquant import parse_act_scheme
-
     act = parse_act_scheme(scheme)
     if act is not None:
         return act.name, act.description
@@ -284,16 +281,12 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
 
 
 def _needs_calibration(scheme: str) -> bool:
-    from lowbit.model.actquant import parse_act_scheme
-
     act = parse_act_scheme(scheme)
     return act is not None and act.static
 
 
 def wa_label(scheme: str, linear_bpw: float) -> str:
     """Bits of weights and activations (``W8A8``; ``W4.17A16`` for a weight-only format)."""
-    from lowbit.model.actquant import parse_act_scheme
-
     act = parse_act_scheme(scheme)
     if act is not None:
         return act.wa
