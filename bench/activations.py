@@ -13,22 +13,19 @@ split, disjoint from the evaluation text.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from _common import PartialRows, command, machine, write_results
 from lowbit.eval.compare import compare
-from lowbit.eval.report import markdown_table, plot, summary, write_json
+from lowbit.eval.report import markdown_table, summary
 from lowbit.model.calibrate import CalibConfig
 from lowbit.model.load import load_model
 from lowbit.model.qat import QATConfig
 
-OUT = Path(__file__).parent / "results"
 PREFIX = "activations"
 DEFAULT = ("w8a8,w8a8+smoothquant,w8a8-static,w8a8-static-pct,w8a8-static-mse,w8a8-static-mse+smoothquant,"
            "w8a8-fp8,llm-int8,int8,w4a8,w4a8+smoothquant,w4a4,w4a4+smoothquant,"
@@ -60,14 +57,10 @@ def main() -> int:
                         device=args.device)
 
     stem = args.name or f"{PREFIX}-{Path(args.model).stem}-{args.device.split(':')[0]}"
-    partial = OUT / f"{stem}.partial.jsonl"
-    OUT.mkdir(parents=True, exist_ok=True)
-    partial.write_text("")
+    partial = PartialRows(stem)
 
     def show(r, base_ppl: float) -> None:  # type: ignore[no-untyped-def]
-        row = r.row(base_ppl)
-        with partial.open("a") as fh:  # a run cut short still leaves what it measured
-            fh.write(json.dumps({**row, "description": r.description, "original_ppl": base_ppl}) + "\n")
+        row = partial.add(r, base_ppl)
         print(f"done {row['format']} ({row['wa']}): KLD {row['kld_mean']:.5f} ΔPPL {row['dppl_pct']:+.2f}% "
               f"same-top {row['same_top_pct']:.2f}% in {row['quant_s']:.0f} s, peak RSS {row['peak_rss_mb']:.0f} MB",
               flush=True)
@@ -89,23 +82,15 @@ def main() -> int:
     print(summary(cmp))
     print(table)
     print(outl)
-    name = stem
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
     meta = {
-        "command": "python bench/activations.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "device": dev, "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        "command": command("activations.py"),
+        "machine": machine(args.device),
         "calibration": {"samples": args.calib_samples, "tokens_per_sample": args.calib_len,
                         "text": "wiki-calib (gensim Wikipedia, calibration split)", "smoothquant_alpha": args.alpha,
                         "qat": {"steps": args.qat_steps, "lr": args.qat_lr, "batch": args.qat_batch}},
         "total_seconds": time.perf_counter() - t0,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    write_json(cmp, OUT / f"{name}.json", extra=meta)
-    plot(cmp, OUT / f"{name}.png")
-    (OUT / f"{name}.md").write_text(summary(cmp) + "\n\n" + table + "\n" + outl)
-    partial.unlink(missing_ok=True)
-    print(f"\nwrote {OUT}/{name}.{{json,md,png}} in {meta['total_seconds']:.0f} s")
+    write_results(cmp, stem, meta, summary(cmp) + "\n\n" + table + "\n" + outl, partial)
     return 0
 
 

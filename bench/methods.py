@@ -12,22 +12,19 @@ bundled calibration split (disjoint from the evaluation split).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from _common import PartialRows, command, machine, write_results
 from lowbit.algorithms.gptq import GPTQConfig
 from lowbit.eval.compare import compare
-from lowbit.eval.report import markdown_table, plot, summary, write_json
+from lowbit.eval.report import markdown_table, summary
 from lowbit.model.calibrate import CalibConfig
 from lowbit.model.load import load_model
 
-OUT = Path(__file__).parent / "results"
 PREFIX = "methods"
 METHODS = ("rtn", "gptq", "awq", "quip", "spqr")
 
@@ -85,14 +82,10 @@ def main() -> int:
         loaded.model.to(args.device)
     calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, gptq=GPTQConfig(), device=args.device)
     stem = args.name or f"{PREFIX}-{Path(args.model).stem}-{args.device.split(':')[0]}"
-    partial = OUT / f"{stem}.partial.jsonl"
-    OUT.mkdir(parents=True, exist_ok=True)
-    partial.write_text("")
+    partial = PartialRows(stem)
 
     def show(r, base_ppl: float) -> None:  # type: ignore[no-untyped-def]
-        row = r.row(base_ppl)
-        with partial.open("a") as fh:  # a run cut short still leaves what it measured
-            fh.write(json.dumps({**row, "description": r.description, "original_ppl": base_ppl}) + "\n")
+        row = partial.add(r, base_ppl)
         print(f"done {row['format']}: linear bpw {row['linear_bpw']:.3f} KLD {row['kld_mean']:.5f} "
               f"ΔPPL {row['dppl_pct']:+.2f}% same-top {row['same_top_pct']:.2f}% in {row['quant_s']:.0f} s, "
               f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
@@ -110,23 +103,15 @@ def main() -> int:
     print(summ)
     print()
     print(mem)
-    name = stem
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
     meta = {
-        "command": "python bench/methods.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "device": dev, "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        "command": command("methods.py"),
+        "machine": machine(args.device),
         "calibration": {"samples": args.calib_samples, "tokens_per_sample": args.calib_len,
                         "text": "wiki-calib (gensim Wikipedia, calibration split)"},
         "total_seconds": time.perf_counter() - t0,
         "method_by_bits": summ,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    write_json(cmp, OUT / f"{name}.json", extra=meta)
-    plot(cmp, OUT / f"{name}.png")
-    (OUT / f"{name}.md").write_text(summary(cmp) + "\n\n" + table + "\n\n" + summ + "\n\n" + mem + "\n")
-    partial.unlink(missing_ok=True)
-    print(f"\nwrote {OUT}/{name}.{{json,md,png}} in {meta['total_seconds']:.0f} s")
+    write_results(cmp, stem, meta, summary(cmp) + "\n\n" + table + "\n\n" + summ + "\n\n" + mem + "\n", partial)
     return 0
 
 
