@@ -55,6 +55,27 @@ def small(smol):
     return dataclasses.replace(smol, model=model)
 
 
+@pytest.fixture(scope="session")
+def llamacpp_vs_torch():
+    """``fn(gguf_path, model, chunk) -> (kld, theirs, mine)``: llama.cpp's logits for the scored half
+    of ``chunk`` from the file against the torch model's, and the mean KL(llama.cpp || torch)."""
+    from lowbit.eval.llamacpp import LlamaCppModel
+    from lowbit.eval.runner import torch_logits_fn
+
+    def fn(path, model, chunk):  # type: ignore[no-untyped-def]
+        n_ctx = int(chunk.numel())
+        llm = LlamaCppModel(path, n_ctx=n_ctx)
+        try:
+            theirs = llm.logits_fn()(chunk)
+        finally:
+            llm.close()
+        mine = torch_logits_fn(model, n_ctx)(chunk)
+        p_theirs, lp_mine = torch.softmax(theirs.double(), -1), torch.log_softmax(mine.double(), -1)
+        return float((p_theirs * (torch.log(p_theirs) - lp_mine)).sum(-1).mean()), theirs, mine
+
+    return fn
+
+
 class GGML:
     """libggml from llama-cpp-python, called through ctypes: the byte-level reference."""
 

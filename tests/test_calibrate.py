@@ -102,24 +102,15 @@ def test_checkpoint_roundtrip_and_gguf_with_gptq_codes(small, calib_chunks, held
     assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), mod.dequantized_weight().numpy())
 
 
-def test_llama_cpp_runs_a_gguf_whose_codes_gptq_chose(small, calib_chunks, held_out, tmp_path):
+def test_llama_cpp_runs_a_gguf_whose_codes_gptq_chose(small, calib_chunks, held_out, tmp_path, llamacpp_vs_torch):
     """A Q4_0 file written from a GPTQ-quantized model: llama.cpp loads it and computes what lowbit does."""
-    from lowbit.eval.llamacpp import LlamaCppModel
-    from lowbit.eval.runner import torch_logits_fn
     from lowbit.io.hf_gguf import write_gguf_from_hf
 
     ours = dataclasses.replace(small, model=copy.deepcopy(small.model))
     calibrate_quantize(ours, "q4_0", calib_chunks[:8], CalibConfig(method="gptq", batch_size=4), progress=False)
     path = tmp_path / "gptq-q4_0.gguf"
     write_gguf_from_hf(ours, path, "q4_0", progress=False)
-    llm = LlamaCppModel(path, n_ctx=256)
-    try:
-        theirs = llm.logits_fn()(held_out[0])
-    finally:
-        llm.close()
-    mine = torch_logits_fn(ours.model, 256)(held_out[0])
-    p_theirs, p_mine = torch.softmax(theirs.double(), -1), torch.log_softmax(mine.double(), -1)
-    kld = float((p_theirs * (torch.log(p_theirs) - p_mine)).sum(-1).mean())
+    kld, theirs, mine = llamacpp_vs_torch(path, ours.model, held_out[0])
     assert kld < 0.01, kld  # llama.cpp's CPU path rounds activations to 8 bits; nothing else differs
     assert float((theirs.argmax(-1) == mine.argmax(-1)).double().mean()) > 0.9
 

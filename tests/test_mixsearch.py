@@ -6,7 +6,6 @@ import copy
 import dataclasses
 
 import pytest
-import torch
 
 from lowbit.eval import mixsearch as ms
 from lowbit.formats import get_format
@@ -58,9 +57,7 @@ def test_search_fits_the_budget_and_predictions_order_real_mixes(small, setup):
         ms.search(sens, sens.fixed_bits + 1000)
 
 
-def test_searched_mix_as_a_gguf_that_llama_cpp_runs(small, setup, tmp_path):
-    from lowbit.eval.llamacpp import LlamaCppModel
-    from lowbit.eval.runner import torch_logits_fn
+def test_searched_mix_as_a_gguf_that_llama_cpp_runs(small, setup, tmp_path, llamacpp_vs_torch):
     from lowbit.io.hf_gguf import write_gguf_from_hf
     from lowbit.model.gguf_file import GGUFFile
 
@@ -76,12 +73,5 @@ def test_searched_mix_as_a_gguf_that_llama_cpp_runs(small, setup, tmp_path):
     assert report.total_bits == sol.bits  # the file holds exactly the bits the search counted
     work = dataclasses.replace(small, model=copy.deepcopy(small.model))
     ms.apply_mix(work, mix, im)
-    llm = LlamaCppModel(path, n_ctx=256)
-    try:
-        theirs = llm.logits_fn()(held[0])
-    finally:
-        llm.close()
-    mine = torch_logits_fn(work.model, 256)(held[0])
-    p_theirs, lp_mine = torch.softmax(theirs.double(), -1), torch.log_softmax(mine.double(), -1)
-    kld = float((p_theirs * (torch.log(p_theirs) - lp_mine)).sum(-1).mean())
+    kld, _, _ = llamacpp_vs_torch(path, work.model, held[0])
     assert kld < 0.01, kld
