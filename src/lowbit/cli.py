@@ -146,6 +146,12 @@ def cmd_quantize_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _can_stream(src: Path) -> bool:
+    from lowbit.io.hf_stream import can_stream
+
+    return can_stream(src)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.model.actquant import parse_act_scheme
     from lowbit.model.gguf_mix import FILE_TYPES, file_type
@@ -192,7 +198,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if src.is_file():
             from lowbit.io.gguf_out import write_gguf
 
-            report = write_gguf(src, out, ft.name, progress=not args.quiet, imatrix=imatrix)
+            report = write_gguf(src, out, ft.name, progress=not args.quiet, imatrix=imatrix, resume=True)
+        elif _can_stream(src):  # tensor by tensor from the safetensors files, resumable
+            from lowbit.io.hf_stream import write_gguf_streaming
+
+            notes: list[str] = []
+            report = write_gguf_streaming(src, out, ft.name, progress=not args.quiet, imatrix=imatrix, notes=notes)
+            for n in notes:
+                print(f"note: {n}")
         else:
             from lowbit.io.hf_gguf import write_gguf_from_hf
             from lowbit.model.load import load_model

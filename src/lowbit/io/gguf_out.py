@@ -8,7 +8,10 @@ target and renamed only once complete, so an interrupted run never leaves a file
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,10 +82,12 @@ for _n in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k
 
 
 def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True,
-               imatrix: dict[str, np.ndarray] | None = None, device: str | torch.device = "cpu") -> QuantReport:
+               imatrix: dict[str, np.ndarray] | None = None, device: str | torch.device = "cpu",
+               resume: bool = False) -> QuantReport:
     """Quantize the GGUF file ``src`` to ``fmt_name`` (a llama.cpp file type such as ``q4_k_m``)
     and write ``out``; metadata copied byte for byte.  A tensor whose source type already is its
-    target type is copied byte for byte, as llama.cpp does."""
+    target type is copied byte for byte, as llama.cpp does.  With ``resume`` an interrupted run
+    goes on from its last finished tensor (:class:`Journal`)."""
     if file_type(fmt_name) is None:  # refuse before reading anything
         get_format(fmt_name)
         raise LowbitError(f"format {fmt_name} has no GGUF type; GGUF output takes {', '.join(sorted(FILE_TYPES))}")
@@ -100,8 +105,9 @@ def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True,
     def raw(name: str) -> tuple[int, np.ndarray]:
         return gf.tensors[name].type, gf.raw(name)
 
+    fp = fingerprint([src], format=fmt_name, imatrix=array_digest(imatrix)) if resume else None
     return write_tensors(out, arch, None, entries, load, fmt_name, info, str(src), progress, imatrix, raw, device,
-                         raw_kv=raw_kv)
+                         raw_kv=raw_kv, fingerprint=fp)
 
 
 def _collected_kv(arch: str, metadata: Callable[[Any], None]) -> list[tuple[str, bytes]]:
@@ -128,7 +134,8 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
                   raw: Callable[[str], tuple[int, np.ndarray]] | None = None, device: str | torch.device = "cpu",
                   raw_kv: list[tuple[str, bytes]] | None = None, measure_error: bool = False,
                   prequantized: dict[str, QTensor] | None = None,
-                  types: dict[str, str | None] | None = None) -> QuantReport:
+                  types: dict[str, str | None] | None = None,
+                  fingerprint: dict[str, Any] | None = None) -> QuantReport:
     """Write a GGUF file, streaming: metadata first (``raw_kv``, encoded entries as copied from a
     source file, and/or what ``metadata(writer)`` adds to a gguf-py writer), then every tensor of
     ``entries`` (GGUF name, shape rows first), loaded as float32 by ``load``, in the type llama.cpp's
@@ -140,7 +147,9 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
     quantizers run with torch on ``device`` (the bytes are the same on any device).  With
     ``measure_error`` each tensor's relative squared error goes into the report (one more
     dequantization per tensor).  ``types`` (GGUF name -> lowbit format, None for F32) replaces
-    llama.cpp's rules with a chosen mix (``fmt_name`` then only labels the file)."""
+    llama.cpp's rules with a chosen mix (``fmt_name`` then only labels the file).
+    With a ``fingerprint`` (what identifies the inputs and arguments, JSON-able) the write can be
+    resumed: see :class:`Journal`."""
     import gguf
 
     ft = file_type(fmt_name)
@@ -181,69 +190,208 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
                 continue
         out_type[name] = int(gguf.GGMLQuantizationType.F32) if target is None else int(get_format(target).gguf_type)
 
-    tmp = atomic_target(out)
     report = QuantReport(ft.name)
+    journal = Journal(out, fingerprint) if fingerprint is not None else None
+    tmp = journal.part if journal is not None else atomic_target(out)
     writer = GGUFStreamWriter(tmp)
-    try:
-        writer.add("general.architecture", STRING, arch)
-        for key, rawv in raw_kv or []:
+    writer.add("general.architecture", STRING, arch)
+    for key, rawv in raw_kv or []:
+        writer.add_raw(key, rawv)
+    if metadata is not None:
+        for key, rawv in _collected_kv(arch, metadata):
             writer.add_raw(key, rawv)
-        if metadata is not None:
-            for key, rawv in _collected_kv(arch, metadata):
-                writer.add_raw(key, rawv)
-        writer.add("general.file_type", int(gguf.GGUFValueType.UINT32), ft.ftype)
-        writer.add("general.quantization_version", int(gguf.GGUFValueType.UINT32), gguf.GGML_QUANT_VERSION)
-        writer.add("general.quantized_by", STRING, "lowbit")
-        for name in order:
-            writer.add_tensor_info(name, shapes[name], out_type[name])
-        writer.begin()
-        bar = tqdm(order, desc=f"quantize {ft.name} -> {out.name}", unit="tensor", disable=not progress)
-        for name in bar:
-            shape = shapes[name]
-            target = types[name]
-            if prequantized and name in prequantized and target is not None:
-                tfmt = get_format(target)
-                pq = prequantized[name]
-                if get_format(pq.format).gguf_type != tfmt.gguf_type or tuple(pq.shape) != (shape[0], int(np.prod(shape[1:]))):
-                    raise LowbitError(f"{source}: tensor {name} was quantized as {pq.format} {tuple(pq.shape)}, "
-                                      f"but {ft.name} stores it as {tfmt.name} {tuple(shape)}")
-                writer.write_tensor(name, _as_array(tfmt.name, pq.to("cpu").parts))
-                report.tensors.append(TensorRecord(name, shape, tfmt.name, True, tfmt.storage_bits(pq.shape), None))
-                continue
-            w = load(name)
-            _check_finite(w, source, name)
-            if name in copied:
-                data = raw(name)[1]  # type: ignore[misc]
-                writer.write_tensor(name, data)
-                kept = gguf.GGMLQuantizationType(copied[name]).name.lower()
-                report.tensors.append(TensorRecord(name, shape, target or kept, target is not None,
-                                                   8 * int(np.asarray(data).nbytes), 0.0))
-                continue
-            if target is None:
-                writer.write_tensor(name, np.ascontiguousarray(w, dtype=np.float32))
-                report.tensors.append(TensorRecord(name, shape, "f32", False, 32 * w.size, 0.0))
-                continue
+    writer.add("general.file_type", int(gguf.GGUFValueType.UINT32), ft.ftype)
+    writer.add("general.quantization_version", int(gguf.GGUFValueType.UINT32), gguf.GGML_QUANT_VERSION)
+    writer.add("general.quantized_by", STRING, "lowbit")
+    for name in order:
+        writer.add_tensor_info(name, shapes[name], out_type[name])
+
+    def one(name: str) -> None:
+        """Quantize (or copy) tensor ``name``, write it and record it in the report."""
+        shape = shapes[name]
+        target = types[name]
+        if prequantized and name in prequantized and target is not None:
             tfmt = get_format(target)
-            wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(shape[0], -1)).to(device)
-            im = imatrix.get(name)
-            if im is not None and tfmt.uses_imatrix:
-                if np.asarray(im).size != wt.shape[1]:
-                    raise FormatError(f"importance matrix entry {name} has {np.asarray(im).size} values, "
-                                      f"the tensor has {wt.shape[1]} columns")
-                qt = tfmt.quantize(wt, name=f"{source}:{name}",
-                                   imatrix=torch.as_tensor(np.asarray(im, np.float32), device=wt.device))
-            else:
-                qt = tfmt.quantize(wt, name=f"{source}:{name}")
-            writer.write_tensor(name, _as_array(tfmt.name, qt.to("cpu").parts))
-            err = None
-            if measure_error:
-                num = ((tfmt.dequantize(qt) - wt) ** 2).sum(dtype=torch.float64)
-                err = float(num / (wt * wt).sum(dtype=torch.float64).clamp_min(1e-30))
-            report.tensors.append(TensorRecord(name, shape, tfmt.name, True, tfmt.storage_bits(tuple(wt.shape)), err))
+            pq = prequantized[name]
+            if get_format(pq.format).gguf_type != tfmt.gguf_type or tuple(pq.shape) != (shape[0], int(np.prod(shape[1:]))):
+                raise LowbitError(f"{source}: tensor {name} was quantized as {pq.format} {tuple(pq.shape)}, "
+                                  f"but {ft.name} stores it as {tfmt.name} {tuple(shape)}")
+            writer.write_tensor(name, _as_array(tfmt.name, pq.to("cpu").parts))
+            report.tensors.append(TensorRecord(name, shape, tfmt.name, True, tfmt.storage_bits(pq.shape), None))
+            return
+        w = load(name)
+        _check_finite(w, source, name)
+        if name in copied:
+            data = raw(name)[1]  # type: ignore[misc]
+            writer.write_tensor(name, data)
+            kept = gguf.GGMLQuantizationType(copied[name]).name.lower()
+            report.tensors.append(TensorRecord(name, shape, target or kept, target is not None,
+                                               8 * int(np.asarray(data).nbytes), 0.0))
+            return
+        if target is None:
+            writer.write_tensor(name, np.ascontiguousarray(w, dtype=np.float32))
+            report.tensors.append(TensorRecord(name, shape, "f32", False, 32 * w.size, 0.0))
+            return
+        tfmt = get_format(target)
+        wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(shape[0], -1)).to(device)
+        del w
+        im = imatrix.get(name)
+        if im is not None and tfmt.uses_imatrix:
+            if np.asarray(im).size != wt.shape[1]:
+                raise FormatError(f"importance matrix entry {name} has {np.asarray(im).size} values, "
+                                  f"the tensor has {wt.shape[1]} columns")
+            qt = tfmt.quantize(wt, name=f"{source}:{name}",
+                               imatrix=torch.as_tensor(np.asarray(im, np.float32), device=wt.device))
+        else:
+            qt = tfmt.quantize(wt, name=f"{source}:{name}")
+        writer.write_tensor(name, _as_array(tfmt.name, qt.to("cpu").parts))
+        err = None
+        if measure_error:
+            num = ((tfmt.dequantize(qt) - wt) ** 2).sum(dtype=torch.float64)
+            err = float(num / (wt * wt).sum(dtype=torch.float64).clamp_min(1e-30))
+        report.tensors.append(TensorRecord(name, shape, tfmt.name, True, tfmt.storage_bits(tuple(wt.shape)), err))
+
+    done = 0
+    try:
+        if journal is not None:
+            journal.lock()
+            done = journal.resume_point(writer, report)
+        writer.begin(done)
+        bar = tqdm(order[done:], desc=f"quantize {ft.name} -> {out.name}", unit="tensor", disable=not progress,
+                   initial=done, total=len(order))
+        for i, name in enumerate(bar, start=done):
+            one(name)
+            if journal is not None:
+                journal.save(i + 1, writer.sync(), report)
         writer.close()
         tmp.replace(out)
+        if journal is not None:
+            journal.finish()
     except BaseException:
         writer.abort()
-        tmp.unlink(missing_ok=True)
+        if journal is None:
+            tmp.unlink(missing_ok=True)
+        else:
+            journal.unlock()
+            if not journal.done:
+                tmp.unlink(missing_ok=True)
+            else:
+                print(f"lowbit: {journal.done} of {len(order)} tensors are kept in {tmp}; the same command "
+                      "resumes from there", file=sys.stderr)
         raise
     return report
+
+
+def fingerprint(inputs: list[Path], **args: object) -> dict[str, Any]:
+    """What identifies a run: each input file's path, size and modification time, the arguments
+    (format, importance-matrix digest ...) and lowbit's version."""
+    from lowbit import __version__
+
+    files = {}
+    for f in inputs:
+        st = f.stat()
+        files[str(f.resolve())] = [st.st_size, st.st_mtime_ns]
+    return {"files": files, "lowbit": __version__, **args}
+
+
+def array_digest(values: dict[str, np.ndarray] | None) -> str | None:
+    """SHA-256 of a dict of arrays (an importance matrix), for fingerprints."""
+    if not values:
+        return None
+    h = hashlib.sha256()
+    for k in sorted(values):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(values[k], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def resumable_part(out: Path) -> Path:
+    """The partial file of a resumable write of ``out`` (a fixed name, so that a rerun finds it)."""
+    return out.with_name(f".{out.name}.part")
+
+
+class Journal:
+    """Progress of a resumable GGUF write, ``.<name>.part-resume.json`` beside the partial file
+    ``.<name>.part``: the fingerprint of the inputs and arguments, the SHA-256 of the header, and
+    after each finished tensor its index, the file length and the report records so far.  The
+    partial file is fsynced before the journal is replaced (write, fsync, rename), so the journal
+    never claims more than the disk holds.  A rerun whose fingerprint and header match truncates
+    the partial file to the last finished tensor and goes on; anything else starts over.  The
+    output is renamed into place only once complete, then the journal is removed.  An exclusive
+    lock (flock) on the partial file keeps two runs from writing it at once."""
+
+    def __init__(self, out: Path, fingerprint: dict[str, Any]) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.part = resumable_part(out)
+        self.path = out.with_name(f".{out.name}.part-resume.json")
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back
+        self.header_sha256 = ""
+        self.done = 0
+        self.n = 0
+        self._lock_fh: Any = None
+
+    def lock(self) -> None:
+        import fcntl
+
+        fh = open(self.part, "ab")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise LowbitError(f"{self.part}: another lowbit run is writing {self.out}") from None
+        self._lock_fh = fh
+
+    def unlock(self) -> None:
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def resume_point(self, writer: GGUFStreamWriter, report: QuantReport) -> int:
+        """How many tensors the partial file already holds (0: start over); fills ``report`` with their records."""
+        self.header_sha256 = hashlib.sha256(writer.header_bytes()).hexdigest()
+        n = self.n = writer.n_tensors
+        if not self.path.exists():
+            return 0
+        try:
+            state = json.loads(self.path.read_text())
+            done, offset = int(state["done"]), int(state["offset"])
+            records = state["records"]
+        except (OSError, ValueError, KeyError, TypeError):
+            print(f"lowbit: {self.path} is unreadable; starting over", file=sys.stderr)
+            return 0
+        size = self.part.stat().st_size if self.part.exists() else -1
+        why = None
+        if state.get("fingerprint") != self.fingerprint:
+            changed = sorted(k for k in set(self.fingerprint) | set(state.get("fingerprint") or {})
+                             if (state.get("fingerprint") or {}).get(k) != self.fingerprint.get(k))
+            why = f"the inputs or arguments changed ({', '.join(changed)})"
+        elif state.get("header_sha256") != self.header_sha256 or int(state.get("n_tensors", -1)) != n:
+            why = "the output's header differs"
+        elif not 0 < done <= n or len(records) != done or offset != writer.end_of(done) or size < offset:
+            why = f"{self.part} does not hold the {done} tensors the journal records"
+        if why is not None:
+            print(f"lowbit: starting over: {why}", file=sys.stderr)
+            self.path.unlink(missing_ok=True)  # before the partial file is overwritten
+            return 0
+        report.tensors.extend(TensorRecord(r[0], tuple(r[1]), r[2], bool(r[3]), int(r[4]), r[5]) for r in records)
+        self.done = done
+        print(f"lowbit: resuming after tensor {done} of {n} ({self.part})", file=sys.stderr)
+        return done
+
+    def save(self, done: int, offset: int, report: QuantReport) -> None:
+        self.done = done
+        state = {"lowbit_journal": 1, "out": str(self.out), "fingerprint": self.fingerprint,
+                 "header_sha256": self.header_sha256, "n_tensors": self.n, "done": done, "offset": offset,
+                 "records": [[t.name, list(t.shape), t.format, t.quantized, t.bits, t.rel_error]
+                             for t in report.tensors]}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self.path)
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.unlock()

@@ -8,6 +8,7 @@ what llama.cpp writes and reads.
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -78,8 +79,8 @@ class GGUFStreamWriter:
         n_bytes = int(np.prod(ne, dtype=np.int64)) // block * type_size
         self._tensors.append((name, ne, int(gtype), n_bytes))
 
-    def begin(self) -> None:
-        """Write the header; then :meth:`write_tensor` each declared tensor in order."""
+    def header_bytes(self) -> bytes:
+        """The header as :meth:`begin` writes it (magic, metadata, tensor infos, padding)."""
         parts = [b"GGUF", struct.pack("<IQQ", 3, len(self._tensors), len(self._kv))]
         parts += [_str(k) + raw for k, raw in self._kv]
         offset = 0
@@ -88,9 +89,43 @@ class GGUFStreamWriter:
                          + struct.pack("<IQ", gtype, offset))
             offset += -(-n_bytes // ALIGNMENT) * ALIGNMENT
         head = b"".join(parts)
-        head += b"\0" * (-len(head) % ALIGNMENT)
+        return head + b"\0" * (-len(head) % ALIGNMENT)
+
+    @property
+    def n_tensors(self) -> int:
+        return len(self._tensors)
+
+    def end_of(self, k: int) -> int:
+        """The file length once the first ``k`` declared tensors are written."""
+        data = sum(-(-n_bytes // ALIGNMENT) * ALIGNMENT for _, _, _, n_bytes in self._tensors[:k])
+        return len(self.header_bytes()) + data
+
+    def begin(self, resume_after: int = 0) -> None:
+        """Write the header; then :meth:`write_tensor` each declared tensor in order.  With
+        ``resume_after`` = k > 0 the file already holds this header and the first k tensors: it is
+        truncated to their end (dropping a tensor written only in part) and writing goes on from
+        tensor k."""
+        if resume_after:
+            end = self.end_of(resume_after)
+            fh = open(self.path, "r+b")
+            if fh.seek(0, 2) < end:
+                fh.close()
+                raise LowbitError(f"{self.path}: shorter than the {resume_after} tensors it should hold")
+            fh.truncate(end)
+            fh.seek(end)
+            self._fh = fh
+            self._next = resume_after
+            return
         self._fh = open(self.path, "wb")
-        self._fh.write(head)
+        self._fh.write(self.header_bytes())
+
+    def sync(self) -> int:
+        """Flush what is written to the disk (fsync); returns the file length."""
+        if self._fh is None:
+            raise RuntimeError("begin() first")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        return self._fh.tell()
 
     def write_tensor(self, name: str, data: np.ndarray) -> None:
         if self._fh is None:
@@ -113,6 +148,7 @@ class GGUFStreamWriter:
         fh, self._fh = self._fh, None
         complete = self._next == len(self._tensors)
         fh.flush()
+        os.fsync(fh.fileno())
         fh.close()
         if not complete:
             raise LowbitError(f"{self.path}: closed after {self._next} of {len(self._tensors)} tensors")

@@ -17,7 +17,9 @@ SentencePiece tokenizers (Llama-2) and scaled rotary embeddings are refused with
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,16 +52,16 @@ def _pre_tokenizer_name(arch: str, tok: object, vocab_size: int) -> str:
     return "default"
 
 
-def _tokenizer_metadata(writer: object, loaded: LoadedModel, arch: str, vocab_size: int) -> list[str]:
+def _tokenizer_metadata(writer: object, tok: object, path: Path, add_bos: bool, arch: str,
+                        vocab_size: int) -> list[str]:
     """Add the tokenizer keys; returns notes for the user."""
-    tok = loaded.tokenizer
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
-        raise LowbitError(f"{loaded.path}: GGUF output needs a fast (tokenizer.json) tokenizer")
+        raise LowbitError(f"{path}: GGUF output needs a fast (tokenizer.json) tokenizer")
     spec = json.loads(backend.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise LowbitError(f"{loaded.path}: only byte-level BPE tokenizers can be written to GGUF by lowbit so far")
+        raise LowbitError(f"{path}: only byte-level BPE tokenizers can be written to GGUF by lowbit so far")
     import gguf
 
     id_to_tok: dict[int, str] = {i: t for t, i in model["vocab"].items()}
@@ -83,11 +85,74 @@ def _tokenizer_metadata(writer: object, loaded: LoadedModel, arch: str, vocab_si
         v = getattr(tok, attr, None)
         if v is not None:
             getattr(w, adder)(int(v))
-    w.add_add_bos_token(bool(loaded.add_bos))  # type: ignore[attr-defined]
+    w.add_add_bos_token(bool(add_bos))  # type: ignore[attr-defined]
     tmpl = getattr(tok, "chat_template", None)
     if isinstance(tmpl, str):
         w.add_chat_template(tmpl)  # type: ignore[attr-defined]
     return [] if pre != "default" else ["unknown tokenizer family: llama.cpp will use its default pre-tokenizer"]
+
+
+class HFLayout:
+    """What turns a Hugging Face llama-family model into GGUF, from its config alone: the GGUF
+    architecture, the hyper-parameter keys, the tensor names and the row order of Q and K.
+    Shared by the in-memory writer below and the streaming one (:mod:`lowbit.io.hf_stream`)."""
+
+    def __init__(self, path: Path, model_type: str, cfg: object) -> None:
+        arch = GGUF_ARCH.get(model_type)
+        if arch is None:
+            raise LowbitError(f"{path}: GGUF output supports {', '.join(GGUF_ARCH)}, not {model_type}")
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+        if rope_type != "default":
+            raise LowbitError(f"{path}: rotary scaling '{rope_type}' is not written to GGUF by lowbit yet")
+        self.path, self.arch, self.cfg = path, arch, cfg
+        self.theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+        self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads  # type: ignore[attr-defined]
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_head  # type: ignore[attr-defined]
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+
+    def metadata(self, tok: object, add_bos: bool, notes: list[str]) -> Callable[[Any], None]:
+        """A function adding the hyper-parameters and the tokenizer to a gguf-py writer."""
+        cfg, n_head = self.cfg, self.n_head
+
+        def add(w: Any) -> None:
+            w.add_name(self.path.name)
+            w.add_block_count(cfg.num_hidden_layers)
+            w.add_context_length(cfg.max_position_embeddings)
+            w.add_embedding_length(cfg.hidden_size)
+            w.add_feed_forward_length(cfg.intermediate_size)
+            w.add_head_count(n_head)
+            w.add_head_count_kv(self.n_kv)
+            w.add_rope_freq_base(self.theta)
+            w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+            w.add_rope_dimension_count(self.head_dim)
+            if self.head_dim != cfg.hidden_size // n_head:
+                w.add_key_length(self.head_dim)
+                w.add_value_length(self.head_dim)
+            w.add_vocab_size(cfg.vocab_size)
+            notes.extend(_tokenizer_metadata(w, tok, self.path, add_bos, self.arch, cfg.vocab_size))
+
+        return add
+
+    def names(self, hf_names: Iterable[str]) -> dict[str, str]:
+        """GGUF name -> Hugging Face name for the tensors GGUF stores (a tied lm_head is dropped)."""
+        names = [k for k in hf_names if not (self.tied and k == "lm_head.weight")]
+        unknown = [k for k in names if gguf_name(k) is None]
+        if unknown:
+            raise LowbitError(f"{self.path}: tensors with no GGUF name: {', '.join(unknown[:5])}")
+        return {gguf_name(k): k for k in names}  # type: ignore[misc]
+
+    def rows(self, name: str, a: np.ndarray) -> np.ndarray:
+        """``a`` (GGUF tensor ``name``) with its rows in llama.cpp's order."""
+        if self.arch == "llama" and name.endswith("attn_q.weight"):
+            return interleave_rotary_rows(a, self.n_head)
+        if self.arch == "llama" and name.endswith("attn_k.weight"):
+            return interleave_rotary_rows(a, self.n_kv)
+        return a
+
+    def info(self) -> ModelInfo:
+        info = info_from_config(self.cfg)
+        return ModelInfo(self.arch, info.n_layer, info.n_head, info.n_head_kv, info.n_expert)
 
 
 def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: bool = True,
@@ -96,17 +161,7 @@ def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: 
     """Write ``loaded`` (a Hugging Face model, possibly quantized in memory by lowbit) as a GGUF file
     of file type ``fmt_name``, or with the per-tensor ``types`` of a chosen mix (GGUF names; tensors
     not named there stay F32)."""
-    arch = GGUF_ARCH.get(loaded.arch)
-    if arch is None:
-        raise LowbitError(f"{loaded.path}: GGUF output supports {', '.join(GGUF_ARCH)}, not {loaded.arch}")
-    cfg = loaded.model.config
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-    if rope_type != "default":
-        raise LowbitError(f"{loaded.path}: rotary scaling '{rope_type}' is not written to GGUF by lowbit yet")
-    theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    layout = HFLayout(loaded.path, loaded.arch, loaded.model.config)
     from lowbit.model.quantize import QuantLinear
     from lowbit.model.rotated import RotatedQuantLinear
 
@@ -120,55 +175,24 @@ def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: 
         if get_format(m.fmt.name).gguf_type is None:
             raise LowbitError(f"{loaded.path}: {k} is stored as {m.fmt.name}, which GGUF cannot hold")
         state[k] = torch.empty(0)  # placeholder: written from the quantized blocks below
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    if tied:
-        state.pop("lm_head.weight", None)
 
-    def metadata(w: object) -> None:
-        w.add_name(loaded.path.name)  # type: ignore[attr-defined]
-        w.add_block_count(cfg.num_hidden_layers)  # type: ignore[attr-defined]
-        w.add_context_length(cfg.max_position_embeddings)  # type: ignore[attr-defined]
-        w.add_embedding_length(cfg.hidden_size)  # type: ignore[attr-defined]
-        w.add_feed_forward_length(cfg.intermediate_size)  # type: ignore[attr-defined]
-        w.add_head_count(n_head)  # type: ignore[attr-defined]
-        w.add_head_count_kv(n_kv)  # type: ignore[attr-defined]
-        w.add_rope_freq_base(theta)  # type: ignore[attr-defined]
-        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))  # type: ignore[attr-defined]
-        w.add_rope_dimension_count(head_dim)  # type: ignore[attr-defined]
-        if head_dim != cfg.hidden_size // n_head:
-            w.add_key_length(head_dim)  # type: ignore[attr-defined]
-            w.add_value_length(head_dim)  # type: ignore[attr-defined]
-        w.add_vocab_size(cfg.vocab_size)  # type: ignore[attr-defined]
-        loaded.notes.extend(_tokenizer_metadata(w, loaded, arch, cfg.vocab_size))
-
-    unknown = [k for k in state if gguf_name(k) is None]
-    if unknown:
-        raise LowbitError(f"{loaded.path}: tensors with no GGUF name: {', '.join(unknown[:5])}")
-
-    hf_of = {gguf_name(k): k for k in state}
-    shape_of = {k: (tuple(quantized[k].shape) if k in quantized else tuple(int(x) for x in state[k].shape)) for k in state}
-    entries = [(g, shape_of[k]) for g, k in hf_of.items() if g is not None]
-
-    def gguf_rows(name: str, a: np.ndarray) -> np.ndarray:
-        if arch == "llama" and name.endswith("attn_q.weight"):
-            return interleave_rotary_rows(a, n_head)
-        if arch == "llama" and name.endswith("attn_k.weight"):
-            return interleave_rotary_rows(a, n_kv)
-        return a
+    hf_of = layout.names(state)
+    shape_of = {k: (tuple(quantized[k].shape) if k in quantized else tuple(int(x) for x in state[k].shape))
+                for k in hf_of.values()}
+    entries = [(g, shape_of[k]) for g, k in hf_of.items()]
 
     prequantized = {}
     for g, k in hf_of.items():
         if k in quantized:
             qt = quantized[k].qtensor
-            blocks = gguf_rows(g, qt.parts["blocks"].reshape(qt.shape[0], -1).cpu().numpy())  # whole rows of blocks
+            blocks = layout.rows(g, qt.parts["blocks"].reshape(qt.shape[0], -1).cpu().numpy())  # whole rows of blocks
             prequantized[g] = QTensor(qt.format, qt.shape, {"blocks": torch.from_numpy(np.ascontiguousarray(blocks))})
 
     def load(name: str) -> np.ndarray:
-        return gguf_rows(name, state[hf_of[name]].detach().to(torch.float32).numpy())
+        return layout.rows(name, state[hf_of[name]].detach().to(torch.float32).numpy())
 
-    info = info_from_config(cfg)
-    info = ModelInfo(arch, info.n_layer, info.n_head, info.n_head_kv, info.n_expert)
     if types is not None:
         types = {g: types.get(g) for g, _ in entries}
-    return write_tensors(out, arch, metadata, entries, load, fmt_name, info, str(loaded.path), progress, imatrix,
+    return write_tensors(out, layout.arch, layout.metadata(loaded.tokenizer, loaded.add_bos, loaded.notes), entries,
+                         load, fmt_name, layout.info(), str(loaded.path), progress, imatrix,
                          prequantized=prequantized, types=types)

@@ -1,0 +1,217 @@
+"""Streaming Hugging Face -> GGUF: the bytes of the in-memory path, the same bytes run after run,
+atomic output, and resumption after a real ``lowbit quantize`` process is killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lowbit.errors import LowbitError
+from lowbit.io.gguf_out import Journal, resumable_part
+from lowbit.io.hf_stream import can_stream, write_gguf_streaming
+from lowbit.io.synthetic import bundled_tokenizer_dir, write_synthetic_llama
+
+SMALL = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "vocab_size": 8192, "max_position_embeddings": 2048}
+#: big enough that q8_0 takes a few seconds: 12 layers of 512 (113 tensors)
+KILLABLE = {**SMALL, "hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8}
+
+
+@pytest.fixture(scope="module")
+def killable_reference(models, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted q8_0 run over the killable model."""
+    out = tmp_path_factory.mktemp("ref") / "reference.gguf"
+    write_gguf_streaming(models["killable"], out, "q8_0", progress=False, resume=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tok_dir() -> Path:
+    from lowbit.eval.data import cache_dir
+
+    return bundled_tokenizer_dir(cache_dir() / "tokenizers" / "smollm2")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        "untied": write_synthetic_llama(root / "untied", 2, tok_dir, seed=1, **SMALL),
+        "tied": write_synthetic_llama(root / "tied", 2, tok_dir, seed=2, tied=True, layers_per_shard=2, **SMALL),
+        "killable": write_synthetic_llama(root / "killable", 12, tok_dir, seed=3, layers_per_shard=4, **KILLABLE),
+    }
+
+
+def _journal(out: Path) -> Path:
+    return out.with_name(f".{out.name}.part-resume.json")
+
+
+@pytest.mark.parametrize(("kind", "fmt"), [("untied", "q4_k_m"), ("tied", "q8_0")])
+def test_streaming_gives_the_bytes_of_the_in_memory_path(models, tmp_path, kind, fmt):
+    from lowbit.io.hf_gguf import write_gguf_from_hf
+    from lowbit.model.load import load_model
+
+    d = models[kind]
+    assert can_stream(d)
+    streamed, in_memory = tmp_path / "streamed.gguf", tmp_path / "in-memory.gguf"
+    report = write_gguf_streaming(d, streamed, fmt, progress=False)
+    write_gguf_from_hf(load_model(d, progress=False), in_memory, fmt, progress=False)
+    assert streamed.read_bytes() == in_memory.read_bytes()
+    assert not _journal(streamed).exists() and not resumable_part(streamed).exists()
+    assert len(report.tensors) == 2 * 9 + (2 if kind == "tied" else 3)
+
+
+def test_the_same_arguments_give_the_same_bytes(models, tmp_path):
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    write_gguf_streaming(models["untied"], a, "q8_0", progress=False)
+    write_gguf_streaming(models["untied"], b, "q8_0", progress=False)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def _start(model: Path, out: Path, fmt: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(model), "--format", fmt, "--out", str(out), "--quiet"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_mid_run(model: Path, out: Path, fmt: str) -> int:
+    """Start ``lowbit quantize``, SIGKILL it once its journal records a few finished tensors; returns how many."""
+    proc = _start(model, out, fmt)
+    journal, done, n = _journal(out), 0, 0
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                state = json.loads(journal.read_text())
+                done, n = state["done"], state["n_tensors"]
+            except (OSError, ValueError):
+                pass
+            if 3 <= done:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert 0 < done < n
+    return done
+
+
+def test_a_killed_run_leaves_no_output_and_resumes_to_the_same_bytes(models, killable_reference, tmp_path):
+    model = models["killable"]
+
+    out = tmp_path / "out.gguf"
+    done = _kill_mid_run(model, out, "q8_0")
+    assert not out.exists()  # nothing that looks complete at the final path
+    assert resumable_part(out).exists()
+
+    proc = _start(model, out, "q8_0")
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    resumed = [ln for ln in stderr.splitlines() if "resuming after tensor" in ln]
+    assert resumed, stderr
+    k = int(resumed[0].split("resuming after tensor ")[1].split()[0])
+    assert k >= done
+    assert "wrote" in stdout
+    assert out.read_bytes() == killable_reference.read_bytes()
+    assert not _journal(out).exists() and not resumable_part(out).exists()
+
+
+def test_changed_input_after_a_kill_starts_over(models, killable_reference, tmp_path):
+    import shutil
+
+    model = tmp_path / "copy" / "killable"  # the directory's name goes into the file (general.name)
+    shutil.copytree(models["killable"], model)
+    out = tmp_path / "out.gguf"
+    _kill_mid_run(model, out, "q8_0")
+    shard = sorted(model.glob("*.safetensors"))[-1]
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the input looks changed
+    proc = _start(model, out, "q8_0")
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert "starting over: the inputs or arguments changed (files)" in stderr and "resuming" not in stderr
+    assert out.read_bytes() == killable_reference.read_bytes()
+
+
+def test_changed_format_is_a_different_fingerprint(models, tmp_path):
+    from lowbit.io.gguf_out import array_digest, fingerprint
+
+    files = sorted(models["tied"].glob("*.safetensors"))
+    a = fingerprint(files, format="q8_0", imatrix=None)
+    assert a == fingerprint(files, format="q8_0", imatrix=None)
+    assert a != fingerprint(files, format="q4_k_m", imatrix=None)
+    assert a != fingerprint(files, format="q8_0", imatrix=array_digest({"blk.0.attn_q.weight": np.ones(4)}))
+
+
+def test_an_interrupted_write_resumes_in_process_and_a_damaged_part_starts_over(models, tmp_path, monkeypatch,
+                                                                               capsys):
+    import lowbit.io.gguf_out as gguf_out
+
+    model = models["untied"]
+    reference = tmp_path / "reference.gguf"
+    write_gguf_streaming(model, reference, "q8_0", progress=False, resume=False)
+    out = tmp_path / "out.gguf"
+    real = gguf_out._check_finite
+    calls = {"n": 0}
+
+    def interrupt_after_five(w, source, name):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        real(w, source, name)
+
+    monkeypatch.setattr(gguf_out, "_check_finite", interrupt_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        write_gguf_streaming(model, out, "q8_0", progress=False)
+    monkeypatch.setattr(gguf_out, "_check_finite", real)
+    state = json.loads(_journal(out).read_text())
+    assert state["done"] == 5 and not out.exists()
+
+    # a partial file shorter than the journal says: start over, same bytes in the end
+    part = resumable_part(out)
+    with open(part, "r+b") as fh:
+        fh.truncate(state["offset"] - 1)
+    capsys.readouterr()
+    write_gguf_streaming(model, out, "q8_0", progress=False)
+    assert "starting over" in capsys.readouterr().err
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_two_runs_cannot_write_the_same_output(models, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out.gguf"
+    with open(resumable_part(out), "ab") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(LowbitError, match="another lowbit run"):
+            write_gguf_streaming(models["untied"], out, "q8_0", progress=False)
+    assert not out.exists()
+
+
+def test_journal_rejects_a_different_fingerprint(tmp_path):
+    out = tmp_path / "x.gguf"
+    j = Journal(out, {"format": "q8_0"})
+    assert j.part.name == ".x.gguf.part" and j.path.name == ".x.gguf.part-resume.json"
+    assert json.loads(json.dumps(j.fingerprint)) == {"format": "q8_0"}
+
+
+def test_streaming_names_the_file_of_a_truncated_shard(models, tmp_path):
+    import shutil
+
+    d = tmp_path / "broken"
+    shutil.copytree(models["tied"], d)
+    shard = sorted(d.glob("*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LowbitError, match=shard.name):
+        write_gguf_streaming(d, tmp_path / "x.gguf", "q8_0", progress=False)
+    assert np.all([not p.name.startswith(".x.gguf") for p in tmp_path.iterdir()])
