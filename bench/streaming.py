@@ -103,6 +103,8 @@ def _table(rows: list[dict]) -> str:
              "done | output GB |", "|---|---|---:|---:|---:|---:|---|---:|---|---:|"]
     for r in sorted(rows, key=lambda r: (r["path"], r["format"], r["layers"])):
         done = "complete" if r["complete"] else f"stopped: {r['tensors_done']} of {r['n_tensors']} tensors"
+        if r.get("runs", 1) > 1:
+            done += f" ({r['runs']} runs, resumed)"
         outb = f"{r['output_bytes'] / 1e9:.2f}" if r["output_bytes"] else "-"
         lines.append(f"| {r['path']} | {r['format']} | {r['layers']} | {r['params'] / 1e9:.2f} B | "
                      f"{r['checkpoint_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
@@ -151,6 +153,13 @@ def main() -> None:
             if row["complete"] and not args.keep_outputs:
                 out.unlink()
             key = (row["path"], fmt, n_layers)
+            prev = [r for r in doc["rows"] if (r["path"], r["format"], r["layers"]) == key]
+            if args.resume and prev and not prev[0]["complete"] and row["resumed"]:
+                # one measurement in several runs: the times add up, the peak is the largest
+                row["seconds"] = round(row["seconds"] + prev[0]["seconds"], 1)
+                for k in ("peak_rss_bytes", "peak_rss_anon_bytes_polled", "peak_rss_file_bytes_polled"):
+                    row[k] = max(row[k], prev[0][k])
+                row["runs"] = prev[0].get("runs", 1) + 1
             doc["rows"] = [r for r in doc["rows"] if (r["path"], r["format"], r["layers"]) != key] + [row]
             doc["machine"] = machine("cpu")
             doc.setdefault("commands", [])
