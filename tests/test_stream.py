@@ -215,3 +215,30 @@ def test_streaming_names_the_file_of_a_truncated_shard(models, tmp_path):
     with pytest.raises(LowbitError, match=shard.name):
         write_gguf_streaming(d, tmp_path / "x.gguf", "q8_0", progress=False)
     assert np.all([not p.name.startswith(".x.gguf") for p in tmp_path.iterdir()])
+
+
+def test_device_plan_keeps_layers_whole_and_in_order(models):
+    from lowbit.model.devices import device_for, plan_devices
+
+    # two pretend GPUs of 40 MB each (the layers have 7 MB) and the CPU: cuda:0 fills first, then cuda:1
+    dmap = plan_devices(models["killable"], max_memory={0: 40_000_000, 1: 40_000_000, "cpu": 10**10})
+    layers = [dmap[f"model.layers.{i}"] for i in range(12)]
+    assert layers == sorted(layers, key=["cuda:0", "cuda:1", "cpu"].index)
+    assert {"cuda:0", "cuda:1"} <= set(layers)
+    assert device_for("model.layers.3.mlp.up_proj.weight", dmap) == dmap["model.layers.3"]
+    assert device_for("model.embed_tokens.weight", dmap) == dmap["model.embed_tokens"]
+    assert device_for("anything", {"": "cpu"}) == "cpu"
+
+
+def test_cli_device_auto_runs_here_with_the_same_bytes(models, tmp_path):
+    from lowbit.cli import main
+
+    ref = tmp_path / "ref.gguf"
+    write_gguf_streaming(models["tied"], ref, "q8_0", progress=False)
+    out = tmp_path / "auto.gguf"
+    assert main(["quantize", str(models["tied"]), "--format", "q8_0", "--out", str(out), "--device", "auto",
+                 "--quiet"]) == 0
+    assert out.read_bytes() == ref.read_bytes()
+    with_map = tmp_path / "map.gguf"
+    write_gguf_streaming(models["tied"], with_map, "q8_0", progress=False, device_map={"": "cpu"})
+    assert with_map.read_bytes() == ref.read_bytes()

@@ -146,6 +146,12 @@ def cmd_quantize_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _auto_device(device: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def _can_stream(src: Path) -> bool:
     from lowbit.io.hf_stream import can_stream
 
@@ -194,16 +200,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from lowbit.io.imatrix import read_imatrix
 
         imatrix = read_imatrix(Path(args.imatrix)).values()
+    device = getattr(args, "device", "cpu")
+    if device != "cpu" and not (to_gguf and args.method == "rtn" and (src.is_file() or _can_stream(src))):
+        raise LowbitError("--device is for round-to-nearest GGUF output from a .gguf file or a safetensors directory")
     if to_gguf and args.method == "rtn":
         if src.is_file():
             from lowbit.io.gguf_out import write_gguf
 
-            report = write_gguf(src, out, ft.name, progress=not args.quiet, imatrix=imatrix, resume=True)
+            report = write_gguf(src, out, ft.name, progress=not args.quiet, imatrix=imatrix, resume=True,
+                                device=_auto_device(device))
         elif _can_stream(src):  # tensor by tensor from the safetensors files, resumable
             from lowbit.io.hf_stream import write_gguf_streaming
+            from lowbit.model.devices import plan_devices
 
             notes: list[str] = []
-            report = write_gguf_streaming(src, out, ft.name, progress=not args.quiet, imatrix=imatrix, notes=notes)
+            dmap = plan_devices(src) if device == "auto" else None
+            report = write_gguf_streaming(src, out, ft.name, progress=not args.quiet, imatrix=imatrix, notes=notes,
+                                          device=device, device_map=dmap)
             for n in notes:
                 print(f"note: {n}")
         else:
@@ -470,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", "-o", required=True,
                     help="output: a .gguf file (llama.cpp types), or a directory (lowbit checkpoint, any format)")
     sp.add_argument("--imatrix", help="importance matrix file (llama.cpp's GGUF or legacy .dat format, or lowbit's)")
+    sp.add_argument("--device", default="cpu",
+                    help="round-to-nearest GGUF output: where the quantizers run (cpu, cuda, cuda:N), or 'auto': each "
+                         "layer's tensors on the GPU accelerate's device map gives that layer (cpu without GPUs)")
     sp.add_argument("--force", action="store_true", help="overwrite an existing output")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_quantize)

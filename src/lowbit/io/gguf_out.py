@@ -131,8 +131,8 @@ def _collected_kv(arch: str, metadata: Callable[[Any], None]) -> list[tuple[str,
 def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
                   entries: list[tuple[str, tuple[int, ...]]], load: Callable[[str], np.ndarray], fmt_name: str,
                   info: ModelInfo, source: str, progress: bool = True, imatrix: dict[str, np.ndarray] | None = None,
-                  raw: Callable[[str], tuple[int, np.ndarray]] | None = None, device: str | torch.device = "cpu",
-                  raw_kv: list[tuple[str, bytes]] | None = None, measure_error: bool = False,
+                  raw: Callable[[str], tuple[int, np.ndarray]] | None = None,
+                  device: str | torch.device | Callable[[str], str | torch.device] = "cpu", raw_kv: list[tuple[str, bytes]] | None = None, measure_error: bool = False,
                   prequantized: dict[str, QTensor] | None = None,
                   types: dict[str, str | None] | None = None,
                   fingerprint: dict[str, Any] | None = None) -> QuantReport:
@@ -144,7 +144,8 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
     ``prequantized`` holds tensors already quantized (by GPTQ, AWQ ...) in their planned type, rows in
     GGUF order, written as they are.
     ``imatrix`` maps GGUF tensor names to importance vectors (one weight per column).  The
-    quantizers run with torch on ``device`` (the bytes are the same on any device).  With
+    quantizers run with torch on ``device`` (the bytes are the same on any device), or on
+    ``device(name)`` for each tensor (layers placed across GPUs: :mod:`lowbit.model.devices`).  With
     ``measure_error`` each tensor's relative squared error goes into the report (one more
     dequantization per tensor).  ``types`` (GGUF name -> lowbit format, None for F32) replaces
     llama.cpp's rules with a chosen mix (``fmt_name`` then only labels the file).
@@ -233,7 +234,8 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
             report.tensors.append(TensorRecord(name, shape, "f32", False, 32 * w.size, 0.0))
             return
         tfmt = get_format(target)
-        wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(shape[0], -1)).to(device)
+        dev = device(name) if callable(device) else device
+        wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(shape[0], -1)).to(dev)
         del w
         im = imatrix.get(name)
         if im is not None and tfmt.uses_imatrix:

@@ -88,9 +88,12 @@ def can_stream(path: Path) -> bool:
 
 def write_gguf_streaming(path: Path, out: Path, fmt_name: str, progress: bool = True,
                          imatrix: dict[str, np.ndarray] | None = None, device: str | torch.device = "cpu",
-                         resume: bool = True, notes: list[str] | None = None) -> QuantReport:
+                         resume: bool = True, notes: list[str] | None = None,
+                         device_map: dict[str, str] | None = None) -> QuantReport:
     """Quantize the Hugging Face directory ``path`` to the GGUF file ``out`` of file type ``fmt_name``
-    (``q4_k_m`` ...), one tensor in memory at a time; see the module's docstring."""
+    (``q4_k_m`` ...), one tensor in memory at a time; see the module's docstring.  The quantizers
+    run on ``device``, or with a ``device_map`` (:func:`lowbit.model.devices.plan_devices`) each
+    tensor on its module's device."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
@@ -124,5 +127,10 @@ def write_gguf_streaming(path: Path, out: Path, fmt_name: str, progress: bool = 
     if resume:
         inputs = sorted({f for f, _ in files.values()} | {path / m for m in _META_FILES if (path / m).is_file()})
         fp = fingerprint(inputs, format=fmt_name, imatrix=array_digest(imatrix))
+    from lowbit.model.devices import device_for
+
+    def where(name: str) -> str | torch.device:
+        return device if device_map is None else device_for(hf_of[name], device_map)
+
     return write_tensors(out, layout.arch, layout.metadata(tok, add_bos, notes), entries, load, fmt_name,
-                         layout.info(), str(path), progress, imatrix, device=device, fingerprint=fp)
+                         layout.info(), str(path), progress, imatrix, device=where, fingerprint=fp)
