@@ -129,9 +129,9 @@ class GGUFFile:
     def _parse(self) -> None:
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-        if self.size < 24 or bytes(self._take(4, "magic")) != b"GGUF":
-            self._pos = 0
+        if bytes(self._buf[:4]) != b"GGUF":
             raise ModelLoadError(f"{self.path}: not a GGUF file (magic {bytes(self._buf[:4])!r})")
+        self._pos = 4
         version = self._u32("version")
         if version not in (2, 3):
             raise self._fail(f"unsupported GGUF version {version} (lowbit reads versions 2 and 3)")
@@ -165,18 +165,29 @@ class GGUFFile:
             n_el = int(np.prod(ne, dtype=object))
             infos.append((name, ne, gtype, rel, n_el // block * type_size))
         align = self.kv.get("general.alignment")
-        alignment = int(align.value) if align is not None and isinstance(align.value, int) else 32  # type: ignore[arg-type]
+        alignment = 32
+        if align is not None:
+            if align.vtype != 4:  # llama.cpp reads it as a uint32 only
+                raise self._fail(f"general.alignment has value type {align.vtype}, not uint32")
+            alignment = int(align.value)  # type: ignore[call-overload]
         if alignment <= 0 or alignment & (alignment - 1):
             raise self._fail(f"general.alignment {alignment} is not a power of two")
         data_start = -(-self._pos // alignment) * alignment
         for name, ne, gtype, rel, n_bytes in infos:
+            if name in self.tensors:
+                raise self._fail(f"tensor {name} appears twice")
+            if rel % alignment:
+                raise self._fail(f"tensor {name} has offset {rel}, not a multiple of the alignment {alignment}")
             off = data_start + rel
             if off + n_bytes > self.size:
                 raise ModelLoadError(
                     f"{self.path}: truncated: tensor {name} ends at byte {off + n_bytes} but the file has {self.size} bytes")
-            if name in self.tensors:
-                raise self._fail(f"tensor {name} appears twice")
             self.tensors[name] = TensorInfo(name, ne, gtype, off, n_bytes)
+        prev: TensorInfo | None = None
+        for t in sorted(self.tensors.values(), key=lambda t: (t.offset, t.n_bytes)):
+            if prev is not None and t.offset < prev.offset + prev.n_bytes:
+                raise self._fail(f"the data of tensors {prev.name} and {t.name} overlap")
+            prev = t
 
     def field(self, key: str, default: object = None) -> object:
         kv = self.kv.get(key)
@@ -196,4 +207,9 @@ class GGUFFile:
         import gguf
 
         t = self.tensors[name]
-        return gguf.quants.dequantize(self.raw(name), gguf.GGMLQuantizationType(t.type)).astype(np.float32, copy=False)
+        gtype = gguf.GGMLQuantizationType(t.type)
+        try:
+            out = gguf.quants.dequantize(self.raw(name), gtype)
+        except NotImplementedError:
+            raise ModelLoadError(f"{self.path}: tensor {name}: cannot dequantize type {gtype.name}") from None
+        return out.astype(np.float32, copy=False)
