@@ -39,6 +39,12 @@ def _fail(path: Path, what: str) -> LowbitError:
 def _read_gguf(path: Path) -> Imatrix:
     import gguf
 
+    from lowbit.model.gguf_file import GGUFFile
+
+    try:  # the strict check first: gguf-py's reader trusts the header's counts and offsets
+        GGUFFile(path)
+    except LowbitError as e:
+        raise _fail(path, str(e).removeprefix(f"{path}: ")) from None
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - gguf raises many kinds of errors on bad files

@@ -96,22 +96,34 @@ def is_checkpoint(path: Path) -> bool:
 
 def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict]:
     """The quantized model of a lowbit checkpoint directory, and its manifest."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lowbit.model.quantize import QuantLinear
-    from lowbit.model.rotated import RotatedQuantLinear
+    from lowbit.io.safetensors_check import check_safetensors
 
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{path / MANIFEST}: unreadable lowbit manifest ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("modules", {}), dict):
+        raise ModelLoadError(f"{path / MANIFEST}: not a lowbit manifest (no object of modules)")
     if manifest.get("lowbit_checkpoint") != VERSION:
         raise ModelLoadError(f"{path / MANIFEST}: unsupported lowbit checkpoint version {manifest.get('lowbit_checkpoint')}")
     st_file = path / "model.safetensors"
     if not st_file.is_file():
         raise ModelLoadError(f"{path}: no model.safetensors")
+    check_safetensors(st_file)  # before anything else reads it
+    try:
+        return _build(path, st_file, manifest, dtype)
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{path}: checkpoint is inconsistent ({type(exc).__name__}: {exc})") from None
+
+
+def _build(path: Path, st_file: Path, manifest: dict, dtype: torch.dtype) -> tuple[nn.Module, dict]:
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.model.quantize import QuantLinear
+    from lowbit.model.rotated import RotatedQuantLinear
+
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with safe_open(str(st_file), framework="pt") as f:

@@ -7,10 +7,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lowbit.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from lowbit.model.gguf_file import GGUFFile
 
 DEFAULT_MODEL = "smollm2"
 _BUNDLED = {
@@ -95,39 +99,25 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
     return path
 
 
-def check_gguf_file(path: Path) -> object:
-    """Open a GGUF file with gguf-py's reader and check every tensor lies inside the file."""
-    from gguf import GGUFReader
+def check_gguf_file(path: Path) -> GGUFFile:
+    """Validate a GGUF file with lowbit's strict reader (every count, length, type id, dimension and
+    offset checked against the file) before gguf-py or transformers read it."""
+    from lowbit.model.gguf_file import GGUFFile
 
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(f"{path}: not a GGUF file (magic {magic!r})")
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # gguf-py raises assorted errors on damaged headers
-        raise ModelLoadError(f"{path}: damaged or truncated GGUF file ({type(exc).__name__}: {exc})") from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ModelLoadError(
-                f"{path}: truncated: tensor {t.name} ends at byte {end} but the file has {size} bytes"
-            )
-    return reader
+    return GGUFFile(path)
 
 
-def _gguf_arch(reader: object) -> str:
-    field_ = reader.fields.get("general.architecture")  # type: ignore[attr-defined]
-    if field_ is None:
-        raise ModelLoadError("GGUF file has no general.architecture")
-    return str(field_.contents())
+def _gguf_arch(gf: GGUFFile) -> str:
+    arch = gf.field("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelLoadError(f"{gf.path}: GGUF file has no general.architecture string")
+    return arch
 
 
-def _gguf_add_bos(reader: object, tokenizer: object) -> bool:
-    f = reader.fields.get("tokenizer.ggml.add_bos_token")  # type: ignore[attr-defined]
-    if f is not None:
-        return bool(f.contents())
+def _gguf_add_bos(gf: GGUFFile, tokenizer: object) -> bool:
+    v = gf.field("tokenizer.ggml.add_bos_token")
+    if isinstance(v, bool):
+        return v
     return bool(getattr(tokenizer, "add_bos_token", False))
 
 
@@ -151,8 +141,8 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype 
     path = resolve_model_path(spec)
     notes: list[str] = []
     if path.is_file():
-        reader = check_gguf_file(path)
-        arch = _gguf_arch(reader)
+        gf = check_gguf_file(path)
+        arch = _gguf_arch(gf)
         if arch not in SUPPORTED_ARCHS:
             raise ModelLoadError(f"{path}: architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
         try:
@@ -160,7 +150,7 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype 
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         except Exception as exc:
             raise ModelLoadError(f"{path}: transformers could not load this GGUF ({type(exc).__name__}: {exc})") from None
-        add_bos = _gguf_add_bos(reader, tok)
+        add_bos = _gguf_add_bos(gf, tok)
         _forget_gguf_origin(model)
         notes.append(
             f"weights dequantized to {str(dtype).replace('torch.', '')} from {path.name}; this float model is the 'original'"
@@ -194,6 +184,8 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype 
         if not has_st and not has_bin:
             raise ModelLoadError(f"{path}: no *.safetensors or *.bin weight files")
         _check_safetensors(path)
+        if not has_st:  # transformers reads the *.bin files only without safetensors
+            _check_bin(path)
         try:
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=has_st)
@@ -222,20 +214,21 @@ def _forget_gguf_origin(model: torch.nn.Module) -> None:
 
 
 def _check_safetensors(path: Path) -> None:
-    """Every safetensors file must have a readable header and the data its header promises."""
+    """Every safetensors file of a directory must pass the strict header check."""
+    from lowbit.io.safetensors_check import check_safetensors
+
     for f in sorted(path.glob("*.safetensors")):
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise ModelLoadError(f"{f}: truncated safetensors file ({size} bytes)")
-            n = int.from_bytes(head, "little")
-            if n > size - 8 or n > 100_000_000:
-                raise ModelLoadError(f"{f}: bad safetensors header length {n} for a {size}-byte file")
-            try:
-                header = json.loads(fh.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise ModelLoadError(f"{f}: safetensors header is not valid JSON") from None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ModelLoadError(f"{f}: truncated: tensors need {8 + n + end} bytes, the file has {size}")
+        check_safetensors(f)
+
+
+def _check_bin(path: Path) -> None:
+    """Every ``*.bin`` must unpickle with ``weights_only=True`` (tensors and plain containers only; a
+    pickle that would run code is refused without running it), onto the meta device: no data read."""
+    import zipfile
+
+    for f in sorted(path.glob("*.bin")):
+        try:
+            torch.load(f, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(f))
+        except Exception as exc:  # UnpicklingError, RuntimeError, EOFError ... on damaged or hostile files
+            msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise ModelLoadError(f"{f}: refused: not a weights-only PyTorch checkpoint ({type(exc).__name__}: {msg})") from None
