@@ -242,3 +242,31 @@ def test_cli_device_auto_runs_here_with_the_same_bytes(models, tmp_path):
     with_map = tmp_path / "map.gguf"
     write_gguf_streaming(models["tied"], with_map, "q8_0", progress=False, device_map={"": "cpu"})
     assert with_map.read_bytes() == ref.read_bytes()
+
+
+def test_gguf_to_gguf_resumes_to_the_same_bytes(models, tmp_path, monkeypatch, capsys):
+    import lowbit.io.gguf_out as gguf_out
+
+    src = tmp_path / "src-q8_0.gguf"
+    write_gguf_streaming(models["untied"], src, "q8_0", progress=False)
+    reference, out = tmp_path / "reference.gguf", tmp_path / "out.gguf"
+    gguf_out.write_gguf(src, reference, "q4_0", progress=False)
+    real = gguf_out._check_finite
+    calls = {"n": 0}
+
+    def interrupt_after_seven(w, source, name):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise KeyboardInterrupt
+        real(w, source, name)
+
+    monkeypatch.setattr(gguf_out, "_check_finite", interrupt_after_seven)
+    with pytest.raises(KeyboardInterrupt):
+        gguf_out.write_gguf(src, out, "q4_0", progress=False, resume=True)
+    monkeypatch.setattr(gguf_out, "_check_finite", real)
+    assert not out.exists() and json.loads(_journal(out).read_text())["done"] == 7
+    capsys.readouterr()
+    report = gguf_out.write_gguf(src, out, "q4_0", progress=False, resume=True)
+    assert "resuming after tensor 7 of 21" in capsys.readouterr().err
+    assert out.read_bytes() == reference.read_bytes()
+    assert len(report.tensors) == 21 and not _journal(out).exists()

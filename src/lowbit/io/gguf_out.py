@@ -28,7 +28,7 @@ from lowbit.model.gguf_file import GGUFFile
 from lowbit.model.gguf_mix import FILE_TYPES, ModelInfo, file_type, info_from_gguf, llama_order, plan
 from lowbit.model.quantize import QuantReport, TensorRecord
 
-_SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization_version"}
+_SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization_version", "general.quantized_by"}
 
 
 def atomic_target(out: Path) -> Path:
