@@ -20,15 +20,16 @@ from pathlib import Path
 import torch
 
 from _common import PartialRows, command, machine, write_results
-from lowbit.eval.compare import compare
+from lowbit.eval.compare import compare, parse_alpha
 from lowbit.eval.report import markdown_table, summary
 from lowbit.model.calibrate import CalibConfig
 from lowbit.model.load import load_model
 from lowbit.model.qat import QATConfig
 
 PREFIX = "activations"
-DEFAULT = ("w8a8,w8a8+smoothquant,w8a8-static,w8a8-static-pct,w8a8-static-mse,w8a8-static-mse+smoothquant,"
-           "w8a8-fp8,llm-int8,int8,w4a8,w4a8+smoothquant,w4a4,w4a4+smoothquant,"
+DEFAULT = ("w8a8,w8a8+smoothquant,w8a8+smoothquant=auto,"
+           "w8a8-static,w8a8-static-pct,w8a8-static-mse,w8a8-static-mse+smoothquant,w8a8-static-mse+smoothquant=auto,"
+           "w8a8-fp8,w8a8-fp8+smoothquant=auto,llm-int8,int8,w4a8,w4a8+smoothquant=auto,w4a4,w4a4+smoothquant=auto,"
            "int4-asym-g128,int4-asym-g128+qat,int3-asym-g128,int3-asym-g128+qat")
 
 
@@ -39,7 +40,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-len", type=int, default=512)
-    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--alpha", default="0.5", help="SmoothQuant alpha for '+smoothquant' entries: a number or 'auto'")
     ap.add_argument("--qat-steps", type=int, default=100)
     ap.add_argument("--qat-lr", type=float, default=5e-5)
     ap.add_argument("--qat-batch", type=int, default=2)
@@ -52,7 +53,7 @@ def main() -> int:
     loaded = load_model(args.model, progress=False)
     if args.device != "cpu":
         loaded.model.to(args.device)
-    calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, smooth_alpha=args.alpha,
+    calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, smooth_alpha=parse_alpha(args.alpha),
                         qat=QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch),
                         device=args.device)
 

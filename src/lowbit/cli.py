@@ -15,6 +15,15 @@ DEFAULT_FORMATS = (
 )
 
 
+def _alpha(value: str) -> float | None:
+    from lowbit.eval.compare import parse_alpha
+
+    try:
+        return parse_alpha(value)
+    except LowbitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _text(args: argparse.Namespace) -> tuple[str | None, str]:
     if args.text:
         from lowbit.eval.data import read_text_file
@@ -256,6 +265,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         chunks = _calibration_chunks(args, loaded, cfg) if (act.static or args.method == "smoothquant") else None
         report = quantize_act_model(loaded.model, act, chunks, ActConfig(args.method == "smoothquant", args.alpha),
                                     progress=not args.quiet)
+        if "smoothing" in report.details:
+            from lowbit.model.actquant import describe_smoothing
+
+            print(describe_smoothing(report.details["smoothing"]))  # type: ignore[arg-type]
     elif args.method == "rtn":
         from lowbit.model.quantize import quantize_model
 
@@ -462,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPTQ/QuIP: quantize columns left to right instead of by decreasing importance")
     sp.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal")
     sp.add_argument("--outliers", type=float, default=0.01, help="SpQR: fraction of weights kept as FP16 outliers")
-    sp.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (default 0.5)")
+    sp.add_argument("--alpha", type=_alpha, default=0.5,
+                    help="SmoothQuant's migration strength in [0, 1] (default 0.5), or 'auto': searched per group of "
+                         "layers by the error of their quantized outputs on the calibration text")
     sp.add_argument("--out-format", choices=("lowbit", "compressed-tensors", "bitsandbytes"), default="lowbit",
                     help="for a directory --out: lowbit's checkpoint; compressed-tensors' pack-quantized layout "
                          "(transformers and vLLM load it; 4/8-bit integer formats whose groups divide every row); "
@@ -526,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calib-samples", type=int, default=128, help="calibration chunks for methods (default 128)")
     sp.add_argument("--calib-len", type=int, default=512, help="tokens per calibration chunk (default 512)")
     sp.add_argument("--damp", type=float, default=0.01, help="GPTQ/QuIP/SpQR damping (fraction of mean diag H)")
-    sp.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength for '+smoothquant'")
+    sp.add_argument("--alpha", type=_alpha, default=0.5,
+                    help="SmoothQuant's migration strength for '+smoothquant' (number or 'auto'; an entry may set its "
+                         "own: 'w8a8+smoothquant=auto')")
     sp.add_argument("--qat-steps", type=int, default=100, help="QAT steps for '+qat' entries (default 100)")
     sp.add_argument("--qat-lr", type=float, default=5e-5, help="QAT peak learning rate (default 5e-5)")
     sp.add_argument("--qat-batch", type=int, default=2, help="QAT calibration chunks per step (default 2)")

@@ -132,10 +132,12 @@ class Spec:
     scheme: str
     method: str = "rtn"
     imatrix: bool = False
+    alpha: str = ""  # SmoothQuant's alpha given in the entry ('smoothquant=0.8', 'smoothquant=auto')
 
     @property
     def label(self) -> str:
-        return self.scheme + ("" if self.method == "rtn" else f"+{self.method}") + (IMATRIX_SUFFIX if self.imatrix else "")
+        m = "" if self.method == "rtn" else f"+{self.method}" + (f"={self.alpha}" if self.alpha else "")
+        return self.scheme + m + (IMATRIX_SUFFIX if self.imatrix else "")
 
 
 #: suffixes of a comparison entry beyond the weight methods: SmoothQuant (activation schemes) and QAT
@@ -147,11 +149,14 @@ def parse_spec(spec: str) -> Spec:
     from lowbit.model.calibrate import METHODS
 
     parts = spec.strip().lower().split("+")
-    scheme, method, use_im = parts[0], "rtn", False
+    scheme, method, use_im, alpha = parts[0], "rtn", False, ""
     known = METHODS + EXTRA_METHODS
     for p in parts[1:]:
         if p == "imatrix":
             use_im = True
+        elif p.startswith("smoothquant="):
+            method, alpha = "smoothquant", p.split("=", 1)[1]
+            parse_alpha(alpha, f"'{spec}': ")
         elif p in known:
             method = p
         else:
@@ -168,7 +173,22 @@ def parse_spec(spec: str) -> Spec:
         raise LowbitError(f"'{spec}': {method} weighs errors with the calibration Hessian already; drop '+imatrix'")
     if use_im and act is not None:
         raise LowbitError(f"'{spec}': the importance matrix is for weight formats that take one (K-quants, IQ4, Q4_0...)")
-    return Spec(scheme, method, use_im)
+    return Spec(scheme, method, use_im, alpha)
+
+
+def parse_alpha(value: str, where: str = "") -> float | None:
+    """SmoothQuant's alpha from text: a number in [0, 1], or 'auto' (None: searched per group)."""
+    from lowbit.errors import LowbitError
+
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        a = float(value)
+    except ValueError:
+        a = -1.0
+    if not 0.0 <= a <= 1.0:
+        raise LowbitError(f"{where}SmoothQuant alpha must be a number in [0, 1] or 'auto', not '{value}'")
+    return a
 
 
 def split_spec(spec: str) -> tuple[str, bool]:
@@ -235,11 +255,14 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
                 elif act is not None:
                     from lowbit.model.actquant import ActConfig, quantize_act_model
 
+                    alpha = parse_alpha(spec.alpha) if spec.alpha else calib.smooth_alpha
                     report = quantize_act_model(model, act, chunks, ActConfig(spec.method == "smoothquant",
-                                                                              calib.smooth_alpha, calib.batch_size),
+                                                                              alpha, calib.batch_size),
                                                 progress=progress)
                     if spec.method == "smoothquant":
-                        desc += f", SmoothQuant alpha {calib.smooth_alpha:g}"
+                        from lowbit.model.actquant import describe_smoothing
+
+                        desc += ", " + describe_smoothing(report.details["smoothing"])  # type: ignore[arg-type]
                 elif spec.method == "rtn":
                     report = quantize_model(model, spec.scheme, progress=progress,
                                             imatrix=imatrix if spec.imatrix else None)

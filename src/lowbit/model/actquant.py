@@ -261,43 +261,128 @@ def _run_calibration(model: nn.Module, chunks: torch.Tensor, batch_size: int, ho
             h.remove()
 
 
-def input_absmax(model: nn.Module, names: list[str], chunks: torch.Tensor, batch_size: int = 8,
-                 progress: bool = False) -> dict[str, torch.Tensor]:
-    """Per input channel max |x| of each named linear layer over the calibration ``chunks``."""
-    out: dict[str, torch.Tensor] = {}
+def input_stats(model: nn.Module, names: list[str], chunks: torch.Tensor, batch_size: int = 8,
+                progress: bool = False, sample_tokens: int = 0,
+                seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per input channel max |x| of each named linear layer over ``chunks`` and, when
+    ``sample_tokens`` > 0, a uniform random sample of about that many of its input rows (float32)."""
+    amax: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    frac = min(1.0, sample_tokens / max(chunks.numel(), 1))
+    gen = torch.Generator().manual_seed(seed)
 
     def make(n: str):  # type: ignore[no-untyped-def]
         def fn(x: torch.Tensor) -> None:
-            m = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).to(torch.float32)
-            out[n] = m if n not in out else torch.maximum(out[n], m)
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            m = x2.abs().amax(0).to(torch.float32)
+            amax[n] = m if n not in amax else torch.maximum(amax[n], m)
+            if sample_tokens > 0:
+                keep = torch.rand(x2.shape[0], generator=gen) < frac
+                rows[n].append(x2[keep.to(x2.device)].to(torch.float32).cpu())
         return fn
 
     _run_calibration(model, chunks, batch_size, {n: make(n) for n in names}, progress, "activation ranges")
-    return out
+    return amax, {n: torch.cat(r) for n, r in rows.items() if r}
 
 
-def smooth_model(model: nn.Module, chunks: torch.Tensor, alpha: float = 0.5, batch_size: int = 8,
-                 progress: bool = False) -> dict[str, float]:
+def input_absmax(model: nn.Module, names: list[str], chunks: torch.Tensor, batch_size: int = 8,
+                 progress: bool = False) -> dict[str, torch.Tensor]:
+    """Per input channel max |x| of each named linear layer over the calibration ``chunks``."""
+    return input_stats(model, names, chunks, batch_size, progress)[0]
+
+
+def _fake_quantizers(scheme: ActScheme | None):  # type: ignore[no-untyped-def]
+    """(activation, weight) fake quantizers of ``scheme``'s layers, for the alpha search."""
+    s = scheme or ActScheme("w8a8", 8, 8, "int")
+    wfmt = get_format(s.weight_format)
+
+    def w_fq(w: torch.Tensor) -> torch.Tensor:
+        return wfmt.dequantize(wfmt.quantize(w)).to(torch.float32)
+
+    if s.kind == "fp8":
+        return (lambda x: quantize_per_token_fp8(x, "e4m3").dequantize()), w_fq
+    if s.static:  # the observer's grid depends on the smoothed inputs: judge by a per-tensor minmax grid
+        def a_static(x: torch.Tensor) -> torch.Tensor:
+            from lowbit.formats.activations import static_params
+
+            scale, zero = static_params(float(x.min()), float(x.max()), s.a_bits)
+            return quantize_static(x, scale, zero, s.a_bits).dequantize()
+        return a_static, w_fq
+    return (lambda x: quantize_per_token(x, s.a_bits).dequantize()), w_fq
+
+
+def smooth_model(model: nn.Module, chunks: torch.Tensor, alpha: float | None = 0.5, batch_size: int = 8,
+                 progress: bool = False, scheme: ActScheme | None = None, sample_tokens: int = 4096,
+                 grid: int = 20) -> dict[str, dict[str, float | None]]:
     """SmoothQuant: fold smoothing factors into every (previous op, linear layers) pair of each decoder
-    layer where a fold is exact (norm -> q/k/v, norm -> gate/up, up -> down, v -> o without GQA).
-    Returns the largest factor per group, for the report."""
-    from lowbit.model.calibrate import _layers_prefix, apply_scale, awq_groups, decoder_layers
+    layer where a fold is exact (norm -> q/k/v, norm -> gate/up, up -> down, v -> o; under
+    grouped-query attention the o columns of the query heads that share a value head share a factor).
+
+    ``alpha=None`` searches the migration strength per group (:func:`search_alpha`): the one whose
+    fake-quantized outputs (with ``scheme``'s quantizers, W8A8 by default) are closest to the
+    original on a sample of ``sample_tokens`` calibration inputs.  Smoothing leaves the model's
+    full-precision function unchanged, so one calibration pass serves every group.
+    Returns, per group (named by its first linear layer), the alpha used and the largest factor."""
+    from lowbit.algorithms.smoothquant import search_alpha
+    from lowbit.model.calibrate import _fold_into_previous, _layers_prefix, apply_scale, awq_groups, decoder_layers
 
     layers = decoder_layers(model)
     prefix = _layers_prefix(model, layers)
     groups = [(li, prev, names) for li, layer in enumerate(layers) for prev, names in awq_groups(layer)]
+    ties: dict[int, torch.Tensor] = {}
+    for li, layer in enumerate(layers):
+        tie = gqa_value_tie(layer)
+        if tie is not None:
+            ties[li] = tie
+            groups.append((li, "self_attn.v_proj", ["self_attn.o_proj"]))
     first = sorted({f"{prefix}.{li}.{names[0]}" for li, _, names in groups})
-    amax = input_absmax(model, first, chunks, batch_size, progress)
-    out = {}
-    for li, prev, names in groups:
+    amax, sample = input_stats(model, first, chunks, batch_size, progress, sample_tokens if alpha is None else 0)
+    a_fq, w_fq = _fake_quantizers(scheme)
+    out: dict[str, dict[str, float | None]] = {}
+    for li, prev, names in tqdm(groups, desc="smoothing", unit="group", disable=not progress, leave=False):
         layer = layers[li]
         key = f"{prefix}.{li}.{names[0]}"
         if key not in amax:
             continue
-        s = smoothing_factors(amax[key], [layer.get_submodule(n).weight for n in names], alpha)
-        apply_scale(layer, prev, names, s.to(layer.get_submodule(names[0]).weight.device))
-        out[key] = float(s.max())
+        ws = [layer.get_submodule(n).weight for n in names]
+        tie = ties.get(li) if prev == "self_attn.v_proj" else None
+        if alpha is None:
+            s, a, loss, base = search_alpha(sample[key], amax[key], ws, a_fq, w_fq, grid, tie=tie)
+            out[key] = {"alpha": a, "loss": loss, "base_loss": base, "max_factor": float(s.max())}
+            if a is None:
+                continue
+        else:
+            s = smoothing_factors(amax[key], ws, alpha, tie=tie)
+            out[key] = {"alpha": alpha, "max_factor": float(s.max())}
+        s = s.to(ws[0].device)
+        if tie is None:
+            apply_scale(layer, prev, names, s)
+        else:  # v's rows take one factor per shared channel, o's columns the expanded factors
+            v_rows = torch.ones(int(tie.max()) + 1, dtype=s.dtype, device=s.device).index_copy_(0, tie.to(s.device), s)
+            _fold_into_previous(layer.get_submodule(prev), v_rows)
+            with torch.no_grad():
+                ws[0].mul_(s[None, :].to(ws[0].dtype))
     return out
+
+
+def gqa_value_tie(layer: nn.Module) -> torch.Tensor | None:
+    """For an attention block with grouped-query attention (fewer value heads than query heads), the
+    value-projection row feeding each input column of the output projection (column ``h * d + i``
+    of query head ``h`` reads row ``(h // groups) * d + i``); None without GQA or when the shapes
+    are not those of a standard attention block."""
+    try:
+        attn = layer.get_submodule("self_attn")
+        v, o = attn.get_submodule("v_proj"), attn.get_submodule("o_proj")
+    except AttributeError:
+        return None
+    hd, groups = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", None)
+    if not isinstance(hd, int) or not isinstance(groups, int) or groups <= 1:
+        return None
+    n_kv = v.weight.shape[0] // hd
+    if v.weight.shape[0] != n_kv * hd or o.weight.shape[1] != n_kv * groups * hd:
+        return None
+    c = torch.arange(o.weight.shape[1])
+    return (c // hd // groups) * hd + c % hd
 
 
 def observe_static(model: nn.Module, names: list[str], chunks: torch.Tensor, observer: str, bits: int,
@@ -311,7 +396,7 @@ def observe_static(model: nn.Module, names: list[str], chunks: torch.Tensor, obs
 @dataclass
 class ActConfig:
     smoothquant: bool = False
-    alpha: float = 0.5
+    alpha: float | None = 0.5  # None: searched per group
     batch_size: int = 8
 
 
@@ -325,14 +410,17 @@ def quantize_act_model(model: nn.Module, scheme: str | ActScheme, chunks: torch.
     cfg = cfg or ActConfig()
     if (cfg.smoothquant or s.static) and (chunks is None or len(chunks) == 0):
         raise LowbitError(f"{s.name}{'+smoothquant' if cfg.smoothquant else ''} needs calibration text")
+    smoothing: dict = {}
     if cfg.smoothquant:
-        smooth_model(model, chunks, cfg.alpha, cfg.batch_size, progress)  # type: ignore[arg-type]
+        smoothing = smooth_model(model, chunks, cfg.alpha, cfg.batch_size, progress, s)  # type: ignore[arg-type]
     wfmt = get_format(s.weight_format)
     choices = plan_for(model, s.weight_format)
     linears = _decoder_linears(model, choices)
     static = observe_static(model, list(linears), chunks, s.observer, s.a_bits, cfg.batch_size,  # type: ignore[arg-type]
                             progress) if s.static else {}
     report = QuantReport(s.name + ("+smoothquant" if cfg.smoothquant else ""))
+    if cfg.smoothquant:
+        report.details["smoothing"] = smoothing
     done = set()
     for n, m in tqdm(list(linears.items()), desc=s.name, unit="layer", disable=not progress, leave=False):
         w = m.weight.detach()
@@ -354,6 +442,20 @@ def quantize_act_model(model: nn.Module, scheme: str | ActScheme, chunks: torch.
     rest = quantize_rest(model, s.weight_format, choices, skip=done, progress=False)
     report.tensors += rest.tensors
     return report
+
+
+def describe_smoothing(smoothing: dict[str, dict[str, float | None]]) -> str:
+    """One line on the alphas a SmoothQuant run used (fixed, or searched per group)."""
+    alphas = [v["alpha"] for v in smoothing.values()]
+    fixed = {a for a in alphas if a is not None}
+    if len(fixed) == 1 and None not in alphas and not any("loss" in v for v in smoothing.values()):
+        return f"SmoothQuant alpha {fixed.pop():g}"
+    used = sorted(a for a in alphas if a is not None)
+    if not used:
+        return f"SmoothQuant alpha searched: no smoothing helped in any of {len(alphas)} groups"
+    med = used[len(used) // 2]
+    return (f"SmoothQuant alpha searched per group: median {med:g}, range {used[0]:g}-{used[-1]:g}, "
+            f"{len(alphas) - len(used)} of {len(alphas)} groups left unsmoothed")
 
 
 def outlier_report(model: nn.Module) -> dict[str, dict[str, float]]:

@@ -49,7 +49,7 @@ class CalibConfig:
     #: SpQR: target fraction of weights kept as FP16 outliers
     spqr_outliers: float = 0.01
     #: SmoothQuant's migration strength
-    smooth_alpha: float = 0.5
+    smooth_alpha: float | None = 0.5  # None: searched per group
     qat: QATConfig = field(default_factory=QATConfig)
     seed: int = 0
     device: str = "cpu"

@@ -57,6 +57,7 @@ class TensorRecord:
 class QuantReport:
     format: str
     tensors: list[TensorRecord] = field(default_factory=list)
+    details: dict[str, object] = field(default_factory=dict)  # method-specific facts (e.g. SmoothQuant's alphas)
 
     @property
     def total_bits(self) -> int:
