@@ -162,7 +162,12 @@ def test_gguf_tensor_infos(seeds: Seeds, data: st.DataObject) -> None:
         other = data.draw(st.sampled_from([g for g in seeds.fields if g.kind == "name" and g != f]))
         mutant = fuzz.copy_name(seeds.gguf, other, f)
     else:
-        v = data.draw(st.integers(0, 1 << 32) if f.kind == "ndims" else field_values(f, len(seeds.gguf)))
+        if f.kind == "ndims":
+            v = data.draw(st.integers(0, 1 << 32))
+        elif f.kind == "ttype":  # every ggml type id, also those of the same size as the original
+            v = data.draw(st.integers(0, 47) | field_values(f, len(seeds.gguf)))
+        else:
+            v = data.draw(field_values(f, len(seeds.gguf)))
         mutant = fuzz.set_field(seeds.gguf, f, v)
     gf = open_gguf(seeds.write(mutant, "tinfo.gguf"))
     if f.kind == "name":
@@ -192,6 +197,11 @@ def test_gguf_targeted_refusals(seeds: Seeds) -> None:
     _refused(seeds, fuzz.set_field(g, f("dim", "t.q80"), 33), "impossible dimensions")  # not whole Q8_0 blocks
     _refused(seeds, fuzz.set_field(g, f("ttype", "t.f32"), 1000), "unknown type id 1000")
     _refused(seeds, fuzz.set_field(g, f("ttype", "t.f32"), 4), "unknown type id 4")  # a removed type
+    # the same bytes as I32 (a type gguf-py cannot dequantize): opens, and says so when dequantized
+    gf = GGUFFile(seeds.write(fuzz.set_field(g, f("ttype", "t.f32"), 26), "i32.gguf"))
+    assert gf.raw("t.f32").shape == (3, 32)
+    with pytest.raises(ModelLoadError, match="t.f32: cannot dequantize type I32"):
+        gf.float32("t.f32")
     _refused(seeds, fuzz.set_field(g, f("toffset", "t.q4k"), 1 << 63), "truncated: tensor t.q4k ends at byte")
     _refused(seeds, fuzz.set_field(g, f("toffset", "t.q4k"), 8), "not a multiple of the alignment 32")
     _refused(seeds, fuzz.set_field(g, f("toffset", "t.q4k"), 0), "t.f32 and t.q4k overlap")

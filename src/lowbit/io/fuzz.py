@@ -243,6 +243,8 @@ def random_gguf(seed: bytes, fields: list[Field], rng: random.Random) -> tuple[s
         for _ in range(rng.randint(1, 2)):
             f = rng.choice(nums)
             v = rng.choice(interesting(f.width, len(seed))) if rng.random() < 0.8 else rng.getrandbits(8 * f.width)
+            if f.kind == "ttype" and rng.random() < 0.5:
+                v = rng.randrange(48)  # every ggml type id, also those of the same size as the original
             data = set_field(data, f, v)
         return "field", data
     names = [f for f in fields if f.kind == "name"]
