@@ -270,3 +270,19 @@ def test_gguf_to_gguf_resumes_to_the_same_bytes(models, tmp_path, monkeypatch, c
     assert "resuming after tensor 7 of 21" in capsys.readouterr().err
     assert out.read_bytes() == reference.read_bytes()
     assert len(report.tensors) == 21 and not _journal(out).exists()
+
+
+def test_an_error_in_the_input_keeps_nothing(models, tmp_path, monkeypatch):
+    import lowbit.io.gguf_out as gguf_out
+
+    real = gguf_out._check_finite
+    calls = {"n": 0}
+
+    def nan_after_four(w, source, name):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        real(w * np.nan if calls["n"] > 4 else w, source, name)
+
+    monkeypatch.setattr(gguf_out, "_check_finite", nan_after_four)
+    with pytest.raises(LowbitError, match="NaN or Inf"):
+        write_gguf_streaming(models["untied"], tmp_path / "x.gguf", "q8_0", progress=False)
+    assert list(tmp_path.iterdir()) == []  # rerunning would fail the same way: no partial file, no journal

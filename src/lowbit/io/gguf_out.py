@@ -269,17 +269,20 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
         tmp.replace(out)
         if journal is not None:
             journal.finish()
-    except BaseException:
+    except BaseException as exc:
         writer.abort()
-        if journal is None:
-            tmp.unlink(missing_ok=True)
-        else:
+        # an interruption (Ctrl-C) or a system error (a full disk ...) keeps the finished tensors for a
+        # rerun; an error in the input (NaN weights ...) would come back, so nothing is kept then
+        keep = journal is not None and journal.done > 0 and isinstance(exc, (KeyboardInterrupt, OSError))
+        if journal is not None:
             journal.unlock()
-            if not journal.done:
-                tmp.unlink(missing_ok=True)
-            else:
-                print(f"lowbit: {journal.done} of {len(order)} tensors are kept in {tmp}; the same command "
-                      "resumes from there", file=sys.stderr)
+            if not keep:
+                journal.path.unlink(missing_ok=True)
+        if keep:
+            print(f"lowbit: {journal.done} of {len(order)} tensors are kept in {tmp}; the same command "  # type: ignore[union-attr]
+                  "resumes from there", file=sys.stderr)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
     return report
 
