@@ -35,7 +35,9 @@ def hf_config(model: torch.nn.Module, dtype: str, quantization_config: dict) -> 
     return config
 
 
-def write_model_dir(out: Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer: object | None) -> Path:
+def write_model_dir(out: Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer: object | None,
+                    extra_json: dict[str, dict] | None = None) -> Path:
+    """``extra_json``: more JSON files (name -> contents) written beside config.json."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -45,6 +47,8 @@ def write_model_dir(out: Path, tensors: dict[str, torch.Tensor], config: dict, t
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(tmp))
         tmp.rename(out)
