@@ -38,6 +38,26 @@ def test_sensitivities_cover_every_quantized_tensor(small, setup):
     assert sens.n_params == sum(p.numel() for p in small.model.parameters())  # tied weights once
 
 
+@pytest.mark.parametrize("start", [1, 2])
+def test_kld_from_a_cached_layer_equals_the_full_forward(small, start):
+    """Sensitivities run only the layers from the perturbed one on; the result equals a full forward."""
+    import torch
+
+    from lowbit.eval.data import calibration_text
+    from lowbit.model.imatrix import imatrix_chunks
+
+    model = copy.deepcopy(small.model)
+    cal = imatrix_chunks(small, calibration_text(), n_ctx=64, max_chunks=2)
+    cache = ms._LayerInputs(model, cal, 64)
+    p = model.model.layers[start].mlp.down_proj.weight
+    with torch.no_grad():
+        p.mul_(1.05)
+    fast = cache.kld_from(start, cal)
+    full = ms._kld(model, cal, cache.ref, 64)
+    assert full > 0 and fast == pytest.approx(full, rel=1e-4, abs=1e-9)
+    assert all(isinstance(layer, type(small.model.model.layers[0])) for layer in model.model.layers)  # restored
+
+
 def test_search_fits_the_budget_and_predictions_order_real_mixes(small, setup):
     im, held, sens = setup
     mixes = {}

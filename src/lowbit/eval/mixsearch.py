@@ -128,6 +128,89 @@ def _kld(model: nn.Module, chunks: torch.Tensor, ref: list[torch.Tensor], n_ctx:
     return tot / max(1, n)
 
 
+class _Skip(nn.Module):
+    """Stands in for a decoder layer whose output is already known: returns its input unchanged."""
+
+    def __init__(self, layer: nn.Module, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+        for attr in ("attention_type", "layer_idx", "is_sliding"):  # what model bodies read off their layers
+            if hasattr(layer, attr):
+                setattr(self, attr, getattr(layer, attr))
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        hs = args[0] if args else kwargs["hidden_states"]
+        return (hs,) if self.as_tuple else hs
+
+
+class _LayerInputs:
+    """The hidden states entering every decoder layer for each calibration chunk (of the unmodified
+    model), so that a change to layer ``L``'s weights is evaluated by running layers ``L`` onwards only."""
+
+    def __init__(self, model: nn.Module, chunks: torch.Tensor, n_ctx: int) -> None:
+        from lowbit.model.calibrate import decoder_layers
+
+        self.model, self.n_ctx = model, n_ctx
+        self.layers = decoder_layers(model)
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self.as_tuple = False
+
+        def pre(li: int):  # type: ignore[no-untyped-def]
+            def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                self.inputs[li].append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+            return fn
+
+        def post(_m: nn.Module, _a: tuple, out: object) -> None:
+            self.as_tuple = isinstance(out, tuple)
+
+        hooks = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        hooks.append(self.layers[0].register_forward_hook(post))
+        try:
+            fn = torch_logits_fn(model, n_ctx)
+            self.ref = [torch.log_softmax(fn(c).double(), -1).float() for c in chunks]
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def kld_from(self, start: int, chunks: torch.Tensor) -> float:
+        """Mean KLD against the reference when layers before ``start`` are unchanged."""
+        if start <= 0:
+            return _kld(self.model, chunks, self.ref, self.n_ctx)
+        saved = [self.layers[i] for i in range(start)]
+        current: list[torch.Tensor] = []
+
+        def swap(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (current[0],) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": current[0]}
+
+        h = self.layers[start].register_forward_pre_hook(swap, with_kwargs=True)
+        try:
+            for i in range(start):
+                self.layers[i] = _Skip(saved[i], self.as_tuple)
+            fn = torch_logits_fn(self.model, self.n_ctx)
+            tot, n = 0.0, 0
+            for ci, (c, r) in enumerate(zip(chunks, self.ref, strict=True)):
+                current[:] = [self.inputs[start][ci]]
+                lp = torch.log_softmax(fn(c).double(), -1)
+                r64 = r.double()
+                tot += float((r64.exp() * (r64 - lp)).sum())
+                n += r.shape[0]
+            return tot / max(1, n)
+        finally:
+            h.remove()
+            for i in range(start):
+                self.layers[i] = saved[i]
+
+
+def _layer_index(name: str) -> int:
+    """Decoder layer index of a parameter name (``model.layers.7.mlp.up_proj.weight`` -> 7), -1 if none."""
+    import re
+
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
 def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.ndarray] | None = None,
             allowed: tuple[str, ...] | None = None, progress: bool = True) -> Sensitivities:
     """Sensitivities of every tensor llama.cpp quantizes, from the calibration token ``chunks``
@@ -139,7 +222,8 @@ def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.nda
     n_ctx = int(chunks.shape[1])
     t0 = time.perf_counter()
     imatrix = imatrix or {}
-    ref = _ref_logprobs(model, chunks, n_ctx)
+    cache = _LayerInputs(model, chunks, n_ctx)
+    ref = cache.ref
     params = _params(model)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     todo, fixed, n_params = [], 0, 0
@@ -180,7 +264,7 @@ def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.nda
         try:
             with torch.no_grad():
                 p.copy_(deq[rt].reshape(p.shape).to(p.dtype))
-            kld = _kld(model, chunks, ref, n_ctx)
+            kld = cache.kld_from(_layer_index(n), chunks)
         finally:
             with torch.no_grad():
                 p.copy_(saved)
