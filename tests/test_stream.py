@@ -286,3 +286,16 @@ def test_an_error_in_the_input_keeps_nothing(models, tmp_path, monkeypatch):
     with pytest.raises(LowbitError, match="NaN or Inf"):
         write_gguf_streaming(models["untied"], tmp_path / "x.gguf", "q8_0", progress=False)
     assert list(tmp_path.iterdir()) == []  # rerunning would fail the same way: no partial file, no journal
+
+
+def test_changed_arguments_after_a_kill_start_over(models, tmp_path):
+    model = models["killable"]
+    out = tmp_path / "out.gguf"
+    _kill_mid_run(model, out, "q8_0")
+    proc = _start(model, out, "f16")
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert "starting over: the inputs or arguments changed (format)" in stderr and "resuming" not in stderr
+    reference = tmp_path / "reference.gguf"
+    write_gguf_streaming(model, reference, "f16", progress=False, resume=False)
+    assert out.read_bytes() == reference.read_bytes()
