@@ -19,10 +19,12 @@ desc_act, sym, checkpoint_format ...), the same object in ``quantize_config.json
 
 A weight decodes as ``W[o, i] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])``.  lowbit's
 integer formats store exactly that (symmetric ones with the zero point ``2^(bits-1)``), and their
-scales are FP16 already, so nothing is re-quantized.  A shorter last group (576 columns in groups
-of 128) is simply group ``G-1`` in ``g_idx``.  GPTQ's act-order is stored in lowbit with static,
-contiguous groups in the original column order, so ``g_idx`` is always ``i // group_size`` and
-``desc_act`` is false: no loader has to reorder anything.  Other tensors are written in FP16.
+scales are FP16 already, so nothing is re-quantized.  The layout could describe a shorter last group
+(576 columns in groups of 128) through ``g_idx``, but GPTQModel's CPU int4 kernel fails on it at run
+time ("expect K to be divisible by qGroupSize"), so the group must divide every layer's input
+features.  GPTQ's act-order is stored in lowbit with static, contiguous groups in the original
+column order, so ``g_idx`` is always ``i // group_size`` and ``desc_act`` is false: no loader has to
+reorder anything.  Other tensors are written in FP16.
 """
 
 from __future__ import annotations
@@ -118,6 +120,12 @@ def export_gptq(loaded, out: Path) -> Path:  # type: ignore[no-untyped-def]
     if fmt.bits not in GPTQ_BITS or fmt.group == -1:
         raise LowbitError(f"{fmt.name}: the GPTQ layout takes 2-, 3-, 4- or 8-bit integer formats per group or per "
                           "channel (int4-asym-g128, int4-g128, int8-ch ...), not 5-7 bits or one scale per tensor")
+    for n, m in qlins.items():
+        cols = m.qtensor.shape[1]  # type: ignore[union-attr]
+        if fmt.group > 0 and cols % fmt.group:
+            raise LowbitError(f"{n}: {cols} input features are not a multiple of the group size {fmt.group}; GPTQ "
+                              "kernels do not run a shorter last group (use a group size that divides every "
+                              "layer's input features)")
     tensors: dict[str, torch.Tensor] = {}
     for n, m in qlins.items():
         tensors.update(gptq_tensors(n, fmt, m.qtensor, m.bias))  # type: ignore[arg-type]
