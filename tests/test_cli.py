@@ -218,3 +218,12 @@ def test_export_to_compressed_tensors_from_the_command_line(tmp_path):
     r = lowbit("quantize", "smollm2", "-f", "w8a8", "--out-format", "compressed-tensors", "-o", str(tmp_path / "x"))
     _one_error_line(r, "writes a directory of a weight-only model")
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_export_to_awq_from_the_command_line(tmp_path):
+    out = tmp_path / "smol-awq"
+    r = lowbit("quantize", "smollm2", "-f", "int4-asym-g64", "--out-format", "awq", "-o", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (cfg["quant_method"], cfg["version"], cfg["group_size"]) == ("awq", "gemm", 64)
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()

@@ -300,6 +300,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         export_bitsandbytes(loaded, out)
         size = sum(f.stat().st_size for f in out.iterdir())
+    elif args.out_format == "gptq":
+        from lowbit.io.export_gptq import export_gptq
+
+        export_gptq(loaded, out)
+        size = sum(f.stat().st_size for f in out.iterdir())
+    elif args.out_format == "awq":
+        from lowbit.io.export_awq import export_awq
+
+        export_awq(loaded, out)
+        size = sum(f.stat().st_size for f in out.iterdir())
     else:
         from lowbit.model.checkpoint import save_checkpoint
 
@@ -478,10 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--alpha", type=_alpha, default=0.5,
                     help="SmoothQuant's migration strength in [0, 1] (default 0.5), or 'auto': searched per group of "
                          "layers by the error of their quantized outputs on the calibration text")
-    sp.add_argument("--out-format", choices=("lowbit", "compressed-tensors", "bitsandbytes"), default="lowbit",
+    sp.add_argument("--out-format", choices=("lowbit", "compressed-tensors", "bitsandbytes", "gptq", "awq"),
+                    default="lowbit",
                     help="for a directory --out: lowbit's checkpoint; compressed-tensors' pack-quantized layout "
                          "(transformers and vLLM load it; 4/8-bit integer formats whose groups divide every row); "
-                         "or bitsandbytes' 4-bit serialization (nf4, nf4-dq, fp4, fp4-dq)")
+                         "bitsandbytes' 4-bit serialization (nf4, nf4-dq, fp4, fp4-dq); the GPTQ checkpoint "
+                         "layout (2/3/4/8-bit integer formats per channel or with groups that divide every row); or "
+                         "AWQ's GEMM layout (4-bit zero-point formats whose groups divide every row)")
     sp.add_argument("--target-bpw", type=float, help="GGUF output: choose every tensor's llama.cpp type to fit this "
                                                      "many bits per weight with the least predicted KL divergence")
     sp.add_argument("--target-size", help="the same for a file size, e.g. 90MB or 1.2GB")
