@@ -152,27 +152,33 @@ def test_changed_format_is_a_different_fingerprint(models, tmp_path):
     assert a != fingerprint(files, format="q8_0", imatrix=array_digest({"blk.0.attn_q.weight": np.ones(4)}))
 
 
+def _interrupt_after(n: int, monkeypatch, run) -> None:  # type: ignore[no-untyped-def]
+    """Run ``run`` with a KeyboardInterrupt raised as the writer checks its tensor ``n + 1``."""
+    import lowbit.io.gguf_out as gguf_out
+
+    real = gguf_out._check_finite
+    calls = {"n": 0}
+
+    def interrupt(w, source, name):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise KeyboardInterrupt
+        real(w, source, name)
+
+    monkeypatch.setattr(gguf_out, "_check_finite", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(gguf_out, "_check_finite", real)
+
+
 def test_an_interrupted_write_resumes_in_process_and_a_damaged_part_starts_over(models, tmp_path, monkeypatch,
                                                                                capsys):
-    import lowbit.io.gguf_out as gguf_out
 
     model = models["untied"]
     reference = tmp_path / "reference.gguf"
     write_gguf_streaming(model, reference, "q8_0", progress=False, resume=False)
     out = tmp_path / "out.gguf"
-    real = gguf_out._check_finite
-    calls = {"n": 0}
-
-    def interrupt_after_five(w, source, name):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise KeyboardInterrupt
-        real(w, source, name)
-
-    monkeypatch.setattr(gguf_out, "_check_finite", interrupt_after_five)
-    with pytest.raises(KeyboardInterrupt):
-        write_gguf_streaming(model, out, "q8_0", progress=False)
-    monkeypatch.setattr(gguf_out, "_check_finite", real)
+    _interrupt_after(5, monkeypatch, lambda: write_gguf_streaming(model, out, "q8_0", progress=False))
     state = json.loads(_journal(out).read_text())
     assert state["done"] == 5 and not out.exists()
 
@@ -251,19 +257,7 @@ def test_gguf_to_gguf_resumes_to_the_same_bytes(models, tmp_path, monkeypatch, c
     write_gguf_streaming(models["untied"], src, "q8_0", progress=False)
     reference, out = tmp_path / "reference.gguf", tmp_path / "out.gguf"
     gguf_out.write_gguf(src, reference, "q4_0", progress=False)
-    real = gguf_out._check_finite
-    calls = {"n": 0}
-
-    def interrupt_after_seven(w, source, name):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] > 7:
-            raise KeyboardInterrupt
-        real(w, source, name)
-
-    monkeypatch.setattr(gguf_out, "_check_finite", interrupt_after_seven)
-    with pytest.raises(KeyboardInterrupt):
-        gguf_out.write_gguf(src, out, "q4_0", progress=False, resume=True)
-    monkeypatch.setattr(gguf_out, "_check_finite", real)
+    _interrupt_after(7, monkeypatch, lambda: gguf_out.write_gguf(src, out, "q4_0", progress=False, resume=True))
     assert not out.exists() and json.loads(_journal(out).read_text())["done"] == 7
     capsys.readouterr()
     report = gguf_out.write_gguf(src, out, "q4_0", progress=False, resume=True)

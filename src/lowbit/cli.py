@@ -15,6 +15,15 @@ DEFAULT_FORMATS = (
 )
 
 
+#: --out-format: the module and function writing each export directory
+EXPORTS = {
+    "compressed-tensors": ("lowbit.io.export_ct", "export_compressed_tensors"),
+    "bitsandbytes": ("lowbit.io.export_bnb", "export_bitsandbytes"),
+    "gptq": ("lowbit.io.export_gptq", "export_gptq"),
+    "awq": ("lowbit.io.export_awq", "export_awq"),
+}
+
+
 def _alpha(value: str) -> float | None:
     from lowbit.eval.compare import parse_alpha
 
@@ -290,25 +299,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         write_gguf_from_hf(loaded, out, ft.name, progress=not args.quiet)
         size = out.stat().st_size
-    elif args.out_format == "compressed-tensors":
-        from lowbit.io.export_ct import export_compressed_tensors
+    elif args.out_format in EXPORTS:
+        import importlib
 
-        export_compressed_tensors(loaded, out)
-        size = sum(f.stat().st_size for f in out.iterdir())
-    elif args.out_format == "bitsandbytes":
-        from lowbit.io.export_bnb import export_bitsandbytes
-
-        export_bitsandbytes(loaded, out)
-        size = sum(f.stat().st_size for f in out.iterdir())
-    elif args.out_format == "gptq":
-        from lowbit.io.export_gptq import export_gptq
-
-        export_gptq(loaded, out)
-        size = sum(f.stat().st_size for f in out.iterdir())
-    elif args.out_format == "awq":
-        from lowbit.io.export_awq import export_awq
-
-        export_awq(loaded, out)
+        module, fn = EXPORTS[args.out_format]
+        getattr(importlib.import_module(module), fn)(loaded, out)
         size = sum(f.stat().st_size for f in out.iterdir())
     else:
         from lowbit.model.checkpoint import save_checkpoint
@@ -488,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--alpha", type=_alpha, default=0.5,
                     help="SmoothQuant's migration strength in [0, 1] (default 0.5), or 'auto': searched per group of "
                          "layers by the error of their quantized outputs on the calibration text")
-    sp.add_argument("--out-format", choices=("lowbit", "compressed-tensors", "bitsandbytes", "gptq", "awq"),
+    sp.add_argument("--out-format", choices=("lowbit", *EXPORTS),
                     default="lowbit",
                     help="for a directory --out: lowbit's checkpoint; compressed-tensors' pack-quantized layout "
                          "(transformers and vLLM load it; 4/8-bit integer formats whose groups divide every row); "

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.io.export_gptq import int_linears
-from lowbit.io.hf_dir import hf_config, kept_tensors, write_model_dir
+from lowbit.io.hf_dir import hf_config, int_linears, kept_tensors, write_model_dir
 
 #: nibble k of a word holds output column ``AWQ_ORDER[k]`` of its eight
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)

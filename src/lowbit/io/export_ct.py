@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.integer import IntFormat
-from lowbit.io.hf_dir import hf_config, kept_tensors, write_model_dir
+from lowbit.io.hf_dir import hf_config, int_linears, kept_tensors, write_model_dir
 
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
@@ -55,19 +54,6 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     return (out.t() if dim == 0 else out).contiguous()
 
 
-def _quantized_linears(model: torch.nn.Module) -> dict[str, object]:
-    from lowbit.model.quantize import QuantLinear
-
-    out = {}
-    for n, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            if type(m) is not QuantLinear:
-                raise LowbitError(f"{n}: {type(m).__name__} layers (rotations, activation quantization) have no "
-                                  "compressed-tensors pack-quantized form")
-            out[n] = m
-    return out
-
-
 def export_compressed_tensors(loaded, out: Path) -> Path:  # type: ignore[no-untyped-def]
     """Write ``loaded`` (quantized in memory with one of lowbit's 4- or 8-bit integer formats) as a
     compressed-tensors ``pack-quantized`` checkpoint directory ``out``."""
@@ -75,16 +61,10 @@ def export_compressed_tensors(loaded, out: Path) -> Path:  # type: ignore[no-unt
     if out.exists():
         raise LowbitError(f"{out}: already exists")
     model = loaded.model
-    qlins = _quantized_linears(model)
-    if not qlins:
-        raise LowbitError("no quantized linear layers to export: quantize the model first (e.g. int4-asym-g128)")
-    fmts = {m.fmt.name for m in qlins.values()}  # type: ignore[attr-defined]
-    if len(fmts) != 1:
-        raise LowbitError(f"compressed-tensors export takes one format for every layer, found {', '.join(sorted(fmts))}")
-    fmt = next(iter(qlins.values())).fmt  # type: ignore[attr-defined]
-    if not isinstance(fmt, IntFormat) or fmt.bits not in (4, 8) or fmt.group == -1:
-        raise LowbitError(f"{fmt.name}: compressed-tensors pack-quantized export takes 4- or 8-bit integer formats "
-                          "per channel or per group (int4-g128, int4-asym-g64, int8 ...)")
+    accepts = "4- or 8-bit integer formats per channel or per group (int4-g128, int4-asym-g64, int8 ...)"
+    qlins, fmt = int_linears(model, "compressed-tensors pack-quantized", accepts)
+    if fmt.bits not in (4, 8) or fmt.group == -1:
+        raise LowbitError(f"{fmt.name}: compressed-tensors pack-quantized export takes {accepts}")
     bits, group = fmt.bits, fmt.group
     for n, m in qlins.items():
         cols = m.in_features  # type: ignore[attr-defined]

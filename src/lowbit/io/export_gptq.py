@@ -36,33 +36,9 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats.integer import IntFormat
 from lowbit.io.export_ct import pack_int32
-from lowbit.io.hf_dir import hf_config, kept_tensors, write_model_dir
+from lowbit.io.hf_dir import hf_config, int_linears, kept_tensors, write_model_dir
 
 GPTQ_BITS = (2, 3, 4, 8)
-
-
-def int_linears(model: torch.nn.Module, what: str) -> tuple[dict[str, torch.nn.Module], IntFormat]:
-    """The model's plain :class:`QuantLinear` layers and their one integer format (``what`` names the
-    export in error messages)."""
-    from lowbit.model.quantize import QuantLinear
-
-    qlins: dict[str, torch.nn.Module] = {}
-    for n, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            if type(m) is not QuantLinear:
-                raise LowbitError(f"{n}: {type(m).__name__} layers (rotations, activation quantization) have no "
-                                  f"{what} form")
-            qlins[n] = m
-    if not qlins:
-        raise LowbitError("no quantized linear layers to export: quantize the model first (e.g. int4-asym-g128)")
-    fmts = {m.fmt.name for m in qlins.values()}  # type: ignore[attr-defined]
-    if len(fmts) != 1:
-        raise LowbitError(f"{what} export takes one format for every layer, found {', '.join(sorted(fmts))}")
-    fmt = next(iter(qlins.values())).fmt  # type: ignore[attr-defined]
-    if not isinstance(fmt, IntFormat):
-        raise LowbitError(f"{fmt.name}: {what} export takes lowbit's integer formats (int4-asym-g128, int4-g128, "
-                          "int8-ch ...)")
-    return qlins, fmt
 
 
 def field_ones(bits: int) -> int:

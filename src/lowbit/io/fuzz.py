@@ -225,14 +225,19 @@ def mutate_safetensors_header(header: dict, body: int, rng: random.Random) -> di
 
 
 # ---- random mutations (the benchmark; the tests use hypothesis strategies of the same edits) ---------
+def _cut_or_overwrite(seed: bytes, op: int, rng: random.Random) -> tuple[str, bytes]:
+    """The mutations every format shares: a truncation (op 0) or random byte overwrites (op 1)."""
+    if op == 0:
+        return "truncate", seed[: rng.randrange(len(seed))]
+    edits = [(rng.randrange(len(seed)), rng.randrange(256)) for _ in range(rng.randint(1, 8))]
+    return "bytes", overwrite(seed, edits)
+
+
 def random_gguf(seed: bytes, fields: list[Field], rng: random.Random) -> tuple[str, bytes]:
     """A mutated GGUF file and the name of the mutation."""
     op = rng.randrange(5)
-    if op == 0:
-        return "truncate", seed[: rng.randrange(len(seed))]
-    if op == 1:
-        edits = [(rng.randrange(len(seed)), rng.randrange(256)) for _ in range(rng.randint(1, 8))]
-        return "bytes", overwrite(seed, edits)
+    if op < 2:
+        return _cut_or_overwrite(seed, op, rng)
     header_end = max(f.offset + f.width for f in fields)
     if op == 2:
         edits = [(rng.randrange(header_end), rng.randrange(256)) for _ in range(rng.randint(1, 4))]
@@ -254,11 +259,8 @@ def random_gguf(seed: bytes, fields: list[Field], rng: random.Random) -> tuple[s
 
 def random_safetensors(seed: bytes, rng: random.Random) -> tuple[str, bytes]:
     op = rng.randrange(5)
-    if op == 0:
-        return "truncate", seed[: rng.randrange(len(seed))]
-    if op == 1:
-        edits = [(rng.randrange(len(seed)), rng.randrange(256)) for _ in range(rng.randint(1, 8))]
-        return "bytes", overwrite(seed, edits)
+    if op < 2:
+        return _cut_or_overwrite(seed, op, rng)
     header, body = split_safetensors(seed)
     n = int.from_bytes(seed[:8], "little")
     if op == 2:

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from lowbit.errors import LowbitError
+from lowbit.formats.integer import IntFormat
+
 
 def kept_tensors(model: torch.nn.Module, quantized: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every parameter outside the ``quantized`` modules, in ``dtype``: tied weights once, and no
@@ -56,3 +59,28 @@ def write_model_dir(out: Path, tensors: dict[str, torch.Tensor], config: dict, t
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def int_linears(model: torch.nn.Module, what: str,
+                accepts: str = "lowbit's integer formats (int4-asym-g128, int4-g128, int8-ch ...)",
+                ) -> tuple[dict[str, torch.nn.Module], IntFormat]:
+    """The model's plain :class:`QuantLinear` layers and their one integer format, for the exports
+    (``what`` names the export, ``accepts`` the formats it takes, in error messages)."""
+    from lowbit.model.quantize import QuantLinear
+
+    qlins: dict[str, torch.nn.Module] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            if type(m) is not QuantLinear:
+                raise LowbitError(f"{n}: {type(m).__name__} layers (rotations, activation quantization) have no "
+                                  f"{what} form")
+            qlins[n] = m
+    if not qlins:
+        raise LowbitError("no quantized linear layers to export: quantize the model first (e.g. int4-asym-g128)")
+    fmts = {m.fmt.name for m in qlins.values()}  # type: ignore[attr-defined]
+    if len(fmts) != 1:
+        raise LowbitError(f"{what} export takes one format for every layer, found {', '.join(sorted(fmts))}")
+    fmt = next(iter(qlins.values())).fmt  # type: ignore[attr-defined]
+    if not isinstance(fmt, IntFormat):
+        raise LowbitError(f"{fmt.name}: {what} export takes {accepts}")
+    return qlins, fmt
