@@ -47,6 +47,8 @@ def models(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> dict[str,
         "untied": write_synthetic_llama(root / "untied", 2, tok_dir, seed=1, **SMALL),
         "tied": write_synthetic_llama(root / "tied", 2, tok_dir, seed=2, tied=True, layers_per_shard=2, **SMALL),
         "killable": write_synthetic_llama(root / "killable", 12, tok_dir, seed=3, layers_per_shard=4, **KILLABLE),
+        # the tokenizer's full vocabulary, so that calibration text runs through it
+        "calib": write_synthetic_llama(root / "calib", 2, tok_dir, seed=4, **{**SMALL, "vocab_size": 49152}),
     }
 
 
@@ -293,3 +295,97 @@ def test_changed_arguments_after_a_kill_start_over(models, tmp_path):
     reference = tmp_path / "reference.gguf"
     write_gguf_streaming(model, reference, "f16", progress=False, resume=False)
     assert out.read_bytes() == reference.read_bytes()
+
+
+# ---- GPTQ and AWQ streamed one decoder layer at a time -----------------------------------------
+def _calib(method: str):  # type: ignore[no-untyped-def]
+    from lowbit.algorithms.awq import AWQConfig
+    from lowbit.model.calibrate import CalibConfig
+
+    return CalibConfig(method=method, n_samples=4, seq_len=64, batch_size=2, awq=AWQConfig(n_grid=5, n_clip_grid=5))
+
+
+def _tensors(path: Path) -> dict[str, bytes]:
+    from lowbit.model.gguf_file import GGUFFile
+
+    f = GGUFFile(path)
+    return {n: f.raw(n).tobytes() for n in f.tensors}
+
+
+@pytest.mark.parametrize(("method", "fmt"), [("gptq", "q4_k_m"), ("awq", "q4_0")])
+def test_streamed_calibration_gives_the_in_memory_tensors(models, tmp_path, method, fmt):
+    """GPTQ/AWQ streamed layer by layer write the decoder layers the in-memory path writes, byte for
+    byte; the embeddings are round-to-nearest of the original (the in-memory path re-quantizes the
+    dequantized values it evaluated with, so its token_embd may differ by rounding)."""
+    from lowbit.eval.data import calibration_text
+    from lowbit.io.hf_gguf import write_gguf_from_hf
+    from lowbit.io.hf_stream import write_gguf_calibrated_streaming
+    from lowbit.model.calibrate import calibrate_quantize
+    from lowbit.model.imatrix import imatrix_chunks
+    from lowbit.model.load import load_model
+
+    d, cfg, text = models["calib"], _calib(method), calibration_text()
+    streamed, in_memory, rtn = tmp_path / "s.gguf", tmp_path / "m.gguf", tmp_path / "rtn.gguf"
+    report, logs = write_gguf_calibrated_streaming(d, streamed, fmt, cfg, text, progress=False)
+    assert {lg.layer for lg in logs} == {0, 1}
+    assert not list(tmp_path.glob(".*")), "journal, part file or saved hidden states left behind"
+    loaded = load_model(d, progress=False)
+    chunks = imatrix_chunks(loaded, text, n_ctx=cfg.seq_len, max_chunks=cfg.n_samples)
+    calibrate_quantize(loaded, fmt, chunks, cfg, progress=False)
+    write_gguf_from_hf(loaded, in_memory, fmt, progress=False)
+    write_gguf_streaming(d, rtn, fmt, progress=False)
+    s, m, r = _tensors(streamed), _tensors(in_memory), _tensors(rtn)
+    assert s.keys() == m.keys() and len(report.tensors) == len(s)
+    layer_tensors = [n for n in s if n.startswith("blk.")]
+    assert len(layer_tensors) == 18
+    assert all(s[n] == m[n] for n in layer_tensors)
+    assert s["token_embd.weight"] == r["token_embd.weight"] and s["output.weight"] == m["output.weight"]
+    # calibration changed the layers: not round-to-nearest
+    assert s["blk.1.ffn_down.weight"] != r["blk.1.ffn_down.weight"]
+
+
+def test_streamed_calibration_resumes_from_the_saved_hidden_states(models, tmp_path, monkeypatch, capsys):
+    """Interrupted inside layer 1, the rerun takes layer 1's inputs from the hidden states saved
+    beside the part file (layer 0 is not calibrated again) and writes the uninterrupted bytes."""
+    from lowbit.eval.data import calibration_text
+    from lowbit.io.hf_stream import write_gguf_calibrated_streaming
+
+    d, cfg, text = models["calib"], _calib("gptq"), calibration_text()
+    reference = tmp_path / "reference.gguf"
+    write_gguf_calibrated_streaming(d, reference, "q4_0", cfg, text, progress=False, resume=False)
+    out = tmp_path / "out.gguf"
+    # the interruption comes at the 6th tensor read as floats (calibrated ones are not read): in
+    # llama.cpp's order the 3 outside the layers, layer 0's 2 norms, then layer 1's attn_norm, after
+    # its attn_k was written
+    _interrupt_after(5, monkeypatch,
+                     lambda: write_gguf_calibrated_streaming(d, out, "q4_0", cfg, text, progress=False))
+    hidden = out.with_name(f".{out.name}.part-hidden.pt")
+    assert hidden.is_file() and not out.exists()
+    import torch
+
+    assert torch.load(hidden, weights_only=True)["layer"] == 1
+    capsys.readouterr()
+    _, logs = write_gguf_calibrated_streaming(d, out, "q4_0", cfg, text, progress=False)
+    assert "resuming after tensor" in capsys.readouterr().err
+    assert {lg.layer for lg in logs} == {1}
+    assert out.read_bytes() == reference.read_bytes()
+    assert not hidden.exists()
+
+
+def test_streamed_calibration_refuses_text_outside_the_vocabulary(models, tmp_path):
+    from lowbit.io.hf_stream import write_gguf_calibrated_streaming
+
+    with pytest.raises(LowbitError, match="vocabulary has 8192"):
+        write_gguf_calibrated_streaming(models["untied"], tmp_path / "x.gguf", "q4_k_m", _calib("gptq"),
+                                        "some text " * 400, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_streams_gptq_to_gguf(models, tmp_path):
+    out = tmp_path / "x.gguf"
+    cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(models["calib"]), "--format", "q4_k_m", "--method",
+           "gptq", "--calib-samples", "2", "--calib-len", "64", "--out", str(out), "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "gptq: up to 2 x 64 calibration tokens" in res.stdout and out.is_file()
+    assert len(_tensors(out)) == 2 * 9 + 3

@@ -83,18 +83,20 @@ def _calib_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                        qat=QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch))
 
 
-def _calibration_chunks(args: argparse.Namespace, loaded, cfg):  # type: ignore[no-untyped-def]
-    from lowbit.model.imatrix import imatrix_chunks
-
+def _calibration_text(args: argparse.Namespace) -> str:
     if args.calib_text:
         from lowbit.eval.data import read_text_file
 
-        text = read_text_file(args.calib_text)
-    else:
-        from lowbit.eval.data import calibration_text
+        return read_text_file(args.calib_text)
+    from lowbit.eval.data import calibration_text
 
-        text = calibration_text()
-    return imatrix_chunks(loaded, text, n_ctx=cfg.seq_len, max_chunks=cfg.n_samples)
+    return calibration_text()
+
+
+def _calibration_chunks(args: argparse.Namespace, loaded, cfg):  # type: ignore[no-untyped-def]
+    from lowbit.model.imatrix import imatrix_chunks
+
+    return imatrix_chunks(loaded, _calibration_text(args), n_ctx=cfg.seq_len, max_chunks=cfg.n_samples)
 
 
 def _parse_size(text: str) -> int:
@@ -249,13 +251,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
         return 0
 
+    cfg = _calib_config(args)
+    if to_gguf and args.method in ("gptq", "awq") and _can_stream(src):
+        # one decoder layer in memory at a time, resumable
+        from lowbit.io.hf_stream import write_gguf_calibrated_streaming
+
+        notes = []
+        report, logs = write_gguf_calibrated_streaming(src, out, ft.name, cfg, _calibration_text(args),
+                                                       progress=not args.quiet, notes=notes)
+        for n in notes:
+            print(f"note: {n}")
+        _print_gain(args.method, cfg, logs)
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
+        print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
+        return 0
+
     import shutil
 
     from lowbit.model.calibrate import calibrate_quantize
     from lowbit.model.load import load_model
 
     loaded = load_model(src, progress=not args.quiet)
-    cfg = _calib_config(args)
     if args.method == "qat":
         import copy
 
@@ -285,10 +301,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         chunks = _calibration_chunks(args, loaded, cfg)
         report, logs = calibrate_quantize(loaded, scheme, chunks, cfg, progress=not args.quiet)
-        if logs:
-            gain = sum(lg.error for lg in logs if lg.rtn_error > 0) / max(1e-30, sum(lg.rtn_error for lg in logs if lg.rtn_error > 0))
-            print(f"{args.method}: {len(chunks)} x {cfg.seq_len} calibration tokens; layer output error "
-                  f"{100 * gain:.1f}% of round-to-nearest's (summed over layers)")
+        _print_gain(args.method, cfg, logs, len(chunks))
     if out.exists() and args.force:
         if out.is_dir():
             shutil.rmtree(out)
@@ -313,6 +326,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
     print(f"wrote {out}: {size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
     return 0
+
+
+def _print_gain(method: str, cfg, logs: list, n_chunks: int | None = None) -> None:  # type: ignore[no-untyped-def]
+    """One line: the calibrated layers' output error as a share of round-to-nearest's."""
+    rtn = sum(lg.rtn_error for lg in logs if lg.rtn_error > 0)
+    if not logs or rtn <= 0:
+        return
+    gain = sum(lg.error for lg in logs if lg.rtn_error > 0) / rtn
+    chunks = f"{n_chunks} x {cfg.seq_len}" if n_chunks is not None else f"up to {cfg.n_samples} x {cfg.seq_len}"
+    print(f"{method}: {chunks} calibration tokens; layer output error {100 * gain:.1f}% of round-to-nearest's "
+          "(summed over layers)")
 
 
 def cmd_import(args: argparse.Namespace) -> int:

@@ -13,12 +13,14 @@ arguments, goes on from its last finished tensor (:class:`lowbit.io.gguf_out.Jou
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.formats import QTensor
 from lowbit.io.gguf_out import array_digest, fingerprint, write_tensors
 from lowbit.io.hf_gguf import GGUF_ARCH, HFLayout
 from lowbit.model.quantize import QuantReport
@@ -134,3 +136,260 @@ def write_gguf_streaming(path: Path, out: Path, fmt_name: str, progress: bool = 
 
     return write_tensors(out, layout.arch, layout.metadata(tok, add_bos, notes), entries, load, fmt_name,
                          layout.info(), str(path), progress, imatrix, device=where, fingerprint=fp)
+
+
+# ---- GPTQ and AWQ, one decoder layer in memory at a time ------------------------------------
+class _CalibratedLayers(Mapping):
+    """The decoder layers of a Hugging Face directory, calibrated (GPTQ, AWQ) one at a time as the
+    GGUF writer asks for their tensors, in llama.cpp's order (layer by layer).
+
+    The model is built on the meta device; only the token embeddings are loaded, to capture the
+    calibration hidden states at the first layer.  Asked for a tensor of layer ``i``, it loads the
+    layer's weights from the safetensors files, quantizes it (:func:`lowbit.model.calibrate.calibrate_layer`),
+    runs the quantized layer to make the next layer's inputs, keeps the layer's output tensors
+    (quantized blocks, norms) until the writer moves on, and frees the layer.  As a mapping it holds
+    the calibrated (pre-quantized) GGUF tensors; :meth:`floats` gives the others of a layer.
+
+    For resuming, the hidden states at the input of each layer are saved (atomically) beside the
+    output before the layer is quantized; a rerun that resumes inside layer ``i`` starts from them
+    instead of recalibrating layers ``0 .. i-1``."""
+
+    def __init__(self, path: Path, hf_cfg: object, layout: HFLayout, files: dict, hf_of: dict[str, str],
+                 scheme: str, chunks: torch.Tensor, cfg: object, hidden_file: Path | None, key: str,
+                 progress: bool) -> None:
+        import re
+
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        from lowbit.model.calibrate import _layers_prefix, calibrated_linears, decoder_layers
+        from lowbit.model.quantize import plan_for
+
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(hf_cfg)
+        self.model.eval()
+        self.layers = decoder_layers(self.model)
+        self.prefix = _layers_prefix(self.model, self.layers)
+        self.choices = plan_for(self.model, scheme)
+        self.files, self.hf_of, self.layout = files, hf_of, layout
+        self.scheme, self.chunks, self.cfg = scheme, chunks, cfg
+        self.hidden_file, self.key, self.progress = hidden_file, key, progress
+        pat = re.compile(rf"^{re.escape(self.prefix)}\.(\d+)\.(.+)$")
+        self.layer_of: dict[str, tuple[int, str]] = {}  # GGUF name -> (layer, local name)
+        for g, k in hf_of.items():
+            m = pat.match(k)
+            if m:
+                self.layer_of[g] = (int(m.group(1)), m.group(2))
+        self.calibrated: set[str] = set()
+        for i, layer in enumerate(self.layers):
+            local = {f"{n}.weight" for n in calibrated_linears(layer, i, self.prefix, self.choices)}
+            self.calibrated |= {g for g, (li, n) in self.layer_of.items() if li == i and n in local}
+        self.next = 0  # the next layer to calibrate
+        self.batches: list | None = None
+        self.current: dict[str, object] = {}  # GGUF name -> QTensor or float32 array of the last layer
+        from lowbit.model.quantize import QuantReport
+
+        self.report = QuantReport(f"{scheme}+{getattr(cfg, 'method', '?')}")
+        self.logs: list = []
+        self.bar = None
+
+    # Mapping: the calibrated tensors
+    def __contains__(self, name: object) -> bool:
+        return name in self.calibrated
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(sorted(self.calibrated))
+
+    def __len__(self) -> int:
+        return len(self.calibrated)
+
+    def __getitem__(self, name: str):  # type: ignore[no-untyped-def]
+        if name not in self.calibrated:
+            raise KeyError(name)
+        self._ensure(self.layer_of[name][0])
+        return self.current[name]
+
+    def is_layer_tensor(self, name: str) -> bool:
+        return name in self.layer_of
+
+    def floats(self, name: str) -> np.ndarray:
+        """A layer tensor that is not calibrated (a norm, a bias, a layer the plan keeps), after
+        its layer was calibrated (AWQ folds its scales into norms and linear layers)."""
+        self._ensure(self.layer_of[name][0])
+        return self.current[name]  # type: ignore[return-value]
+
+    # the work
+    def _read(self, k: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        f = self.files[k][0]
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                return fh.get_tensor(k).to(torch.float32)
+        except Exception as exc:
+            raise LowbitError(f"{f}: could not read tensor {k} ({type(exc).__name__}: {exc})") from None
+
+    def _start(self, want: int) -> None:
+        from lowbit.model.calibrate import capture_layer_inputs
+
+        emb = self.model.get_input_embeddings()
+        key = next(k for k in self.files if k.endswith("embed_tokens.weight"))
+        emb.load_state_dict({"weight": self._read(key).to(self.cfg.device)}, assign=True)  # type: ignore[attr-defined]
+        batches = capture_layer_inputs(self.model, self.chunks, self.cfg.batch_size, self.cfg.device)  # type: ignore[attr-defined]
+        emb.to("meta")
+        start = 0
+        saved = self._load_hidden(want)
+        if saved is not None:
+            start, hs = saved
+            if len(hs) != len(batches):
+                raise LowbitError(f"{self.hidden_file}: saved hidden states do not match the calibration batches")
+            batches = [(h, kw) for h, (_, kw) in zip(hs, batches, strict=True)]
+        self.batches, self.next = batches, start
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(self.layers), initial=start, desc=f"{self.cfg.method} {self.scheme}",  # type: ignore[attr-defined]
+                        unit="layer", disable=not self.progress, leave=False)
+
+    def _load_hidden(self, want: int) -> tuple[int, list[torch.Tensor]] | None:
+        if self.hidden_file is None or not self.hidden_file.is_file():
+            return None
+        try:
+            saved = torch.load(self.hidden_file, weights_only=True)
+        except Exception:
+            return None
+        if not isinstance(saved, dict) or saved.get("key") != self.key or not (0 <= int(saved.get("layer", -1)) <= want):
+            return None
+        return int(saved["layer"]), list(saved["hidden"])
+
+    def _save_hidden(self, layer: int) -> None:
+        if self.hidden_file is None or self.batches is None:
+            return
+        import os
+
+        tmp = self.hidden_file.with_name(self.hidden_file.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            torch.save({"key": self.key, "layer": layer, "hidden": [h for h, _ in self.batches]}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self.hidden_file)
+
+    def _ensure(self, li: int) -> None:
+        if li == self.next - 1 and self.current:
+            return
+        if li < self.next - 1:
+            raise LowbitError(f"layer {li} was asked for after layer {self.next - 1}: the writer must go layer by layer")
+        if self.batches is None:
+            self._start(li)
+        while self.next <= li:
+            self._calibrate(self.next)
+
+    def _calibrate(self, li: int) -> None:
+        from lowbit.model.calibrate import calibrate_layer
+        from lowbit.model.quantize import QuantLinear
+
+        self._save_hidden(li)
+        layer = self.layers[li]
+        mine = {g: n for g, (i, n) in self.layer_of.items() if i == li}
+        state = {n: self._read(self.hf_of[g]).to(self.cfg.device) for g, n in mine.items()}  # type: ignore[attr-defined]
+        expected = set(layer.state_dict().keys())
+        if set(state) != expected:
+            missing = sorted(expected - set(state))[:3]
+            raise LowbitError(f"{self.layout.path}: layer {li} does not match its config (missing {missing}, "
+                              f"unexpected {sorted(set(state) - expected)[:3]})")
+        layer.load_state_dict(state, assign=True, strict=True)
+        del state
+        done: set[str] = set()
+        self.batches = calibrate_layer(layer, li, self.prefix, self.choices, self.batches, self.cfg,  # type: ignore[arg-type]
+                                       self.report, self.logs, done)
+        current: dict[str, object] = {}
+        for g, n in mine.items():
+            mod_name, _, attr = n.rpartition(".")
+            mod = layer.get_submodule(mod_name) if mod_name else layer
+            if g in self.calibrated:
+                assert isinstance(mod, QuantLinear) and attr == "weight"
+                qt = mod.qtensor
+                blocks = self.layout.rows(g, qt.parts["blocks"].reshape(qt.shape[0], -1).cpu().numpy())
+                current[g] = QTensor(qt.format, qt.shape, {"blocks": torch.from_numpy(np.ascontiguousarray(blocks))})
+            else:
+                current[g] = self.layout.rows(g, getattr(mod, attr).detach().to(torch.float32).cpu().numpy().copy())
+        self.current = current
+        self.layers[li] = layer.to("meta")  # free the layer's weights
+        self.next = li + 1
+        if self.bar is not None:
+            self.bar.update(1)
+            recent = [lg for lg in self.logs if lg.layer == li and lg.rtn_error > 0]
+            if recent:
+                self.bar.set_postfix(err=f"{sum(lg.error for lg in recent) / sum(lg.rtn_error for lg in recent):.3f}xRTN")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_gguf_calibrated_streaming(path: Path, out: Path, scheme: str, cfg: object, text: str,
+                                    progress: bool = True, resume: bool = True,
+                                    notes: list[str] | None = None) -> tuple[QuantReport, list]:
+    """GPTQ or AWQ (``cfg``: :class:`lowbit.model.calibrate.CalibConfig`) of the Hugging Face directory
+    ``path`` into the GGUF file ``out`` of file type ``scheme``, calibrated on ``text``, with one decoder
+    layer in memory at a time (plus the calibration hidden states); resumable like
+    :func:`write_gguf_streaming`.  Returns the file's report and the per-layer logs."""
+    import hashlib
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lowbit.model.calibrate import _check_formats
+    from lowbit.model.imatrix import imatrix_chunks
+    from lowbit.model.load import LoadedModel
+
+    method = getattr(cfg, "method", None)
+    if method not in ("gptq", "awq"):
+        raise LowbitError(f"streaming calibration runs GPTQ and AWQ, not {method}")
+    path = Path(path)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise LowbitError(f"{path}: could not read the config or tokenizer ({type(exc).__name__}: {exc})") from None
+    layout = HFLayout(path, str(hf_cfg.model_type), hf_cfg)
+    files = weight_files(path)
+    hf_of = layout.names(files)
+    entries = [(g, files[k][1]) for g, k in hf_of.items()]
+    bos = getattr(tok, "bos_token_id", None)
+    add_bos = bool(getattr(tok, "add_bos_token", False)) and bos is not None
+    notes = [] if notes is None else notes
+    chunks = imatrix_chunks(LoadedModel(None, tok, path, layout.arch, add_bos, bos, None, []),  # type: ignore[arg-type]
+                            text, n_ctx=cfg.seq_len, max_chunks=cfg.n_samples)  # type: ignore[attr-defined]
+    if int(chunks.max()) >= int(hf_cfg.vocab_size):
+        raise LowbitError(f"{path}: the tokenizer gives token ids up to {int(chunks.max())}, but the model's "
+                          f"vocabulary has {hf_cfg.vocab_size} entries")
+
+    fp = None
+    key = ""
+    if resume:
+        inputs = sorted({f for f, _ in files.values()} | {path / m for m in _META_FILES if (path / m).is_file()})
+        fp = fingerprint(inputs, format=scheme, method=repr(cfg),
+                         calibration=hashlib.sha256(chunks.numpy().tobytes()).hexdigest())
+        key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+    hidden_file = out.with_name(f".{out.name}.part-hidden.pt") if resume else None
+    if hidden_file is not None and not out.with_name(f".{out.name}.part-resume.json").is_file():
+        hidden_file.unlink(missing_ok=True)  # no run to resume: what is there is stale
+    torch.manual_seed(getattr(cfg, "seed", 0))
+    layers = _CalibratedLayers(path, hf_cfg, layout, files, hf_of, scheme, chunks, cfg, hidden_file, key, progress)
+    _check_formats({k: v for k, v in layers.choices.items()}, method)
+
+    def load(name: str) -> np.ndarray:
+        if layers.is_layer_tensor(name):
+            return layers.floats(name)
+        k = hf_of[name]
+        return layout.rows(name, layers._read(k).numpy())
+
+    try:
+        report = write_tensors(out, layout.arch, layout.metadata(tok, add_bos, notes), entries, load, scheme,
+                               layout.info(), str(path), progress, None, prequantized=layers,  # type: ignore[arg-type]
+                               fingerprint=fp)
+    finally:
+        layers.close()
+    if hidden_file is not None:
+        hidden_file.unlink(missing_ok=True)
+        hidden_file.with_name(hidden_file.name + ".tmp").unlink(missing_ok=True)
+    return report, layers.logs

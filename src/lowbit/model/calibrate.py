@@ -205,53 +205,61 @@ def calibrate_quantize(loaded, scheme: str, chunks: torch.Tensor, cfg: CalibConf
     batches = capture_layer_inputs(model, chunks, cfg.batch_size, cfg.device)
     bar = tqdm(range(len(layers)), desc=f"{cfg.method} {scheme}", unit="layer", disable=not progress, leave=False)
     for li in bar:
-        layer = layers[li]
-        linears: dict[str, nn.Linear] = {}
-        for n, m in layer.named_modules():
-            full = f"{prefix}.{li}.{n}.weight"
-            if isinstance(m, nn.Linear) and full in choices and choices[full].quantized:
-                linears[n] = m
-        fmts = {n: get_format(choices[f"{prefix}.{li}.{n}.weight"].format) for n in linears}
-        stats = _collect(layer, linears, batches)
-        if cfg.method == "awq":
-            _awq_layer(layer, linears, fmts, stats, cfg, li, logs)
-        for n, m in linears.items():
-            t0 = time.perf_counter()
-            fmt = fmts[n]
-            w = m.weight.detach().to(torch.float32)
-            h = stats[n].hessian()
-            if cfg.method == "gptq":
-                res = gptq_quantize(w, h, fmt, cfg.gptq, name=f"{prefix}.{li}.{n}")
-                qt, err, rtn_err, extra = res.qtensor, res.error, res.rtn_error, {"damp": res.damp}
-                new: nn.Module = QuantLinear(qt, m.bias)
-            elif cfg.method == "awq":
-                qt, err, rtn_err = _awq_quantize(w, fmt, h, cfg, name=n)
-                extra = {}
-                new = QuantLinear(qt, m.bias)
-            elif cfg.method == "quip":
-                new, err, rtn_err, extra = quip_quantize(w, h, fmt, m.bias, cfg, seed=cfg.seed + 1000 * li + len(logs))
-                qt = new.qtensor  # type: ignore[assignment]
-            else:
-                res = spqr_quantize(w, h, fmt, SpQRConfig(outlier_fraction=cfg.spqr_outliers, gptq=cfg.gptq),
-                                    name=f"{prefix}.{li}.{n}")
-                qt, err, rtn_err = res.qtensor, res.error, res.rtn_error
-                extra = {"outliers": float(res.outliers)}
-                new = QuantLinear(qt, m.bias)
-            _set_module(layer, n, new)
-            full = f"{prefix}.{li}.{n}.weight"
-            done.add(full)
-            report.tensors.append(TensorRecord(full, tuple(w.shape), fmt.name, True, fmt.tensor_bits(qt), err))
-            logs.append(LayerLog(li, n, err, rtn_err, time.perf_counter() - t0, extra))
-        del stats
-        outs = _run_layer(layer, batches, keep=True)
-        batches = [(o, kw) for o, (_, kw) in zip(outs, batches, strict=True)]
-        if logs:
-            recent = [lg for lg in logs if lg.layer == li]
+        batches = calibrate_layer(layers[li], li, prefix, choices, batches, cfg, report, logs, done)
+        recent = [lg for lg in logs if lg.layer == li]
+        if recent:
             bar.set_postfix(err=f"{sum(lg.error for lg in recent) / len(recent):.4f}",
                             rtn=f"{sum(lg.rtn_error for lg in recent) / len(recent):.4f}")
     rest = quantize_rest(model, scheme, choices, skip=done, progress=progress, imatrix=imatrix)
     report.tensors = _merge(report.tensors, rest.tensors, model)
     return report, logs
+
+
+def calibrated_linears(layer: nn.Module, li: int, prefix: str, choices: dict) -> dict[str, nn.Linear]:
+    """The linear layers of decoder layer ``li`` that the plan ``choices`` quantizes (local names)."""
+    return {n: m for n, m in layer.named_modules()
+            if isinstance(m, nn.Linear) and (ch := choices.get(f"{prefix}.{li}.{n}.weight")) is not None and ch.quantized}
+
+
+def calibrate_layer(layer: nn.Module, li: int, prefix: str, choices: dict, batches: list[tuple[torch.Tensor, dict]],
+                    cfg: CalibConfig, report: QuantReport, logs: list[LayerLog], done: set[str]) -> list[tuple[torch.Tensor, dict]]:
+    """Quantize decoder layer ``li`` (``layer``, in place) with ``cfg.method`` from its inputs
+    ``batches``, and return its quantized outputs on them: the next layer's inputs."""
+    linears = calibrated_linears(layer, li, prefix, choices)
+    fmts = {n: get_format(choices[f"{prefix}.{li}.{n}.weight"].format) for n in linears}
+    stats = _collect(layer, linears, batches)
+    if cfg.method == "awq":
+        _awq_layer(layer, linears, fmts, stats, cfg, li, logs)
+    for n, m in linears.items():
+        t0 = time.perf_counter()
+        fmt = fmts[n]
+        w = m.weight.detach().to(torch.float32)
+        h = stats[n].hessian()
+        if cfg.method == "gptq":
+            res = gptq_quantize(w, h, fmt, cfg.gptq, name=f"{prefix}.{li}.{n}")
+            qt, err, rtn_err, extra = res.qtensor, res.error, res.rtn_error, {"damp": res.damp}
+            new: nn.Module = QuantLinear(qt, m.bias)
+        elif cfg.method == "awq":
+            qt, err, rtn_err = _awq_quantize(w, fmt, h, cfg, name=n)
+            extra = {}
+            new = QuantLinear(qt, m.bias)
+        elif cfg.method == "quip":
+            new, err, rtn_err, extra = quip_quantize(w, h, fmt, m.bias, cfg, seed=cfg.seed + 1000 * li + len(logs))
+            qt = new.qtensor  # type: ignore[assignment]
+        else:
+            res = spqr_quantize(w, h, fmt, SpQRConfig(outlier_fraction=cfg.spqr_outliers, gptq=cfg.gptq),
+                                name=f"{prefix}.{li}.{n}")
+            qt, err, rtn_err = res.qtensor, res.error, res.rtn_error
+            extra = {"outliers": float(res.outliers)}
+            new = QuantLinear(qt, m.bias)
+        _set_module(layer, n, new)
+        full = f"{prefix}.{li}.{n}.weight"
+        done.add(full)
+        report.tensors.append(TensorRecord(full, tuple(w.shape), fmt.name, True, fmt.tensor_bits(qt), err))
+        logs.append(LayerLog(li, n, err, rtn_err, time.perf_counter() - t0, extra))
+    del stats
+    outs = _run_layer(layer, batches, keep=True)
+    return [(o, kw) for o, (_, kw) in zip(outs, batches, strict=True)]
 
 
 def _check_formats(choices: dict, method: str) -> None:
