@@ -9,6 +9,9 @@ for the peaks of anonymous and file-backed memory.  ``--time-limit`` stops a run
 seconds (SIGKILL): the row then records how many tensors it finished and its peak so far, and a
 later run with ``--resume`` goes on from there (the output's journal).  ``--in-memory`` runs the
 previous path instead (transformers loads the whole model in float32, then the GGUF is written).
+``--method gptq`` (or awq) runs the calibrated streaming path (one decoder layer in memory at a
+time, plus the calibration hidden states and the layer's Hessians) on checkpoints whose
+vocabulary is the tokenizer's (49152), so that the calibration text runs through them.
 
 Rows are merged into ``bench/results/streaming-cpu.json`` (and .md) by (path, format, layers),
 so that several invocations build one table:
@@ -55,8 +58,9 @@ def _journal_progress(out: Path) -> tuple[int, int]:
 
 
 def run_one(model: Path, out: Path, fmt: str, in_memory: bool, time_limit: float | None, resume: bool,
-            log: Path) -> dict[str, object]:
-    for p in (out, out.with_name(f".{out.name}.part"), out.with_name(f".{out.name}.part-resume.json")):
+            log: Path, calib: list[str] | None = None) -> dict[str, object]:
+    for p in (out, out.with_name(f".{out.name}.part"), out.with_name(f".{out.name}.part-resume.json"),
+              out.with_name(f".{out.name}.part-hidden.pt")):
         if p == out or not resume:
             p.unlink(missing_ok=True)
     if in_memory:
@@ -67,6 +71,7 @@ def run_one(model: Path, out: Path, fmt: str, in_memory: bool, time_limit: float
         cmd = [sys.executable, "-c", code, str(model), str(out), fmt]
     else:
         cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(model), "--format", fmt, "--out", str(out)]
+        cmd += calib or []
     t0 = time.monotonic()
     peak_anon = peak_file = 0
     with open(log, "w") as lf:
@@ -121,6 +126,10 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=None, help="seconds after which a run is stopped")
     ap.add_argument("--resume", action="store_true", help="go on from a stopped run's partial output")
     ap.add_argument("--in-memory", action="store_true", help="measure the in-memory path instead")
+    ap.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"],
+                    help="gptq/awq: calibrated, one decoder layer in memory at a time (vocabulary 49152)")
+    ap.add_argument("--calib-samples", type=int, default=16, help="calibration chunks for --method (default 16)")
+    ap.add_argument("--calib-len", type=int, default=512, help="tokens per calibration chunk (default 512)")
     ap.add_argument("--keep-outputs", action="store_true", help="keep the GGUF files (default: deleted)")
     args = ap.parse_args()
 
@@ -132,22 +141,30 @@ def main() -> None:
     results = OUT / f"{STEM}.json"
     OUT.mkdir(parents=True, exist_ok=True)
     doc = json.loads(results.read_text()) if results.is_file() else {"rows": []}
+    calib = None
+    vocab = LLAMA_7B["vocab_size"]
+    if args.method != "rtn":
+        # calibration text runs through the model: its vocabulary must hold every token id
+        calib = ["--method", args.method, "--calib-samples", str(args.calib_samples), "--calib-len", str(args.calib_len)]
+        vocab = 49152
     for n_layers in [int(x) for x in args.layers.split(",")]:
-        model = work / f"llama7b-shape-{n_layers}L"
+        model = work / (f"llama7b-shape-{n_layers}L" + ("" if calib is None else "-v49152"))
         t0 = time.monotonic()
         existed = (model / "model.safetensors.index.json").is_file()
-        write_synthetic_llama(model, n_layers, tok, seed=n_layers)
+        write_synthetic_llama(model, n_layers, tok, seed=n_layers, vocab_size=vocab)
         ck_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         print(f"{model}: {ck_bytes / 1e9:.2f} GB" + ("" if existed else f", written in {time.monotonic() - t0:.0f} s"),
               flush=True)
-        h, f, v = LLAMA_7B["hidden_size"], LLAMA_7B["intermediate_size"], LLAMA_7B["vocab_size"]
+        h, f, v = LLAMA_7B["hidden_size"], LLAMA_7B["intermediate_size"], vocab
         params = n_layers * (4 * h * h + 3 * h * f + 2 * h) + 2 * v * h + h
-        for fmt in args.formats.split(","):
+        for ftype in args.formats.split(","):
+            fmt = ftype if calib is None else f"{ftype}+{args.method}"
             out = work / f"out-{n_layers}L-{fmt}{'-inmem' if args.in_memory else ''}.gguf"
             log = work / f"log-{n_layers}L-{fmt}{'-inmem' if args.in_memory else ''}.txt"
             print(f"quantize {n_layers} layers to {fmt} ({'in memory' if args.in_memory else 'streaming'}) ...",
                   flush=True)
-            row = run_one(model, out, fmt, args.in_memory, args.time_limit, args.resume, log)
+            row = run_one(model, out, ftype, args.in_memory, args.time_limit, args.resume, log, calib)
+            row["format"] = fmt
             row.update(layers=n_layers, params=params, checkpoint_bytes=ck_bytes)
             if row["complete"]:  # the journal is gone once complete: 9 tensors a layer, embeddings, head, norm
                 row["tensors_done"] = row["n_tensors"] = 9 * n_layers + 3
