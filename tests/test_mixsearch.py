@@ -95,3 +95,27 @@ def test_searched_mix_as_a_gguf_that_llama_cpp_runs(small, setup, tmp_path, llam
     ms.apply_mix(work, mix, im)
     kld, _, _ = llamacpp_vs_torch(path, work.model, held[0])
     assert kld < 0.01, kld
+
+
+def test_sensitivities_of_a_gemma3_model_keep_its_extra_norms_in_f32():
+    """Gemma 3's norms beyond llama's (pre/post feed-forward, q/k norms) have no llama GGUF name:
+    they are counted as F32, and every projection and the embedding get sensitivities."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.model.load import LoadedModel
+
+    cfg = AutoConfig.for_model("gemma3_text", vocab_size=256, hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               sliding_window=32, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    loaded = LoadedModel(model, None, "tiny-gemma3", "gemma3_text", False, None, None, [])  # type: ignore[arg-type]
+    chunks = torch.randint(0, 256, (2, 32))
+    sens = ms.measure(loaded, chunks, allowed=ALLOWED, progress=False)
+    assert len(sens.tensors) == 1 + 2 * 7
+    norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
+    assert sens.fixed_bits == 32 * norms
+    assert sens.n_params == sum(p.numel() for p in model.parameters())
+    mix, sol = ms.search(sens, sens.bits_of({s.gguf: "q8_0" for s in sens.tensors.values()}))
+    assert sol.bits <= sol.budget and set(mix) == {s.gguf for s in sens.tensors.values()}

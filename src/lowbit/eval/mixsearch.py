@@ -233,6 +233,9 @@ def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.nda
         if g is None:
             if n == "lm_head.weight" and tied:
                 continue
+            if p.dim() == 1:  # a norm llama's names do not cover (Gemma's pre/post norms, q/k norms): F32
+                fixed += 32 * p.numel()
+                continue
             raise LowbitError(f"{loaded.path}: tensor {n} has no GGUF name; the search writes GGUF files")
         if allows_quantization(g, p.dim()):
             todo.append((n, g, p))
