@@ -190,3 +190,22 @@ def test_methods_run_on_other_architectures(arch):
 @dataclasses.dataclass
 class _Loaded:
     model: torch.nn.Module
+
+
+def test_layers_fed_the_same_input_share_one_hessian(small, calib_chunks):
+    """q/k/v (after the input norm) and gate/up (after the feed-forward norm) get one InputStats,
+    accumulated once and equal to X^T X of that input; o and down have their own."""
+    from lowbit.model.calibrate import _collect, decoder_layers
+
+    model = copy.deepcopy(small.model)
+    layer = decoder_layers(model)[0]
+    batches = capture_layer_inputs(model, calib_chunks[:4], batch_size=2)
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    stats = _collect(layer, linears, batches)
+    a = stats["self_attn.q_proj"]
+    assert a is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    assert len({id(s) for s in stats.values()}) == 4  # qkv, o, gate/up, down
+    x = torch.cat([layer.input_layernorm(hs).reshape(-1, hs.shape[-1]) for hs, _ in batches]).double()
+    assert a.tokens == x.shape[0]
+    torch.testing.assert_close(a.hessian(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)

@@ -58,20 +58,25 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float = 10.0)
     """Upper Cholesky factor of ``(H + damp*mean(diag H)*I)^-1`` (float64), doubling ``damp`` until
     the factorization succeeds.  Returns the factor and the damping used."""
     h = h.to(torch.float64)
-    n = h.shape[0]
     mean_diag = float(torch.diagonal(h).mean())
     if not mean_diag > 0:
         mean_diag = 1.0
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
     d = damp
     while True:
-        hd = h + (d * mean_diag) * eye
+        # at most three n x n float64 matrices alive at once (h, and two of hd/chol/hinv/u)
+        hd = h.clone()
+        hd.diagonal().add_(d * mean_diag)
         chol, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and bool(torch.isfinite(u).all()):
                 return u, d
+        else:
+            del chol
         if d >= max_damp:
             raise LowbitError(f"the Hessian stays singular even with damping {d:g}; the calibration data "
                               "may be too small for this layer")
@@ -150,6 +155,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, cfg: GPTQConfig
         full_grid = _take(full_grid, perm)
     u, damp = inverse_hessian_factor(h, cfg.damp, cfg.max_damp)
     hinv = u.to(torch.float32)
+    del u
 
     block = cfg.block_size
     if group:

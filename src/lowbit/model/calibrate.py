@@ -118,11 +118,36 @@ def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], keep:
 
 def _collect(layer: nn.Module, linears: dict[str, nn.Linear], batches: list[tuple[torch.Tensor, dict]],
              hessian: bool = True) -> dict[str, InputStats]:
-    stats = {n: InputStats(m.in_features, m.weight.device, hessian) for n, m in linears.items()}
-    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: stats[n].add(a[0])) for n, m in linears.items()]
+    """Input statistics of each linear layer over ``batches``.  Linear layers that receive the very
+    same input tensor (q/k/v after the input norm, gate/up after the feed-forward norm) share one
+    :class:`InputStats`: the Hessian is accumulated and held once for them."""
+    stats: dict[str, InputStats] = {}
+    seen: list[tuple[torch.Tensor, InputStats]] = []  # this batch's inputs (kept alive: identity is safe)
+    owner: dict[int, str] = {}  # id of an InputStats -> the layer that accumulates into it
+
+    def hook(n: str, x: torch.Tensor) -> None:
+        for t, st in seen:
+            if t is x:
+                if stats.setdefault(n, st) is not st:
+                    raise LowbitError(f"calibration: {n} shared another layer's input in one batch and not in another")
+                return
+        st = stats.get(n)
+        if st is None:
+            with torch.inference_mode(False):  # normal tensors, updated in place after the forward passes
+                st = stats[n] = InputStats(linears[n].in_features, linears[n].weight.device, hessian)
+            owner[id(st)] = n
+        elif owner[id(st)] != n:  # shared another layer's input before, but not this one now
+            raise LowbitError(f"calibration: {n} shared another layer's input in one batch and not in another")
+        st.add(x)
+        seen.append((x, st))
+
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: hook(n, a[0])) for n, m in linears.items()]
     try:
-        _run_layer(layer, batches, keep=False)
+        for batch in batches:
+            seen.clear()
+            _run_layer(layer, [batch], keep=False)
     finally:
+        seen.clear()
         for h in hooks:
             h.remove()
     return stats
@@ -314,8 +339,7 @@ def _awq_layer(layer: nn.Module, linears: dict[str, nn.Linear], fmts: dict, stat
             continue
         apply_scale(layer, prev_name, names, s)
         s64 = s.to(torch.float64)
-        for n in names:
-            stn = stats[n]
+        for stn in {id(stats[n]): stats[n] for n in names}.values():  # shared statistics rescaled once
             if stn.h is not None:
                 stn.h /= s64[:, None] * s64[None, :]
             stn.abs_sum /= s64
