@@ -389,3 +389,31 @@ def test_cli_streams_gptq_to_gguf(models, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "gptq: up to 2 x 64 calibration tokens" in res.stdout and out.is_file()
     assert len(_tensors(out)) == 2 * 9 + 3
+
+
+def test_cli_streamed_gptq_takes_one_device_not_auto(models, tmp_path, capsys):
+    from lowbit.cli import main
+
+    assert main(["quantize", str(models["calib"]), "--format", "q4_0", "--method", "gptq", "--out",
+                 str(tmp_path / "x.gguf"), "--device", "auto", "--quiet"]) != 0
+    assert "one device, not auto" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_streamed_gptq_runs_on_the_gpu(models, tmp_path):
+    """The whole layer loop on cuda: a complete file whose layers GPTQ changed, like the CPU run's."""
+    from lowbit.eval.data import calibration_text
+    from lowbit.io.hf_stream import write_gguf_calibrated_streaming
+
+    cfg = _calib("gptq")
+    cfg.device = "cuda"
+    out, cpu, rtn = tmp_path / "gpu.gguf", tmp_path / "cpu.gguf", tmp_path / "rtn.gguf"
+    _, logs = write_gguf_calibrated_streaming(models["calib"], out, "q4_0", cfg, calibration_text(), progress=False)
+    cfg.device = "cpu"
+    _, cpu_logs = write_gguf_calibrated_streaming(models["calib"], cpu, "q4_0", cfg, calibration_text(), progress=False)
+    write_gguf_streaming(models["calib"], rtn, "q4_0", progress=False)
+    g, r = _tensors(out), _tensors(rtn)
+    assert len(g) == 2 * 9 + 3 and g["blk.1.ffn_down.weight"] != r["blk.1.ffn_down.weight"]
+    for a, b in zip(logs, cpu_logs, strict=True):  # the same gain over round-to-nearest, up to float rounding
+        assert a.error == pytest.approx(b.error, rel=0.05)

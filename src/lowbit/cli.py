@@ -221,8 +221,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         imatrix = read_imatrix(Path(args.imatrix)).values()
     device = getattr(args, "device", "cpu")
+    streamed_calib = to_gguf and args.method in ("gptq", "awq") and _can_stream(src)
     if device != "cpu" and not (to_gguf and args.method == "rtn" and (src.is_file() or _can_stream(src))):
-        raise LowbitError("--device is for round-to-nearest GGUF output from a .gguf file or a safetensors directory")
+        if not (streamed_calib and device != "auto"):
+            raise LowbitError("--device is for GGUF output from a .gguf file or a safetensors directory (round-to-"
+                              "nearest; GPTQ and AWQ from a safetensors directory take one device, not auto)")
     if to_gguf and args.method == "rtn":
         if src.is_file():
             from lowbit.io.gguf_out import write_gguf
@@ -252,7 +255,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 0
 
     cfg = _calib_config(args)
-    if to_gguf and args.method in ("gptq", "awq") and _can_stream(src):
+    if streamed_calib:
+        cfg.device = device
         # one decoder layer in memory at a time, resumable
         from lowbit.io.hf_stream import write_gguf_calibrated_streaming
 

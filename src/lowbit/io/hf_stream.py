@@ -168,6 +168,12 @@ class _CalibratedLayers(Mapping):
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(hf_cfg)
         self.model.eval()
+        dev = torch.device(getattr(cfg, "device", "cpu"))
+        if dev.type != "cpu":  # the real buffers (rotary frequencies ...) go where the layers will run
+            for mod in self.model.modules():
+                for bk, b in list(mod._buffers.items()):
+                    if b is not None and b.device.type != "meta":
+                        mod._buffers[bk] = b.to(dev)
         self.layers = decoder_layers(self.model)
         self.prefix = _layers_prefix(self.model, self.layers)
         self.choices = plan_for(self.model, scheme)
