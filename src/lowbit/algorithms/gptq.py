@@ -145,6 +145,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, cfg: GPTQConfig
     if group and not fmt.joinable:
         group = 0  # this format cannot be assembled from column slices: scales from the original weights
     template = rtn(W, slice(None)) if not group else None
+    rtn_full = template  # plain rounding of the whole weight, when it was needed for the grid
     full_grid = fmt.grid(template) if template is not None else None
 
     perm = torch.argsort(torch.diagonal(h), descending=True) if cfg.act_order else None
@@ -186,12 +187,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, cfg: GPTQConfig
     qt = fmt.with_codes(template, codes)
     qt.meta["gptq_damp"] = damp
     # relative output error of GPTQ and of plain rounding, on the undamped Hessian (original order)
-    hh = h if perm is None else h[inv][:, inv]
-    den = float(((w0.double() @ hh) * w0.double()).sum()) or 1.0
+    # in float32 (sums in float64): a diagnostic, and for a 4096 x 11008 layer the float64 products
+    # took longer than GPTQ itself
+    hh = h.to(torch.float32)
+    del h
+    if perm is not None:
+        hh = hh[inv][:, inv]
+    w32 = w0.to(torch.float32)
+    den = float(((w32 @ hh) * w32).sum(dtype=torch.float64)) or 1.0
 
     def rel(dq: torch.Tensor) -> float:
-        dw = (dq - w0).double()
-        return float(((dw @ hh) * dw).sum()) / den
+        dw = dq.to(torch.float32) - w32
+        return float(((dw @ hh) * dw).sum(dtype=torch.float64)) / den
 
-    rtn_err = rel(fmt.dequantize(rtn(w0, slice(None))))
+    # plain rounding of the original weights: the template already is that when no column was dead
+    rtn_q = rtn_full if (rtn_full is not None and not bool(dead.any())) else rtn(w0, slice(None))
+    rtn_err = rel(fmt.dequantize(rtn_q))
     return GPTQResult(qt, damp, rel(fmt.dequantize(qt)), rtn_err)
