@@ -88,18 +88,11 @@ def can_stream(path: Path) -> bool:
         return False
 
 
-def write_gguf_streaming(path: Path, out: Path, fmt_name: str, progress: bool = True,
-                         imatrix: dict[str, np.ndarray] | None = None, device: str | torch.device = "cpu",
-                         resume: bool = True, notes: list[str] | None = None,
-                         device_map: dict[str, str] | None = None) -> QuantReport:
-    """Quantize the Hugging Face directory ``path`` to the GGUF file ``out`` of file type ``fmt_name``
-    (``q4_k_m`` ...), one tensor in memory at a time; see the module's docstring.  The quantizers
-    run on ``device``, or with a ``device_map`` (:func:`lowbit.model.devices.plan_devices`) each
-    tensor on its module's device."""
-    from safetensors import safe_open
+def _open_dir(path: Path):  # type: ignore[no-untyped-def]
+    """What both streaming writers read first: (config, tokenizer, layout, weight files, GGUF name ->
+    Hugging Face name, (GGUF name, shape) entries, add_bos, bos id)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    path = Path(path)
     try:
         cfg = AutoConfig.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
@@ -111,6 +104,21 @@ def write_gguf_streaming(path: Path, out: Path, fmt_name: str, progress: bool = 
     entries = [(g, files[k][1]) for g, k in hf_of.items()]
     bos = getattr(tok, "bos_token_id", None)
     add_bos = bool(getattr(tok, "add_bos_token", False)) and bos is not None
+    return cfg, tok, layout, files, hf_of, entries, add_bos, bos
+
+
+def write_gguf_streaming(path: Path, out: Path, fmt_name: str, progress: bool = True,
+                         imatrix: dict[str, np.ndarray] | None = None, device: str | torch.device = "cpu",
+                         resume: bool = True, notes: list[str] | None = None,
+                         device_map: dict[str, str] | None = None) -> QuantReport:
+    """Quantize the Hugging Face directory ``path`` to the GGUF file ``out`` of file type ``fmt_name``
+    (``q4_k_m`` ...), one tensor in memory at a time; see the module's docstring.  The quantizers
+    run on ``device``, or with a ``device_map`` (:func:`lowbit.model.devices.plan_devices`) each
+    tensor on its module's device."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _cfg, tok, layout, files, hf_of, entries, add_bos, _bos = _open_dir(path)
     notes = [] if notes is None else notes
 
     def load(name: str) -> np.ndarray:
@@ -341,8 +349,6 @@ def write_gguf_calibrated_streaming(path: Path, out: Path, scheme: str, cfg: obj
     :func:`write_gguf_streaming`.  Returns the file's report and the per-layer logs."""
     import hashlib
 
-    from transformers import AutoConfig, AutoTokenizer
-
     from lowbit.model.calibrate import _check_formats
     from lowbit.model.imatrix import imatrix_chunks
     from lowbit.model.load import LoadedModel
@@ -351,17 +357,7 @@ def write_gguf_calibrated_streaming(path: Path, out: Path, scheme: str, cfg: obj
     if method not in ("gptq", "awq"):
         raise LowbitError(f"streaming calibration runs GPTQ and AWQ, not {method}")
     path = Path(path)
-    try:
-        hf_cfg = AutoConfig.from_pretrained(path)
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
-        raise LowbitError(f"{path}: could not read the config or tokenizer ({type(exc).__name__}: {exc})") from None
-    layout = HFLayout(path, str(hf_cfg.model_type), hf_cfg)
-    files = weight_files(path)
-    hf_of = layout.names(files)
-    entries = [(g, files[k][1]) for g, k in hf_of.items()]
-    bos = getattr(tok, "bos_token_id", None)
-    add_bos = bool(getattr(tok, "add_bos_token", False)) and bos is not None
+    hf_cfg, tok, layout, files, hf_of, entries, add_bos, bos = _open_dir(path)
     notes = [] if notes is None else notes
     chunks = imatrix_chunks(LoadedModel(None, tok, path, layout.arch, add_bos, bos, None, []),  # type: ignore[arg-type]
                             text, n_ctx=cfg.seq_len, max_chunks=cfg.n_samples)  # type: ignore[attr-defined]
