@@ -150,6 +150,12 @@ class HFLayout:
             return interleave_rotary_rows(a, self.n_kv)
         return a
 
+    def quantized_rows(self, name: str, qt: QTensor) -> QTensor:
+        """A quantized GGUF tensor ``name`` (blocks of whole rows, on any device) with its rows in
+        llama.cpp's order, on the CPU."""
+        blocks = self.rows(name, qt.parts["blocks"].reshape(qt.shape[0], -1).cpu().numpy())
+        return QTensor(qt.format, qt.shape, {"blocks": torch.from_numpy(np.ascontiguousarray(blocks))})
+
     def info(self) -> ModelInfo:
         info = info_from_config(self.cfg)
         return ModelInfo(self.arch, info.n_layer, info.n_head, info.n_head_kv, info.n_expert)
@@ -181,12 +187,7 @@ def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: 
                 for k in hf_of.values()}
     entries = [(g, shape_of[k]) for g, k in hf_of.items()]
 
-    prequantized = {}
-    for g, k in hf_of.items():
-        if k in quantized:
-            qt = quantized[k].qtensor
-            blocks = layout.rows(g, qt.parts["blocks"].reshape(qt.shape[0], -1).cpu().numpy())  # whole rows of blocks
-            prequantized[g] = QTensor(qt.format, qt.shape, {"blocks": torch.from_numpy(np.ascontiguousarray(blocks))})
+    prequantized = {g: layout.quantized_rows(g, quantized[k].qtensor) for g, k in hf_of.items() if k in quantized}
 
     def load(name: str) -> np.ndarray:
         return layout.rows(name, state[hf_of[name]].detach().to(torch.float32).numpy())

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats import QTensor
 from lowbit.io.gguf_out import array_digest, fingerprint, write_tensors
 from lowbit.io.hf_gguf import GGUF_ARCH, HFLayout
 from lowbit.model.quantize import QuantReport
@@ -107,6 +106,23 @@ def _open_dir(path: Path):  # type: ignore[no-untyped-def]
     return cfg, tok, layout, files, hf_of, entries, add_bos, bos
 
 
+def _read_tensor(files: dict[str, tuple[Path, tuple[int, ...]]], k: str) -> torch.Tensor:
+    """Hugging Face tensor ``k`` as float32, its safetensors file opened (memory-mapped) for it alone."""
+    from safetensors import safe_open
+
+    f = files[k][0]
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            return fh.get_tensor(k).to(torch.float32)
+    except Exception as exc:
+        raise LowbitError(f"{f}: could not read tensor {k} ({type(exc).__name__}: {exc})") from None
+
+
+def _inputs(path: Path, files: dict[str, tuple[Path, tuple[int, ...]]]) -> list[Path]:
+    """Every file whose change must restart a resumed run: the weights and the metadata files."""
+    return sorted({f for f, _ in files.values()} | {path / m for m in _META_FILES if (path / m).is_file()})
+
+
 def write_gguf_streaming(path: Path, out: Path, fmt_name: str, progress: bool = True,
                          imatrix: dict[str, np.ndarray] | None = None, device: str | torch.device = "cpu",
                          resume: bool = True, notes: list[str] | None = None,
@@ -115,28 +131,16 @@ def write_gguf_streaming(path: Path, out: Path, fmt_name: str, progress: bool = 
     (``q4_k_m`` ...), one tensor in memory at a time; see the module's docstring.  The quantizers
     run on ``device``, or with a ``device_map`` (:func:`lowbit.model.devices.plan_devices`) each
     tensor on its module's device."""
-    from safetensors import safe_open
-
     path = Path(path)
     _cfg, tok, layout, files, hf_of, entries, add_bos, _bos = _open_dir(path)
     notes = [] if notes is None else notes
 
     def load(name: str) -> np.ndarray:
-        k = hf_of[name]
-        f = files[k][0]
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                t = fh.get_tensor(k)
-        except Exception as exc:
-            raise LowbitError(f"{f}: could not read tensor {k} ({type(exc).__name__}: {exc})") from None
-        a = t.to(torch.float32).numpy()
-        del t
-        return layout.rows(name, a)
+        return layout.rows(name, _read_tensor(files, hf_of[name]).numpy())
 
     fp = None
     if resume:
-        inputs = sorted({f for f, _ in files.values()} | {path / m for m in _META_FILES if (path / m).is_file()})
-        fp = fingerprint(inputs, format=fmt_name, imatrix=array_digest(imatrix))
+        fp = fingerprint(_inputs(path, files), format=fmt_name, imatrix=array_digest(imatrix))
     from lowbit.model.devices import device_for
 
     def where(name: str) -> str | torch.device:
@@ -201,8 +205,6 @@ class _CalibratedLayers(Mapping):
         self.next = 0  # the next layer to calibrate
         self.batches: list | None = None
         self.current: dict[str, object] = {}  # GGUF name -> QTensor or float32 array of the last layer
-        from lowbit.model.quantize import QuantReport
-
         self.report = QuantReport(f"{scheme}+{getattr(cfg, 'method', '?')}")
         self.logs: list = []
         self.bar = None
@@ -233,22 +235,12 @@ class _CalibratedLayers(Mapping):
         return self.current[name]  # type: ignore[return-value]
 
     # the work
-    def _read(self, k: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        f = self.files[k][0]
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                return fh.get_tensor(k).to(torch.float32)
-        except Exception as exc:
-            raise LowbitError(f"{f}: could not read tensor {k} ({type(exc).__name__}: {exc})") from None
-
     def _start(self, want: int) -> None:
         from lowbit.model.calibrate import capture_layer_inputs
 
         emb = self.model.get_input_embeddings()
         key = next(k for k in self.files if k.endswith("embed_tokens.weight"))
-        emb.load_state_dict({"weight": self._read(key).to(self.cfg.device)}, assign=True)  # type: ignore[attr-defined]
+        emb.load_state_dict({"weight": _read_tensor(self.files, key).to(self.cfg.device)}, assign=True)  # type: ignore[attr-defined]
         batches = capture_layer_inputs(self.model, self.chunks, self.cfg.batch_size, self.cfg.device)  # type: ignore[attr-defined]
         emb.to("meta")
         start = 0
@@ -304,7 +296,7 @@ class _CalibratedLayers(Mapping):
         self._save_hidden(li)
         layer = self.layers[li]
         mine = {g: n for g, (i, n) in self.layer_of.items() if i == li}
-        state = {n: self._read(self.hf_of[g]).to(self.cfg.device) for g, n in mine.items()}  # type: ignore[attr-defined]
+        state = {n: _read_tensor(self.files, self.hf_of[g]).to(self.cfg.device) for g, n in mine.items()}  # type: ignore[attr-defined]
         expected = set(layer.state_dict().keys())
         if set(state) != expected:
             missing = sorted(expected - set(state))[:3]
@@ -321,9 +313,7 @@ class _CalibratedLayers(Mapping):
             mod = layer.get_submodule(mod_name) if mod_name else layer
             if g in self.calibrated:
                 assert isinstance(mod, QuantLinear) and attr == "weight"
-                qt = mod.qtensor
-                blocks = self.layout.rows(g, qt.parts["blocks"].reshape(qt.shape[0], -1).cpu().numpy())
-                current[g] = QTensor(qt.format, qt.shape, {"blocks": torch.from_numpy(np.ascontiguousarray(blocks))})
+                current[g] = self.layout.quantized_rows(g, mod.qtensor)
             else:
                 current[g] = self.layout.rows(g, getattr(mod, attr).detach().to(torch.float32).cpu().numpy().copy())
         self.current = current
@@ -368,8 +358,7 @@ def write_gguf_calibrated_streaming(path: Path, out: Path, scheme: str, cfg: obj
     fp = None
     key = ""
     if resume:
-        inputs = sorted({f for f, _ in files.values()} | {path / m for m in _META_FILES if (path / m).is_file()})
-        fp = fingerprint(inputs, format=scheme, method=repr(cfg),
+        fp = fingerprint(_inputs(path, files), format=scheme, method=repr(cfg),
                          calibration=hashlib.sha256(chunks.numpy().tobytes()).hexdigest())
         key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
     hidden_file = out.with_name(f".{out.name}.part-hidden.pt") if resume else None
@@ -377,13 +366,12 @@ def write_gguf_calibrated_streaming(path: Path, out: Path, scheme: str, cfg: obj
         hidden_file.unlink(missing_ok=True)  # no run to resume: what is there is stale
     torch.manual_seed(getattr(cfg, "seed", 0))
     layers = _CalibratedLayers(path, hf_cfg, layout, files, hf_of, scheme, chunks, cfg, hidden_file, key, progress)
-    _check_formats({k: v for k, v in layers.choices.items()}, method)
+    _check_formats(layers.choices, method)
 
     def load(name: str) -> np.ndarray:
         if layers.is_layer_tensor(name):
             return layers.floats(name)
-        k = hf_of[name]
-        return layout.rows(name, layers._read(k).numpy())
+        return layout.rows(name, _read_tensor(files, hf_of[name]).numpy())
 
     try:
         report = write_tensors(out, layout.arch, layout.metadata(tok, add_bos, notes), entries, load, scheme,
