@@ -157,12 +157,11 @@ def cmd_quantize_budget(args: argparse.Namespace) -> int:
     if out.exists():
         out.unlink()
     report = write_gguf_from_hf(loaded, out, "q4_k_m", progress=not args.quiet, imatrix=imatrix, types=dict(mix))
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
     print(f"sensitivities of {len(sens.tensors)} tensors on {sens.tokens} calibration tokens in {sens.seconds:.0f} s")
     print(f"budget {budget / 8e6:.2f} MB ({budget / sens.n_params:.3f} bits/weight): chose {sol.bits / 8e6:.2f} MB "
           f"({sol.bits / sens.n_params:.3f} bits/weight); predicted KLD {sol.loss:.5f}, measured {measured:.5f} "
           f"on the calibration chunks")
-    print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
+    _print_wrote(out, report)
     return 0
 
 
@@ -221,11 +220,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         imatrix = read_imatrix(Path(args.imatrix)).values()
     device = getattr(args, "device", "cpu")
+    streamed_rtn = to_gguf and args.method == "rtn" and (src.is_file() or _can_stream(src))
     streamed_calib = to_gguf and args.method in ("gptq", "awq") and _can_stream(src)
-    if device != "cpu" and not (to_gguf and args.method == "rtn" and (src.is_file() or _can_stream(src))):
-        if not (streamed_calib and device != "auto"):
-            raise LowbitError("--device is for GGUF output from a .gguf file or a safetensors directory (round-to-"
-                              "nearest; GPTQ and AWQ from a safetensors directory take one device, not auto)")
+    if device != "cpu" and not streamed_rtn and not (streamed_calib and device != "auto"):
+        raise LowbitError("--device is for GGUF output from a .gguf file or a safetensors directory (round-to-"
+                          "nearest; GPTQ and AWQ from a safetensors directory take one device, not auto)")
     if to_gguf and args.method == "rtn":
         if src.is_file():
             from lowbit.io.gguf_out import write_gguf
@@ -250,8 +249,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             report = write_gguf_from_hf(loaded, out, ft.name, progress=not args.quiet, imatrix=imatrix)
             for n in loaded.notes:
                 print(f"note: {n}")
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
-        print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
+        _print_wrote(out, report)
         return 0
 
     cfg = _calib_config(args)
@@ -266,8 +264,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         for n in notes:
             print(f"note: {n}")
         _print_gain(args.method, cfg, logs)
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
-        print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
+        _print_wrote(out, report)
         return 0
 
     import shutil
@@ -327,9 +324,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         save_checkpoint(loaded, out, scheme, args.method)
         size = sum(f.stat().st_size for f in out.iterdir())
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
-    print(f"wrote {out}: {size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
+    _print_wrote(out, report, size)
     return 0
+
+
+def _print_wrote(out: Path, report, size: int | None = None) -> None:  # type: ignore[no-untyped-def]
+    """The last line of a quantization: the output, its size (the file's unless given), bits per
+    weight and how many tensors went into each type."""
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
+    size = out.stat().st_size if size is None else size
+    print(f"wrote {out}: {size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
 
 
 def _print_gain(method: str, cfg, logs: list, n_chunks: int | None = None) -> None:  # type: ignore[no-untyped-def]
