@@ -83,19 +83,22 @@ def main() -> int:
     calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, gptq=GPTQConfig(), device=args.device)
     stem = args.name or f"{PREFIX}-{Path(args.model).stem}-{args.device.split(':')[0]}"
     partial = PartialRows(stem)
+    gpu = args.device.startswith("cuda")
 
     def show(r, base_ppl: float) -> None:  # type: ignore[no-untyped-def]
         row = partial.add(r, base_ppl)
         print(f"done {row['format']}: linear bpw {row['linear_bpw']:.3f} KLD {row['kld_mean']:.5f} "
               f"ΔPPL {row['dppl_pct']:+.2f}% same-top {row['same_top_pct']:.2f}% in {row['quant_s']:.0f} s, "
-              f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+              f"peak RSS {row['peak_rss_mb']:.0f} MB" + (f", peak GPU {row['peak_gpu_mb']:.0f} MB" if gpu else ""), flush=True)
 
     cmp = compare(loaded, specs, text_name="wiki-eval (gensim Wikipedia, evaluation split)", max_chunks=args.chunks,
                   progress=False, calib=calib, on_result=show)
     rows = cmp.rows()
     table = markdown_table(cmp, times=True)
-    mem = "\n".join(f"| {r['format']} | {r['quant_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['extra_rss_mb']:.0f} |" for r in rows)
-    mem = "| entry | quantize s | peak RSS MB | above start MB |\n|---|---:|---:|---:|\n" + mem
+    mem = "\n".join(f"| {r['format']} | {r['quant_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['extra_rss_mb']:.0f} |"
+                    + (f" {r['peak_gpu_mb']:.0f} |" if gpu else "") for r in rows)
+    mem = ("| entry | quantize s | peak RSS MB | above start MB |" + (" peak GPU MB |" if gpu else "")
+           + "\n|---|---:|---:|---:|" + ("---:|" if gpu else "") + "\n" + mem)
     summ = pivot(rows, bits, args.group, methods)
     print(summary(cmp))
     print(table)

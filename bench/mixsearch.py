@@ -4,6 +4,11 @@ on the same held-out text; plus how well the predicted KLD matches the measured 
 
     .venv/bin/python bench/mixsearch.py [--model smollm2] [--mixes q3_k_m,q4_k_m,q5_k_m] [--chunks 20]
                                         [--sens-chunks 8] [--imatrix-chunks 64] [--exclude q4_1]
+                                        [--device cpu] [--sens-cache FILE]
+
+The sensitivities are measured for every llama.cpp type and saved to ``--sens-cache`` (default
+bench/results/mixsearch-<model>-sens.json); a later run on the same model, text and chunk counts
+reuses them, so searching again with other ``--exclude`` types costs only the evaluation.
 
 ``--exclude`` removes types from the search: the bundled models were distributed quantized, and
 re-quantizing a tensor into the type it came in reproduces it for free (SmolLM2's Q4_1).  llama.cpp's
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -42,15 +48,30 @@ def main() -> int:
     ap.add_argument("--imatrix-chunks", type=int, default=64)
     ap.add_argument("--exclude", default="q4_1", help="types the search may not use (comma-separated)")
     ap.add_argument("--name")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sens-cache", help="sensitivity file to reuse or write (default bench/results/mixsearch-<model>-sens.json)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     loaded = load_model(args.model, progress=False)
+    if args.device != "cpu":
+        loaded.model.to(args.device)
     excluded = {t for t in args.exclude.split(",") if t}
     allowed = tuple(t for t in ms.K_TYPES + ms.LEGACY_TYPES if t not in excluded)
     im = compute_imatrix(loaded, calibration_text(), max_chunks=args.imatrix_chunks, progress=False).values()
     cal = imatrix_chunks(loaded, calibration_text(), n_ctx=512, max_chunks=args.sens_chunks)
-    sens = ms.measure(loaded, cal, im, allowed=allowed, progress=True)
-    print(f"sensitivities: {len(sens.tensors)} tensors, {sens.tokens} tokens, {sens.seconds:.0f} s", flush=True)
+    cache = Path(args.sens_cache) if args.sens_cache else OUT / f"mixsearch-{Path(args.model).stem}-sens.json"
+    key = {"model": loaded.name, "calibration_sha256": hashlib.sha256(calibration_text().encode()).hexdigest(),
+           "n_ctx": 512, "sens_chunks": args.sens_chunks, "imatrix_chunks": args.imatrix_chunks}
+    every = ms.load_sensitivities(cache, key) if cache.is_file() else None
+    if every is None:
+        every = ms.measure(loaded, cal, im, allowed=None, progress=True)
+        OUT.mkdir(parents=True, exist_ok=True)
+        ms.save_sensitivities(every, cache, {**key, "device": args.device})
+        print(f"sensitivities: {len(every.tensors)} tensors, {every.tokens} tokens, {every.seconds:.0f} s -> {cache}",
+              flush=True)
+    else:
+        print(f"sensitivities reused from {cache} (measured in {every.seconds:.0f} s)", flush=True)
+    sens = every.restricted(allowed)
     ev = Evaluation(loaded, eval_text(), n_ctx=512, max_chunks=args.chunks, progress=False)
     rows = []
     try:
@@ -82,12 +103,14 @@ def main() -> int:
     table = head + "\n".join(f"| {r['mix']} | {r['bpw']:.3f} | {r['predicted_kld']:.5f} | {r['kld_mean']:.5f} | "
                              f"{r['dppl_pct']:+.2f} | {r['same_top_pct']:.2f} |" for r in rows)
     print(table)
-    name = args.name or f"mixsearch-{Path(args.model).stem}-cpu"
+    name = args.name or f"mixsearch-{Path(args.model).stem}-{args.device.split(':')[0]}"
     doc = {"command": "python bench/mixsearch.py " + " ".join(sys.argv[1:]), "model": loaded.name,
            "original_ppl": base["ppl"], "eval_chunks": args.chunks, "sens_chunks": args.sens_chunks,
            "imatrix_chunks": args.imatrix_chunks, "excluded_types": sorted(excluded), "rows": rows,
            "sensitivity_seconds": sens.seconds, "total_seconds": time.perf_counter() - t0,
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}}
+           "sensitivity_file": str(cache.relative_to(Path.cwd()) if cache.is_relative_to(Path.cwd()) else cache),
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                       "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}}
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = OUT / f".{name}.json.part"
     tmp.write_text(json.dumps(doc, indent=2) + "\n")

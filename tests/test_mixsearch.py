@@ -119,3 +119,27 @@ def test_sensitivities_of_a_gemma3_model_keep_its_extra_norms_in_f32():
     assert sens.n_params == sum(p.numel() for p in model.parameters())
     mix, sol = ms.search(sens, sens.bits_of({s.gguf: "q8_0" for s in sens.tensors.values()}))
     assert sol.bits <= sol.budget and set(mix) == {s.gguf for s in sens.tensors.values()}
+
+
+def test_saved_sensitivities_reload_and_restrict(setup, tmp_path):
+    """The sensitivity file round-trips exactly, is refused for another key, and a restricted copy
+    searches only the types left while predicting the same loss for them."""
+    from lowbit.errors import LowbitError
+
+    _, _, sens = setup
+    f = tmp_path / "sens.json"
+    key = {"model": "m", "sens_chunks": 2}
+    ms.save_sensitivities(sens, f, {**key, "device": "cpu"})
+    back = ms.load_sensitivities(f, key)
+    assert back == sens
+    assert ms.load_sensitivities(f, {**key, "sens_chunks": 3}) is None
+    no_k = back.restricted({"q4_0", "q5_0", "q8_0"})
+    assert all(set(t.bits) == {"q4_0", "q5_0", "q8_0"} for t in no_k.tensors.values())
+    mix, sol = ms.search(no_k, sens.budget_for_bpw(6.0))
+    assert set(mix.values()) <= {"q4_0", "q5_0", "q8_0"} and sol.bits <= sol.budget
+    assert no_k.predict(mix) == pytest.approx(sens.predict(mix))
+    with pytest.raises(LowbitError, match="none of the allowed types"):
+        back.restricted({"q9_9"})
+    f.write_text("{not json")
+    with pytest.raises(LowbitError, match="sens.json"):
+        ms.load_sensitivities(f, key)

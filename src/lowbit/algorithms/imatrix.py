@@ -109,7 +109,7 @@ class ImatrixCollector:
 
     def means(self) -> dict[str, np.ndarray]:
         """Module name -> mean squared activation per input column (float32)."""
-        return {n: (self.sum2[n] / self.counts[n]).to(torch.float32).numpy() for n in self.sum2}
+        return {n: (self.sum2[n] / self.counts[n]).to(torch.float32).cpu().numpy() for n in self.sum2}
 
     def to_imatrix(self, rename: Callable[[str], str | None] = lambda n: n, chunk_size: int = 0,
                    chunk_count: int = 0, datasets: list[str] | None = None) -> Imatrix:
@@ -119,9 +119,9 @@ class ImatrixCollector:
             key = rename(n)
             if key is None:
                 continue
-            im.entries[key] = ImatrixEntry(self.sum2[n].to(torch.float32).numpy()[None],
+            im.entries[key] = ImatrixEntry(self.sum2[n].to(torch.float32).cpu().numpy()[None],
                                            np.array([self.counts[n]], np.float32),
-                                           self.sums[n].to(torch.float32).numpy()[None])
+                                           self.sums[n].to(torch.float32).cpu().numpy()[None])
         return im
 
 
@@ -129,13 +129,14 @@ def run_chunks(model: nn.Module, chunks: Iterable[torch.Tensor], n_chunks: int |
                progress: bool = True) -> int:
     """Forward every chunk of token ids through ``model`` (no logits kept); returns chunks run."""
     n = 0
+    dev = next(model.parameters()).device
     bar = tqdm(chunks, total=n_chunks, desc="imatrix", unit="chunk", disable=not progress, leave=False)
     with torch.inference_mode():
         for chunk in bar:
             body = getattr(model, "model", None)
             if body is not None:  # skip the output head: llama-imatrix does not collect it by default
-                body(input_ids=chunk[None], use_cache=False)
+                body(input_ids=chunk[None].to(dev), use_cache=False)
             else:
-                model(input_ids=chunk[None], use_cache=False)
+                model(input_ids=chunk[None].to(dev), use_cache=False)
             n += 1
     return n

@@ -82,6 +82,7 @@ class FormatResult:
     extra_rss_mb: float = 0.0  # of which above what was in use when quantization started
     wa: str = ""  # bits of weights and activations: W8A8, W4A4, W4.17A16 (weight-only)
     details: dict[str, object] = field(default_factory=dict)  # per-entry extras (LLM.int8()'s outliers)
+    peak_gpu_mb: float = 0.0  # peak CUDA memory allocated while quantizing (0 for a model on the CPU)
 
     def row(self, base_ppl: float) -> dict[str, object]:
         m = self.metrics
@@ -99,6 +100,7 @@ class FormatResult:
             "quant_s": self.quant_seconds,
             "peak_rss_mb": self.peak_rss_mb,
             "extra_rss_mb": self.extra_rss_mb,
+            "peak_gpu_mb": self.peak_gpu_mb,
             "eval_s": m["eval_seconds"],
         }
 
@@ -242,6 +244,10 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
         for spec in specs:
             model = copy.deepcopy(loaded.model)
             name, desc = describe(spec.scheme)
+            on_gpu = any(p.is_cuda for p in model.parameters())
+            if on_gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             with PeakMemory() as mem:
                 act = parse_act_scheme(spec.scheme)
@@ -273,7 +279,10 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
                     report, _ = calibrate_quantize(work, spec.scheme, chunks,
                                                    dataclasses.replace(calib, method=spec.method), progress=progress)
                     desc += f", {spec.method.upper()} on {len(chunks)} x {calib.seq_len} calibration tokens"  # type: ignore[arg-type]
+            if on_gpu:
+                torch.cuda.synchronize()  # kernels still queued belong to the quantization time
             tq = time.perf_counter() - t0
+            peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else 0.0
             label = name + spec.label[len(spec.scheme):]
             metrics = ev.run(torch_logits_fn(model, n_ctx), label)
             details: dict[str, object] = {}
@@ -292,7 +301,7 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
             results.append(FormatResult(label, desc + (", importance matrix" if spec.imatrix else ""),
                                         report.bits_per_weight, lin_bpw, report.size_bytes, tq, metrics,
                                         report.counts(), mem.peak_mb, mem.delta_mb, wa_label(spec.scheme, lin_bpw),
-                                        details))
+                                        details, peak_gpu))
             if on_result is not None:
                 on_result(results[-1], base["ppl"])
             del model

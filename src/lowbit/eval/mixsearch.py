@@ -20,9 +20,12 @@ llama.cpp's bits-per-weight figures do.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,6 +102,57 @@ class Sensitivities:
 
     def budget_for_bpw(self, bpw: float) -> int:
         return int(bpw * self.n_params)
+
+    def restricted(self, allowed: tuple[str, ...] | set[str]) -> Sensitivities:
+        """The same measurements with only the ``allowed`` types as candidates (each tensor keeps its
+        sensitivity ``alpha``, measured at its reference type whether or not that type stays allowed)."""
+        out = {}
+        for n, t in self.tensors.items():
+            keep = [f for f in t.bits if f in allowed]
+            if not keep:
+                raise LowbitError(f"{t.gguf}: none of the allowed types ({', '.join(sorted(allowed))}) was measured "
+                                  f"for it (measured: {', '.join(t.bits)})")
+            out[n] = replace(t, bits={f: t.bits[f] for f in keep}, err={f: t.err[f] for f in keep})
+        return replace(self, tensors=out)
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        for t in d["tensors"].values():  # type: ignore[union-attr]
+            t["shape"] = list(t["shape"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Sensitivities:  # type: ignore[type-arg]
+        tensors = {n: TensorSensitivity(**{**t, "shape": tuple(t["shape"])}) for n, t in d["tensors"].items()}
+        return cls(**{**d, "tensors": tensors})
+
+
+SENS_VERSION = 1
+
+
+def save_sensitivities(sens: Sensitivities, path: str | os.PathLike[str], key: dict[str, object]) -> None:
+    """Write ``sens`` as JSON (atomically), with ``key``: what it was measured on (model, text, chunks),
+    which :func:`load_sensitivities` checks before reusing it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(json.dumps({"version": SENS_VERSION, "key": key, "sensitivities": sens.to_dict()}) + "\n")
+    tmp.replace(path)
+
+
+def load_sensitivities(path: str | os.PathLike[str], key: dict[str, object] | None = None) -> Sensitivities | None:
+    """Sensitivities saved by :func:`save_sensitivities`; None when an entry of ``key`` differs from the
+    saved one (measured on another model or text).  A damaged file is an error naming it."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("version") != SENS_VERSION:
+            raise LowbitError(f"{path}: sensitivity file version {doc.get('version')}, expected {SENS_VERSION}")
+        saved = doc.get("key") or {}
+        if key is not None and any(saved.get(k) != v for k, v in json.loads(json.dumps(key)).items()):
+            return None
+        return Sensitivities.from_dict(doc["sensitivities"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LowbitError(f"{path}: not a readable sensitivity file ({type(exc).__name__}: {exc})") from None
 
 
 def _params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -252,6 +306,7 @@ def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.nda
             raise LowbitError(f"{g}: no allowed type fits rows of {cols} values")
         im = imatrix.get(g)
         imp = torch.ones(cols) if im is None else torch.as_tensor(np.asarray(im, np.float32))
+        imp = imp.to(w.device)
         if imp.numel() != cols:
             raise LowbitError(f"importance matrix entry {g} has {imp.numel()} values, the tensor has {cols} columns")
         bits, err, deq = {}, {}, {}

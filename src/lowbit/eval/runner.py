@@ -32,11 +32,12 @@ def tokenize(loaded: LoadedModel, text: str) -> list[int]:
 def torch_logits_fn(model: torch.nn.Module, n_ctx: int) -> LogitsFn:
     """Logits of the scored positions of one chunk from a transformers model."""
     keep = n_ctx - n_ctx // 2  # the last n_ctx/2 positions; the very last one is dropped below
+    dev = next(model.parameters()).device
 
     @torch.inference_mode()
     def fn(chunk: torch.Tensor) -> torch.Tensor:
-        out = model(input_ids=chunk[None], use_cache=False, logits_to_keep=keep).logits[0]
-        return out[:-1].float()
+        out = model(input_ids=chunk[None].to(dev), use_cache=False, logits_to_keep=keep).logits[0]
+        return out[:-1].float().cpu()
 
     return fn
 
