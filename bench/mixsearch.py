@@ -50,18 +50,25 @@ def main() -> int:
     ap.add_argument("--name")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sens-cache", help="sensitivity file to reuse or write (default bench/results/mixsearch-<model>-sens.json)")
+    ap.add_argument("--dither", type=float, default=0.0,
+                    help="add Gaussian noise of this fraction of each row's RMS to every weight llama.cpp quantizes, "
+                         "so that the 'original' no longer sits on the grid it was distributed in (0: off)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     loaded = load_model(args.model, progress=False)
+    tag = Path(args.model).stem + (f"-dither{args.dither:g}" if args.dither else "")
+    if args.dither:
+        n = dither(loaded.model, args.dither)
+        print(f"dithered {n} tensors with noise of {args.dither:g} x row RMS (seed 0)", flush=True)
     if args.device != "cpu":
         loaded.model.to(args.device)
     excluded = {t for t in args.exclude.split(",") if t}
     allowed = tuple(t for t in ms.K_TYPES + ms.LEGACY_TYPES if t not in excluded)
     im = compute_imatrix(loaded, calibration_text(), max_chunks=args.imatrix_chunks, progress=False).values()
     cal = imatrix_chunks(loaded, calibration_text(), n_ctx=512, max_chunks=args.sens_chunks)
-    cache = Path(args.sens_cache) if args.sens_cache else OUT / f"mixsearch-{Path(args.model).stem}-sens.json"
+    cache = Path(args.sens_cache) if args.sens_cache else OUT / f"mixsearch-{tag}-sens.json"
     key = {"model": loaded.name, "calibration_sha256": hashlib.sha256(calibration_text().encode()).hexdigest(),
-           "n_ctx": 512, "sens_chunks": args.sens_chunks, "imatrix_chunks": args.imatrix_chunks}
+           "n_ctx": 512, "sens_chunks": args.sens_chunks, "imatrix_chunks": args.imatrix_chunks, "dither": args.dither}
     every = ms.load_sensitivities(cache, key) if cache.is_file() else None
     if every is None:
         every = ms.measure(loaded, cal, im, allowed=None, progress=True)
@@ -103,10 +110,10 @@ def main() -> int:
     table = head + "\n".join(f"| {r['mix']} | {r['bpw']:.3f} | {r['predicted_kld']:.5f} | {r['kld_mean']:.5f} | "
                              f"{r['dppl_pct']:+.2f} | {r['same_top_pct']:.2f} |" for r in rows)
     print(table)
-    name = args.name or f"mixsearch-{Path(args.model).stem}-{args.device.split(':')[0]}"
+    name = args.name or f"mixsearch-{tag}-{args.device.split(':')[0]}"
     doc = {"command": "python bench/mixsearch.py " + " ".join(sys.argv[1:]), "model": loaded.name,
            "original_ppl": base["ppl"], "eval_chunks": args.chunks, "sens_chunks": args.sens_chunks,
-           "imatrix_chunks": args.imatrix_chunks, "excluded_types": sorted(excluded), "rows": rows,
+           "imatrix_chunks": args.imatrix_chunks, "excluded_types": sorted(excluded), "dither": args.dither, "rows": rows,
            "sensitivity_seconds": sens.seconds, "total_seconds": time.perf_counter() - t0,
            "sensitivity_file": str(cache.relative_to(Path.cwd()) if cache.is_relative_to(Path.cwd()) else cache),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -115,11 +122,31 @@ def main() -> int:
     tmp = OUT / f".{name}.json.part"
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(OUT / f"{name}.json")
-    (OUT / f"{name}.md").write_text(f"{loaded.name}, original PPL {base['ppl']:.3f}, {args.chunks} chunks x 512 tokens\n\n"
-                                    + table + "\n")
-    _plot(rows, OUT / f"{name}.png", loaded.name)
+    model_label = loaded.name + (f" dithered by {args.dither:g} x row RMS" if args.dither else "")
+    (OUT / f"{name}.md").write_text(f"{model_label}, original PPL {base['ppl']:.3f}, {args.chunks} chunks x 512 tokens, "
+                                    f"search without {', '.join(sorted(excluded)) or 'no type'}\n\n" + table + "\n")
+    _plot(rows, OUT / f"{name}.png", model_label)
     print(f"wrote {OUT}/{name}.{{json,md,png}}")
     return 0
+
+
+def dither(model: torch.nn.Module, rel: float, seed: int = 0) -> int:
+    """Add Gaussian noise of ``rel`` x each row's RMS to every 2-D tensor llama.cpp would quantize
+    (tied tensors once); returns how many.  The bundled models were distributed quantized, so their
+    weights sit on a grid that some types reproduce for free; noise well below one grid step moves
+    them off it without changing the model much."""
+    from lowbit.model.gguf_mix import gguf_name
+
+    gen = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for pname, p in ms._params(model):
+            if p.dim() != 2 or gguf_name(pname) is None:
+                continue
+            rms = p.float().pow(2).mean(1, keepdim=True).sqrt()
+            p.add_((torch.randn(p.shape, generator=gen) * rms.cpu() * rel).to(p.device, p.dtype))
+            n += 1
+    return n
 
 
 def _plot(rows: list[dict], path: Path, model: str) -> None:
