@@ -16,17 +16,45 @@ OUT = Path(__file__).parent / "results"
 
 class PartialRows:
     """Each finished entry of a comparison appended to ``<stem>.partial.jsonl``, so that a run cut
-    short still leaves what it measured; removed once the full results are written."""
+    short still leaves what it measured; removed once the full results are written.
 
-    def __init__(self, stem: str) -> None:
+    The file's first line is ``key`` (what the run measures: model, chunks, calibration, ...).  With
+    ``resume``, the entries of an earlier file with the same key are kept (``done``, by label, and the
+    original's perplexity they were measured against, ``base_ppl``) for ``compare(done=...)`` to skip;
+    a file with another key, or none, starts over."""
+
+    def __init__(self, stem: str, key: dict | None = None, resume: bool = False) -> None:
+        from lowbit.eval.compare import FormatResult
+
         OUT.mkdir(parents=True, exist_ok=True)
         self.path = OUT / f"{stem}.partial.jsonl"
-        self.path.write_text("")
+        self.key = {"key": key or {}}
+        self.done: dict[str, FormatResult] = {}
+        self.base_ppl: float | None = None
+        kept: list[str] = []
+        if resume and self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            if lines and json.loads(lines[0]) == self.key:
+                for line in lines[1:]:
+                    doc = json.loads(line)
+                    if "result" in doc:
+                        self.done[doc["format"]] = FormatResult(**doc["result"])
+                        self.base_ppl = doc["original_ppl"]
+                        kept.append(line)
+                print(f"resuming: {len(self.done)} entries already measured in {self.path.name}", flush=True)
+            else:
+                print(f"starting over: {self.path.name} was written by a run with other settings", flush=True)
+        self.path.write_text("".join(x + "\n" for x in [json.dumps(self.key), *kept]))
 
     def add(self, r, base_ppl: float) -> dict:  # type: ignore[no-untyped-def]
+        from dataclasses import asdict
+
         row = r.row(base_ppl)
+        if r.format in self.done:
+            return row
         with self.path.open("a") as fh:
-            fh.write(json.dumps({**row, "description": r.description, "original_ppl": base_ppl}) + "\n")
+            fh.write(json.dumps({**row, "description": r.description, "original_ppl": base_ppl,
+                                 "result": asdict(r)}) + "\n")
         return row
 
 

@@ -32,6 +32,8 @@ DEFAULT = ("w8a8,w8a8+smoothquant,w8a8+smoothquant=auto,"
            "w8a8-fp8,w8a8-fp8+smoothquant=auto,llm-int8,int8,w4a8,w4a8+smoothquant=auto,w4a4,w4a4+smoothquant=auto,"
            "int4-asym-g128,int4-asym-g128+qat,int3-asym-g128,int3-asym-g128+qat")
 
+#: the settings a result depends on: a resumed run keeps earlier entries only when these are the same
+RESUME_KEY = ("model", "chunks", "calib_samples", "calib_len", "alpha", "qat_steps", "qat_lr", "qat_batch", "device")
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -45,6 +47,8 @@ def main() -> int:
     ap.add_argument("--qat-lr", type=float, default=5e-5)
     ap.add_argument("--qat-batch", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the entries a stopped run with the same settings measured (its .partial.jsonl)")
     ap.add_argument("--name", help="output file stem (default activations-<model>-<device>)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -58,7 +62,7 @@ def main() -> int:
                         device=args.device)
 
     stem = args.name or f"{PREFIX}-{Path(args.model).stem}-{args.device.split(':')[0]}"
-    partial = PartialRows(stem)
+    partial = PartialRows(stem, {k: v for k, v in vars(args).items() if k in RESUME_KEY}, args.resume)
 
     def show(r, base_ppl: float) -> None:  # type: ignore[no-untyped-def]
         row = partial.add(r, base_ppl)
@@ -67,7 +71,8 @@ def main() -> int:
               flush=True)
 
     cmp = compare(loaded, specs, text_name="wiki-eval (gensim Wikipedia, evaluation split)", max_chunks=args.chunks,
-                  progress=False, calib=calib, on_result=show)
+                  progress=False, calib=calib, on_result=show,
+                  done=partial.done, done_base_ppl=partial.base_ppl)
     table = markdown_table(cmp, times=True)
     outl = ""
     for r in cmp.results:

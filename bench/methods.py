@@ -27,6 +27,8 @@ from lowbit.model.load import load_model
 
 PREFIX = "methods"
 METHODS = ("rtn", "gptq", "awq", "quip", "spqr")
+#: the settings a result depends on: a resumed run keeps earlier entries only when these are the same
+RESUME_KEY = ("model", "chunks", "calib_samples", "calib_len", "device")
 
 
 def specs_for(bits: list[int], group: int, methods: list[str], extra: list[str]) -> list[str]:
@@ -70,6 +72,8 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the entries a stopped run with the same settings measured (its .partial.jsonl)")
     ap.add_argument("--name", help="output file stem (default methods-<model>-<device>)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -82,7 +86,7 @@ def main() -> int:
         loaded.model.to(args.device)
     calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, gptq=GPTQConfig(), device=args.device)
     stem = args.name or f"{PREFIX}-{Path(args.model).stem}-{args.device.split(':')[0]}"
-    partial = PartialRows(stem)
+    partial = PartialRows(stem, {k: v for k, v in vars(args).items() if k in RESUME_KEY}, args.resume)
     gpu = args.device.startswith("cuda")
 
     def show(r, base_ppl: float) -> None:  # type: ignore[no-untyped-def]
@@ -92,7 +96,8 @@ def main() -> int:
               f"peak RSS {row['peak_rss_mb']:.0f} MB" + (f", peak GPU {row['peak_gpu_mb']:.0f} MB" if gpu else ""), flush=True)
 
     cmp = compare(loaded, specs, text_name="wiki-eval (gensim Wikipedia, evaluation split)", max_chunks=args.chunks,
-                  progress=False, calib=calib, on_result=show)
+                  progress=False, calib=calib, on_result=show,
+                  done=partial.done, done_base_ppl=partial.base_ppl)
     rows = cmp.rows()
     table = markdown_table(cmp, times=True)
     mem = "\n".join(f"| {r['format']} | {r['quant_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['extra_rss_mb']:.0f} |"

@@ -215,12 +215,17 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
             n_ctx: int = 512, max_chunks: int | None = 20, progress: bool = True,
             imatrix: dict[str, np.ndarray] | None = None, imatrix_chunks: int = 32,
             calib: CalibConfig | None = None, calib_text: str | None = None,
-            on_result: Callable[[FormatResult, float], None] | None = None) -> Comparison:
+            on_result: Callable[[FormatResult, float], None] | None = None,
+            done: dict[str, FormatResult] | None = None, done_base_ppl: float | None = None) -> Comparison:
     """Evaluate every entry of ``formats`` (lowbit formats or llama.cpp file types, with an optional
     method suffix such as ``+gptq`` and/or ``+imatrix``; see :func:`parse_spec`) against the original
     on the same chunks.  ``+imatrix`` quantizes with the importance matrix ``imatrix`` (computed from
     the calibration text when not given); methods calibrate on ``calib_text`` (default: the bundled
-    calibration split, which never overlaps the evaluation text) with the settings of ``calib``."""
+    calibration split, which never overlaps the evaluation text) with the settings of ``calib``.
+
+    ``done`` holds results of entries already measured (by label, e.g. from a run that was cut short)
+    that are taken as they are instead of being measured again; ``done_base_ppl`` is the original's
+    perplexity they were measured against, checked against this run's before any of them is used."""
     specs = [parse_spec(f) for f in formats]  # unknown names fail before any work
     calib = calib or CalibConfig()
     if imatrix is None and any(s.imatrix for s in specs):
@@ -240,10 +245,20 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
     notes = list(loaded.notes)
     try:
         base = ev.run(torch_logits_fn(loaded.model, n_ctx), "original", as_reference=True)
+        done = done or {}
+        if done and (done_base_ppl is None or not np.isclose(done_base_ppl, base["ppl"], rtol=1e-9, atol=0.0)):
+            from lowbit.errors import LowbitError
+
+            raise LowbitError(f"the results to resume were measured against an original of perplexity {done_base_ppl}, "
+                              f"this run's original has {base['ppl']}: not the same model, text or chunks")
         results = []
         for spec in specs:
-            model = copy.deepcopy(loaded.model)
             name, desc = describe(spec.scheme)
+            label = name + spec.label[len(spec.scheme):]
+            if label in done:
+                results.append(done[label])
+                continue
+            model = copy.deepcopy(loaded.model)
             on_gpu = any(p.is_cuda for p in model.parameters())
             if on_gpu:
                 torch.cuda.synchronize()
@@ -283,7 +298,6 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
                 torch.cuda.synchronize()  # kernels still queued belong to the quantization time
             tq = time.perf_counter() - t0
             peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else 0.0
-            label = name + spec.label[len(spec.scheme):]
             metrics = ev.run(torch_logits_fn(model, n_ctx), label)
             details: dict[str, object] = {}
             if act is not None and act.kind == "llm-int8":
