@@ -63,19 +63,21 @@ def main() -> int:
     if args.device != "cpu":
         loaded.model.to(args.device)
     excluded = {t for t in args.exclude.split(",") if t}
-    allowed = tuple(t for t in ms.K_TYPES + ms.LEGACY_TYPES if t not in excluded)
+    allowed = tuple(t for t in ms.GGUF_TYPES if t not in excluded)
     im = compute_imatrix(loaded, calibration_text(), max_chunks=args.imatrix_chunks, progress=False).values()
     cal = imatrix_chunks(loaded, calibration_text(), n_ctx=512, max_chunks=args.sens_chunks)
     cache = Path(args.sens_cache) if args.sens_cache else OUT / f"mixsearch-{tag}-sens.json"
     key = {"model": loaded.name, "calibration_sha256": hashlib.sha256(calibration_text().encode()).hexdigest(),
            "n_ctx": 512, "sens_chunks": args.sens_chunks, "imatrix_chunks": args.imatrix_chunks, "dither": args.dither}
-    every = ms.load_sensitivities(cache, key) if cache.is_file() else None
-    if every is None:
-        every = ms.measure(loaded, cal, im, allowed=None, progress=True)
+    saved = ms.load_sensitivities(cache, key) if cache.is_file() else None
+    # every type lowbit writes into GGUF files is measured (the search then drops the excluded ones); types
+    # missing from a saved file are added to it without running the model again
+    every = ms.measure(loaded, cal, im, allowed=None, progress=True, previous=saved)
+    if saved is None or every.tensors != saved.tensors:
         OUT.mkdir(parents=True, exist_ok=True)
         ms.save_sensitivities(every, cache, {**key, "device": args.device})
-        print(f"sensitivities: {len(every.tensors)} tensors, {every.tokens} tokens, {every.seconds:.0f} s -> {cache}",
-              flush=True)
+        print(f"sensitivities: {len(every.tensors)} tensors, {every.tokens} tokens, {every.seconds:.0f} s -> {cache}"
+              + (" (added types to the saved ones)" if saved is not None else ""), flush=True)
     else:
         print(f"sensitivities reused from {cache} (measured in {every.seconds:.0f} s)", flush=True)
     sens = every.restricted(allowed)

@@ -204,9 +204,29 @@ def test_target_bpw_writes_a_searched_gguf(tmp_path):
     _one_error_line(r, "drop --format")
     r = lowbit("quantize", "smollm2", "--target-size", "lots", "-o", str(tmp_path / "x.gguf"))
     _one_error_line(r, "give a size such as")
-    r = lowbit("quantize", "smollm2", "--target-bpw", "4", "-o", str(tmp_path / "x"))
-    _one_error_line(r, "writes a GGUF file")
+    r = lowbit("quantize", "smollm2", "--target-bpw", "4", "--types", "nf4,q4_0", "-o", str(tmp_path / "x.gguf"))
+    _one_error_line(r, "nf4: not a type the search can write into a GGUF file")
+    r = lowbit("quantize", "smollm2", "--target-bpw", "4", "--out-format", "gptq", "-o", str(tmp_path / "x"))
+    _one_error_line(r, "takes one format for every layer")
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_target_bpw_writes_a_checkpoint_of_lowbit_formats(tmp_path):
+    out = tmp_path / "smol-mix"
+    r = lowbit("quantize", "smollm2", "--target-bpw", "6.0", "--types", "int3-asym-g64,int4-asym-g64,nf4,int8-ch",
+               "--sens-chunks", "1", "--calib-len", "64", "--calib-samples", "4", "-o", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"chose ([0-9.]+) MB \(([0-9.]+) bits/weight\); predicted KLD ([0-9.]+)", r.stdout)
+    assert m and float(m.group(2)) <= 6.0, r.stdout
+    manifest = json.loads((out / "lowbit.json").read_text())
+    formats = {e["format"] for e in manifest["modules"].values()}
+    assert len(manifest["modules"]) == 30 * 7 and len(formats) > 1
+    assert formats <= {"int3-asym-g64", "int4-asym-g64", "nf4", "int8-ch"}
+    assert (out / "model.safetensors").stat().st_size <= float(m.group(1)) * 1e6 * 1.01
+    r = lowbit("eval", str(out), "--reference", "smollm2", "--chunks", "1")
+    assert r.returncode == 0, r.stderr
+    kld = re.search(r"KLD mean ([0-9.]+)", r.stdout)
+    assert kld and 0 < float(kld.group(1)) < 1.0, r.stdout
 
 
 def test_export_to_compressed_tensors_from_the_command_line(tmp_path):

@@ -11,7 +11,7 @@ from lowbit.eval import mixsearch as ms
 from lowbit.formats import get_format
 
 # the bundled original sits on Q4_1's grid, so Q4_1 would reproduce it for free: not a candidate
-ALLOWED = tuple(t for t in ms.K_TYPES + ms.LEGACY_TYPES if t != "q4_1")
+ALLOWED = tuple(t for t in ms.GGUF_TYPES if t != "q4_1")
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +117,8 @@ def test_sensitivities_of_a_gemma3_model_keep_its_extra_norms_in_f32():
     norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
     assert sens.fixed_bits == 32 * norms
     assert sens.n_params == sum(p.numel() for p in model.parameters())
-    mix, sol = ms.search(sens, sens.bits_of({s.gguf: "q8_0" for s in sens.tensors.values()}))
-    assert sol.bits <= sol.budget and set(mix) == {s.gguf for s in sens.tensors.values()}
+    mix, sol = ms.search(sens, sens.bits_of({s.key: "q8_0" for s in sens.tensors.values()}))
+    assert sol.bits <= sol.budget and set(mix) == {s.key for s in sens.tensors.values()}
 
 
 def test_saved_sensitivities_reload_and_restrict(setup, tmp_path):
@@ -143,3 +143,92 @@ def test_saved_sensitivities_reload_and_restrict(setup, tmp_path):
     f.write_text("{not json")
     with pytest.raises(LowbitError, match="sens.json"):
         ms.load_sensitivities(f, key)
+
+
+def test_earlier_sensitivities_gain_types_without_running_the_model(small, setup, monkeypatch):
+    """A saved measurement restricted to two types, given back as ``previous``, is completed to every
+    allowed type by quantizing alone: no forward pass, and the same numbers as measuring from scratch."""
+    im, _, sens = setup
+    part = sens.restricted({"q4_0", "q8_0"})
+
+    def no_forward(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("the model ran again")
+
+    monkeypatch.setattr(ms, "_LayerInputs", no_forward)
+    from lowbit.eval.data import calibration_text
+    from lowbit.model.imatrix import imatrix_chunks
+
+    cal = imatrix_chunks(small, calibration_text(), n_ctx=128, max_chunks=2)
+    full = ms.measure(small, cal, im, allowed=ALLOWED, progress=False, previous=part)
+    assert full.tensors == sens.tensors
+    with pytest.raises(Exception, match="for a gguf search, not lowbit"):
+        ms.measure(small, cal, im, allowed=("int4-asym-g64",), progress=False, previous=part, target="lowbit")
+
+
+def test_version_1_sensitivity_files_still_load(setup, tmp_path):
+    import json
+
+    _, _, sens = setup
+    f = tmp_path / "sens.json"
+    ms.save_sensitivities(sens, f, {"model": "m"})
+    doc = json.loads(f.read_text())
+    doc["version"] = 1
+    del doc["sensitivities"]["target"]
+    for t in doc["sensitivities"]["tensors"].values():
+        t["gguf"] = t.pop("key")
+    f.write_text(json.dumps(doc))
+    assert ms.load_sensitivities(f, {"model": "m"}) == sens
+
+
+LOWBIT_POOL = ("int3-asym-g64", "int4-asym-g128", "nf4", "int8-ch", "fp16")
+
+
+def test_lowbit_target_mixes_any_formats_into_a_checkpoint(small, setup, tmp_path):
+    """For a lowbit checkpoint the search chooses among lowbit's own formats for the decoder's linear
+    layers (the rest FP16); the checkpoint holds exactly the searched bits and reloads to the same model."""
+    import torch
+
+    from lowbit.eval.data import calibration_text
+    from lowbit.eval.runner import torch_logits_fn
+    from lowbit.model.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.model.imatrix import imatrix_chunks
+
+    im, held, _ = setup
+    cal = imatrix_chunks(small, calibration_text(), n_ctx=128, max_chunks=2)
+    sens = ms.measure(small, cal, im, allowed=LOWBIT_POOL, progress=False, target="lowbit")
+    names = {n for n, p in small.model.named_parameters() if p.dim() == 2 and ".layers." in n}
+    assert set(sens.tensors) == names and all(s.key == s.name for s in sens.tensors.values())
+    rest = sum(p.numel() for n, p in small.model.named_parameters() if n not in names)  # tied head not listed
+    assert sens.fixed_bits == 16 * rest and sens.target == "lowbit"
+    for s in sens.tensors.values():
+        assert s.ref == "nf4" and s.alpha > 0  # the candidate nearest 4.5 bits
+        assert s.err["int8-ch"] < s.err["nf4"] < s.err["int3-asym-g64"]
+    n_lin = sum(s.shape[0] * s.shape[1] for s in sens.tensors.values())
+    budget = sens.fixed_bits + 5 * n_lin  # 5 bits per linear weight (the FP16 embedding dominates 3 layers)
+    mix, sol = ms.search(sens, budget)
+    assert sol.bits <= budget and len(set(mix.values())) > 1
+    work = dataclasses.replace(small, model=copy.deepcopy(small.model))
+    report = ms.apply_mix(work, mix, im, target="lowbit")
+    assert report.total_bits == sol.bits
+    res = ms.validate(small, sens, {"searched": mix}, held, im)
+    assert 0 < res["searched"][1] < 1.0
+    out = save_checkpoint(work, tmp_path / "ck", "mix", "rtn", extra={"mix": mix})
+    size = (out / "model.safetensors").stat().st_size
+    assert sol.bits / 8 <= size < sol.bits / 8 * 1.01 + 100_000  # FP16 where kept, codes as counted, a header
+    back, manifest = load_checkpoint(out)
+    assert {m: e["format"] for m, e in manifest["modules"].items()} == {n.removesuffix(".weight"): f for n, f in mix.items()}
+    chunk = held[0]
+    with torch.no_grad():
+        assert torch.equal(torch_logits_fn(back, 256)(chunk), torch_logits_fn(work.model, 256)(chunk))
+
+
+def test_candidate_types_are_checked_for_the_target():
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match="not a type the search can write into a GGUF file"):
+        ms.check_types(("nf4",), "gguf")
+    with pytest.raises(Exception, match="q9_9"):
+        ms.check_types(("q9_9",), "lowbit")
+    assert ms.check_types(("int4-asym-g64", "q4_k", "int4-asym-g64"), "lowbit") == ("int4-asym-g64", "q4_k")
+    with pytest.raises(LowbitError, match="unknown search target"):
+        ms.default_types("onnx")

@@ -112,26 +112,30 @@ def _parse_size(text: str) -> int:
 
 
 def cmd_quantize_budget(args: argparse.Namespace) -> int:
-    """--target-bpw / --target-size: measure sensitivities, search the mix, write the GGUF file."""
+    """--target-bpw / --target-size: measure sensitivities, search the mix, write the file: a GGUF
+    file of llama.cpp types, or a lowbit checkpoint directory of any of lowbit's formats."""
 
     from lowbit.eval import mixsearch as ms
     from lowbit.model.load import load_model, resolve_model_path
 
     if args.method != "rtn" or args.format or args.bits is not None:
-        raise LowbitError("--target-bpw/--target-size choose the llama.cpp type of every tensor themselves; "
+        raise LowbitError("--target-bpw/--target-size choose the format of every tensor themselves; "
                           "drop --format, --bits and --method")
     if args.target_bpw is not None and args.target_size is not None:
         raise LowbitError("give --target-bpw or --target-size, not both")
+    if args.out_format != "lowbit":
+        raise LowbitError(f"--out-format {args.out_format} takes one format for every layer; the budget search writes "
+                          "a .gguf file or a lowbit checkpoint directory")
     out = Path(args.out)
-    if out.suffix.lower() != ".gguf":
-        raise LowbitError(f"{out}: the budget search writes a GGUF file (an --out ending in .gguf)")
+    target = "gguf" if out.suffix.lower() == ".gguf" else "lowbit"
     if out.exists() and not args.force:
         raise LowbitError(f"{out}: already exists (use --force to overwrite)")
     if args.target_bpw is not None and not 1.0 < args.target_bpw <= 32.0:
         raise LowbitError(f"--target-bpw {args.target_bpw}: give bits per weight between 1 and 32")
     target_bytes = _parse_size(args.target_size) if args.target_size is not None else None
-    excluded = tuple(t.strip().lower() for t in (args.exclude_types or "").split(",") if t.strip())
-    allowed = tuple(t for t in ms.K_TYPES + ms.LEGACY_TYPES if t not in excluded)
+    excluded = {t.strip().lower() for t in (args.exclude_types or "").split(",") if t.strip()}
+    pool = tuple(t.strip().lower() for t in args.types.split(",") if t.strip()) if args.types else ms.default_types(target)
+    allowed = ms.check_types(tuple(t for t in pool if t not in excluded), target)
     src = resolve_model_path(args.model)
     loaded = load_model(src, progress=not args.quiet)
     from lowbit.eval.data import calibration_text, read_text_file
@@ -148,20 +152,34 @@ def cmd_quantize_budget(args: argparse.Namespace) -> int:
         imatrix = compute_imatrix(loaded, text, n_ctx=args.calib_len, max_chunks=args.calib_samples,
                                   progress=not args.quiet).values()
     chunks = imatrix_chunks(loaded, text, n_ctx=args.calib_len, max_chunks=args.sens_chunks)
-    sens = ms.measure(loaded, chunks, imatrix, allowed=allowed, progress=not args.quiet)
+    sens = ms.measure(loaded, chunks, imatrix, allowed=allowed, progress=not args.quiet, target=target)
     budget = sens.budget_for_bpw(args.target_bpw) if target_bytes is None else 8 * target_bytes
     mix, sol = ms.search(sens, budget)
     measured = ms.validate(loaded, sens, {"searched": mix}, chunks, imatrix)["searched"][1]  # on a copy
-    from lowbit.io.hf_gguf import write_gguf_from_hf
-
     if out.exists():
-        out.unlink()
-    report = write_gguf_from_hf(loaded, out, "q4_k_m", progress=not args.quiet, imatrix=imatrix, types=dict(mix))
+        if out.is_dir():
+            import shutil
+
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    if target == "gguf":
+        from lowbit.io.hf_gguf import write_gguf_from_hf
+
+        report = write_gguf_from_hf(loaded, out, "q4_k_m", progress=not args.quiet, imatrix=imatrix, types=dict(mix))
+        size = None
+    else:
+        from lowbit.model.checkpoint import save_checkpoint
+
+        report = ms.apply_mix(loaded, mix, imatrix, progress=not args.quiet, target=target)
+        save_checkpoint(loaded, out, "mix", "rtn", extra={"mix": dict(mix), "predicted_kld": sol.loss,
+                                                         "calibration_kld": measured, "budget_bits": budget})
+        size = sum(f.stat().st_size for f in out.iterdir())
     print(f"sensitivities of {len(sens.tensors)} tensors on {sens.tokens} calibration tokens in {sens.seconds:.0f} s")
     print(f"budget {budget / 8e6:.2f} MB ({budget / sens.n_params:.3f} bits/weight): chose {sol.bits / 8e6:.2f} MB "
           f"({sol.bits / sens.n_params:.3f} bits/weight); predicted KLD {sol.loss:.5f}, measured {measured:.5f} "
           f"on the calibration chunks")
-    _print_wrote(out, report)
+    _print_wrote(out, report, size)
     return 0
 
 
@@ -522,13 +540,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "bitsandbytes' 4-bit serialization (nf4, nf4-dq, fp4, fp4-dq); the GPTQ checkpoint "
                          "layout (2/3/4/8-bit integer formats per channel or with groups that divide every row); or "
                          "AWQ's GEMM layout (4-bit zero-point formats whose groups divide every row)")
-    sp.add_argument("--target-bpw", type=float, help="GGUF output: choose every tensor's llama.cpp type to fit this "
-                                                     "many bits per weight with the least predicted KL divergence")
+    sp.add_argument("--target-bpw", type=float, help="choose every tensor's format to fit this many bits per weight "
+                                                     "with the least predicted KL divergence: llama.cpp types for a "
+                                                     ".gguf --out, any lowbit format for a checkpoint directory")
     sp.add_argument("--target-size", help="the same for a file size, e.g. 90MB or 1.2GB")
     sp.add_argument("--sens-chunks", type=int, default=8,
                     help="with a target: calibration chunks for the per-tensor sensitivities (default 8)")
-    sp.add_argument("--exclude-types", help="with a target: llama.cpp types the search must not use (e.g. q4_1, "
-                                            "the type a model was distributed in, which reproduces it for free)")
+    sp.add_argument("--types", help="with a target: the candidate formats, comma-separated (default: every llama.cpp "
+                                    "type lowbit writes for a .gguf; for a checkpoint int2..int8 per group or channel, "
+                                    "nf4, nf4-dq, fp8-e4m3-ch, fp16)")
+    sp.add_argument("--exclude-types", help="with a target: formats the search must not use (e.g. q4_1, the type a "
+                                            "model was distributed in, which reproduces it for free)")
     sp.add_argument("--qat-steps", type=int, default=100, help="QAT: optimizer steps (default 100)")
     sp.add_argument("--qat-lr", type=float, default=5e-5, help="QAT: peak learning rate (default 5e-5)")
     sp.add_argument("--qat-batch", type=int, default=2, help="QAT: calibration chunks per step (default 2)")

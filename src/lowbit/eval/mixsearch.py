@@ -1,5 +1,11 @@
 """Fit a model to a budget: per-tensor sensitivities, a predicted loss for every (tensor, format),
-and the mix of llama.cpp types with the least predicted loss under a size budget.
+and the mix of formats with the least predicted loss under a size budget.
+
+**Targets.**  A GGUF file (``target="gguf"``): every tensor llama.cpp quantizes (the embedding and
+output head included) gets one of the llama.cpp types lowbit writes (:data:`GGUF_TYPES`), 1-D tensors
+stay F32.  A lowbit checkpoint (``target="lowbit"``): the linear layers of the decoder blocks get any
+of lowbit's formats (:data:`LOWBIT_TYPES` by default: integer codes per group, NF4, FP8, FP16 ...),
+the embedding, output head and norms stay FP16, as :mod:`lowbit.model.policy` keeps them.
 
 **Proxy.**  Storing tensor ``t`` in format ``f`` changes its weights by ``dW``; the layer's output
 error on calibration activations is about ``sum_j imp_j * sum_i dW_ij^2`` (``imp`` = mean squared
@@ -14,8 +20,8 @@ The predicted loss of a whole mix is ``sum_t alpha_t * err_t(f_t)``: small pertu
 :func:`validate` measures real mixes to check that the predictions order them correctly.
 
 **Search.**  :func:`lowbit.algorithms.budget.solve` picks the formats.  Budgets count every stored
-bit of the GGUF file's tensors (1-D tensors stay F32, as llama.cpp keeps them), over all weights, as
-llama.cpp's bits-per-weight figures do.
+bit of the file's tensors (the tensors outside the search at their storage precision), over all
+weights, as llama.cpp's bits-per-weight figures do.
 """
 
 from __future__ import annotations
@@ -39,27 +45,61 @@ from lowbit.formats import get_format
 from lowbit.model.gguf_mix import allows_quantization, gguf_name
 from lowbit.model.load import LoadedModel
 
-#: llama.cpp types the search may use, for rows that are a multiple of 256 and for the others
+#: llama.cpp types: the K-quants (rows a multiple of 256) and the legacy blocks of 32
 K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
 LEGACY_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+#: every llama.cpp type the search may put in a GGUF file
+GGUF_TYPES = tuple(dict.fromkeys(K_TYPES + LEGACY_TYPES + ("iq4_nl", "iq4_xs", "fp16")))
+#: the default candidates for a lowbit checkpoint: integer codes from 2 to 8 bits per group or
+#: channel, NF4 (plain and double-quantized), FP8 per channel and FP16
+LOWBIT_TYPES = ("int2-asym-g32", "int2-asym-g64", "int3-asym-g32", "int3-asym-g64", "int3-asym-g128",
+                "int4-asym-g32", "int4-asym-g64", "int4-asym-g128", "nf4", "nf4-dq", "int5-asym-g64",
+                "int6-asym-g64", "int8-ch", "fp8-e4m3-ch", "fp16")
+TARGETS = ("gguf", "lowbit")
+
+
+def default_types(target: str) -> tuple[str, ...]:
+    if target not in TARGETS:
+        raise LowbitError(f"unknown search target {target!r} (use {' or '.join(TARGETS)})")
+    return GGUF_TYPES if target == "gguf" else LOWBIT_TYPES
+
+
+def check_types(types: tuple[str, ...], target: str) -> tuple[str, ...]:
+    """``types`` as format names, each known and storable in ``target``'s files (a clear error otherwise)."""
+    out = []
+    for t in types:
+        fmt = get_format(t)  # a FormatError for an unknown name
+        if target == "gguf" and fmt.name not in GGUF_TYPES:
+            raise LowbitError(f"{t}: not a type the search can write into a GGUF file (use {', '.join(GGUF_TYPES)})")
+        if fmt.name == "f32":
+            raise LowbitError("f32 is not a candidate: it stores more than the original")
+        out.append(fmt.name)
+    if not out:
+        raise LowbitError("the search needs at least one candidate format")
+    return tuple(dict.fromkeys(out))
 
 
 def candidate_types(cols: int, allowed: tuple[str, ...] | None = None) -> list[str]:
-    """llama.cpp types whose blocks fit rows of ``cols`` values."""
-    pool = list(K_TYPES) + [t for t in LEGACY_TYPES if t not in K_TYPES]
-    if allowed is not None:
-        pool = [t for t in pool if t in allowed]
-    return [t for t in pool if cols % get_format(t).block_size == 0]
+    """The candidates (default: the llama.cpp types) whose blocks fit rows of ``cols`` values."""
+    pool = list(GGUF_TYPES if allowed is None else allowed)
+    return [t for t in pool if not get_format(t).block_size or cols % get_format(t).block_size == 0]
 
 
-def reference_type(cols: int) -> str:
-    return "q4_k" if cols % 256 == 0 else "q4_0"
+def reference_type(cols: int, types: list[str] | None = None) -> str:
+    """The type each tensor's sensitivity is measured at: a 4-bit one, where most of a budget's
+    choices lie (Q4_K where rows fit, else Q4_0; among other candidates the one nearest 4.5 bits)."""
+    gg = "q4_k" if cols % 256 == 0 else "q4_0"
+    if types is None or gg in types:
+        return gg
+    if not types:
+        raise LowbitError(f"no candidate fits rows of {cols} values")
+    return min(types, key=lambda t: (abs(get_format(t).bits_per_weight((256, cols)) - 4.5), t))
 
 
 @dataclass
 class TensorSensitivity:
     name: str  # Hugging Face parameter name
-    gguf: str  # GGUF tensor name
+    key: str  # its name in a mix: the GGUF tensor name (GGUF target) or the parameter name (lowbit)
     shape: tuple[int, int]
     bits: dict[str, int]  # stored bits per candidate type
     err: dict[str, float]  # importance-weighted squared error per candidate type
@@ -80,25 +120,26 @@ class Sensitivities:
     tokens: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    target: str = "gguf"  # what the mixes are for: a GGUF file or a lowbit checkpoint (see the module docs)
 
     def candidates(self) -> dict[str, list[Candidate]]:
         return {n: [Candidate(f, s.bits[f], s.predicted(f)) for f in s.bits] for n, s in self.tensors.items()}
 
     def _check(self, mix: dict[str, str]) -> dict[str, TensorSensitivity]:
-        by_gguf = {s.gguf: s for s in self.tensors.values()}
+        by_key = {s.key: s for s in self.tensors.values()}
         for g, t in mix.items():
-            if g in by_gguf and t not in by_gguf[g].bits:
-                raise LowbitError(f"{g}: type {t} was not measured (measured: {', '.join(by_gguf[g].bits)})")
-        return by_gguf
+            if g in by_key and t not in by_key[g].bits:
+                raise LowbitError(f"{g}: type {t} was not measured (measured: {', '.join(by_key[g].bits)})")
+        return by_key
 
     def predict(self, mix: dict[str, str]) -> float:
-        """Predicted KLD of a mix (GGUF tensor name -> type)."""
-        by_gguf = self._check(mix)
-        return sum(by_gguf[g].predicted(t) for g, t in mix.items() if g in by_gguf)
+        """Predicted KLD of a mix (tensor key -> type)."""
+        by_key = self._check(mix)
+        return sum(by_key[g].predicted(t) for g, t in mix.items() if g in by_key)
 
     def bits_of(self, mix: dict[str, str]) -> int:
-        by_gguf = self._check(mix)
-        return self.fixed_bits + sum(by_gguf[g].bits[t] for g, t in mix.items() if g in by_gguf)
+        by_key = self._check(mix)
+        return self.fixed_bits + sum(by_key[g].bits[t] for g, t in mix.items() if g in by_key)
 
     def budget_for_bpw(self, bpw: float) -> int:
         return int(bpw * self.n_params)
@@ -110,7 +151,7 @@ class Sensitivities:
         for n, t in self.tensors.items():
             keep = [f for f in t.bits if f in allowed]
             if not keep:
-                raise LowbitError(f"{t.gguf}: none of the allowed types ({', '.join(sorted(allowed))}) was measured "
+                raise LowbitError(f"{t.key}: none of the allowed types ({', '.join(sorted(allowed))}) was measured "
                                   f"for it (measured: {', '.join(t.bits)})")
             out[n] = replace(t, bits={f: t.bits[f] for f in keep}, err={f: t.err[f] for f in keep})
         return replace(self, tensors=out)
@@ -123,11 +164,18 @@ class Sensitivities:
 
     @classmethod
     def from_dict(cls, d: dict) -> Sensitivities:  # type: ignore[type-arg]
-        tensors = {n: TensorSensitivity(**{**t, "shape": tuple(t["shape"])}) for n, t in d["tensors"].items()}
-        return cls(**{**d, "tensors": tensors})
+        def one(t: dict) -> TensorSensitivity:  # type: ignore[type-arg]
+            t = {**t, "shape": tuple(t["shape"])}
+            if "gguf" in t:  # version 1 files: GGUF searches only, the key was named for it
+                t["key"] = t.pop("gguf")
+            return TensorSensitivity(**t)
+
+        return cls(**{**d, "tensors": {n: one(t) for n, t in d["tensors"].items()}})
 
 
-SENS_VERSION = 1
+SENS_VERSION = 2
+#: versions :func:`load_sensitivities` still reads
+SENS_READS = (1, 2)
 
 
 def save_sensitivities(sens: Sensitivities, path: str | os.PathLike[str], key: dict[str, object]) -> None:
@@ -145,8 +193,8 @@ def load_sensitivities(path: str | os.PathLike[str], key: dict[str, object] | No
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
-        if doc.get("version") != SENS_VERSION:
-            raise LowbitError(f"{path}: sensitivity file version {doc.get('version')}, expected {SENS_VERSION}")
+        if doc.get("version") not in SENS_READS:
+            raise LowbitError(f"{path}: sensitivity file version {doc.get('version')}, expected one of {SENS_READS}")
         saved = doc.get("key") or {}
         if key is not None and any(saved.get(k) != v for k, v in json.loads(json.dumps(key)).items()):
             return None
@@ -265,24 +313,23 @@ def _layer_index(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.ndarray] | None = None,
-            allowed: tuple[str, ...] | None = None, progress: bool = True) -> Sensitivities:
-    """Sensitivities of every tensor llama.cpp quantizes, from the calibration token ``chunks``
-    (``[n, n_ctx]``) and the importance matrix ``imatrix`` (GGUF names; columns weighted equally
-    where a tensor has none, e.g. the token embedding)."""
-    model = loaded.model
-    if len(chunks) == 0:
-        raise LowbitError("sensitivity measurement needs calibration text")
-    n_ctx = int(chunks.shape[1])
-    t0 = time.perf_counter()
-    imatrix = imatrix or {}
-    cache = _LayerInputs(model, chunks, n_ctx)
-    ref = cache.ref
+def searched_tensors(model: nn.Module, target: str = "gguf") -> tuple[list[tuple[str, str, nn.Parameter]], int, int]:
+    """The tensors a search chooses formats for, as (parameter name, mix key, parameter); the bits of
+    the others at their storage precision; and the number of weights (tied tensors once)."""
+    from lowbit.model.policy import LINEAR_ROLES, role_of
+
+    default_types(target)
     params = _params(model)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     todo, fixed, n_params = [], 0, 0
     for n, p in params:
         n_params += p.numel()
+        if target == "lowbit":
+            if p.dim() == 2 and role_of(n) in LINEAR_ROLES and ".layers." in n:
+                todo.append((n, n, p))
+            elif not (n == "lm_head.weight" and tied):
+                fixed += 16 * p.numel()  # embedding, head and norms stay FP16
+            continue
         g = gguf_name(n)
         if g is None:
             if n == "lm_head.weight" and tied:
@@ -290,71 +337,119 @@ def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.nda
             if p.dim() == 1:  # a norm llama's names do not cover (Gemma's pre/post norms, q/k norms): F32
                 fixed += 32 * p.numel()
                 continue
-            raise LowbitError(f"{loaded.path}: tensor {n} has no GGUF name; the search writes GGUF files")
+            raise LowbitError(f"tensor {n} has no GGUF name; the search writes GGUF files")
         if allows_quantization(g, p.dim()):
             todo.append((n, g, p))
         else:
             fixed += 32 * p.numel()
+    return todo, fixed, n_params
+
+
+def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.ndarray] | None = None,
+            allowed: tuple[str, ...] | None = None, progress: bool = True, target: str = "gguf",
+            previous: Sensitivities | None = None) -> Sensitivities:
+    """Sensitivities of every tensor the search chooses for (see :func:`searched_tensors`), from the
+    calibration token ``chunks`` (``[n, n_ctx]``) and the importance matrix ``imatrix`` (GGUF names;
+    columns weighted equally where a tensor has none, e.g. the token embedding).  ``allowed`` are the
+    candidate formats (default: :func:`default_types` of ``target``).
+
+    ``previous`` (the same model and calibration, e.g. read back with :func:`load_sensitivities`) is
+    reused: a tensor measured there keeps its sensitivity, and only the candidates it lacks are
+    quantized, without running the model again."""
+    model = loaded.model
+    if len(chunks) == 0:
+        raise LowbitError("sensitivity measurement needs calibration text")
+    types_pool = check_types(tuple(allowed) if allowed is not None else default_types(target), target)
+    n_ctx = int(chunks.shape[1])
+    t0 = time.perf_counter()
+    imatrix = imatrix or {}
+    try:
+        todo, fixed, n_params = searched_tensors(model, target)
+    except LowbitError as exc:
+        raise LowbitError(f"{loaded.path}: {exc}") from None
+    if previous is not None and previous.target != target:
+        raise LowbitError(f"the earlier sensitivities are for a {previous.target} search, not {target}")
+    old = previous.tensors if previous is not None else {}
+    cache: _LayerInputs | None = None
     out: dict[str, TensorSensitivity] = {}
     notes = []
     bar = tqdm(todo, desc="sensitivity", unit="tensor", disable=not progress, leave=False)
-    for n, g, p in bar:
+    for n, key, p in bar:
         w = p.detach().to(torch.float32).reshape(p.shape[0], -1)
         cols = w.shape[1]
-        types = candidate_types(cols, allowed)
+        types = candidate_types(cols, types_pool)
         if not types:
-            raise LowbitError(f"{g}: no allowed type fits rows of {cols} values")
-        im = imatrix.get(g)
+            raise LowbitError(f"{key}: no allowed type fits rows of {cols} values")
+        prev = old.get(n)
+        if prev is not None and tuple(prev.shape) != tuple(w.shape):
+            raise LowbitError(f"{key}: the earlier sensitivities are for shape {prev.shape}, the model has {tuple(w.shape)}")
+        g = gguf_name(n)
+        im = imatrix.get(g) if g is not None else None
         imp = torch.ones(cols) if im is None else torch.as_tensor(np.asarray(im, np.float32))
         imp = imp.to(w.device)
         if imp.numel() != cols:
             raise LowbitError(f"importance matrix entry {g} has {imp.numel()} values, the tensor has {cols} columns")
-        bits, err, deq = {}, {}, {}
-        for t in types:
+        rt = prev.ref if prev is not None else reference_type(cols, types)
+        bits = dict(prev.bits) if prev is not None else {}
+        err = dict(prev.err) if prev is not None else {}
+        ref_w = None
+        for t in [t for t in types if t not in err]:
             fmt = get_format(t)
-            qt = fmt.quantize(w, name=g, imatrix=imp) if (fmt.uses_imatrix and im is not None) else fmt.quantize(w, name=g)
+            qt = fmt.quantize(w, name=key, imatrix=imp) if (fmt.uses_imatrix and im is not None) else fmt.quantize(w, name=key)
             dq = fmt.dequantize(qt)
             bits[t] = fmt.storage_bits(tuple(w.shape))
             err[t] = float((((dq - w) ** 2).sum(0, dtype=torch.float64) * imp.double()).sum())
-            deq[t] = dq
-        rt = reference_type(cols) if reference_type(cols) in types else types[0]
-        saved = p.detach().clone()
-        try:
-            with torch.no_grad():
-                p.copy_(deq[rt].reshape(p.shape).to(p.dtype))
-            kld = cache.kld_from(_layer_index(n), chunks)
-        finally:
-            with torch.no_grad():
-                p.copy_(saved)
-        alpha = kld / err[rt] if err[rt] > 0 else 0.0
-        out[n] = TensorSensitivity(n, g, (w.shape[0], w.shape[1]), bits, err, rt, kld, alpha)
+            if t == rt:
+                ref_w = dq
+        if prev is not None:
+            kld, alpha = prev.ref_kld, prev.alpha
+        else:
+            err_ref = err[rt]
+            if cache is None:
+                cache = _LayerInputs(model, chunks, n_ctx)
+            saved = p.detach().clone()
+            try:
+                with torch.no_grad():
+                    p.copy_(ref_w.reshape(p.shape).to(p.dtype))  # type: ignore[union-attr]
+                kld = cache.kld_from(_layer_index(n), chunks)
+            finally:
+                with torch.no_grad():
+                    p.copy_(saved)
+            alpha = kld / err_ref if err_ref > 0 else 0.0
+        bits, err = {t: bits[t] for t in types}, {t: err[t] for t in types}
+        out[n] = TensorSensitivity(n, key, (w.shape[0], w.shape[1]), bits, err, rt, kld, alpha)
     if any(s.alpha <= 0 for s in out.values()):
         notes.append("some tensors showed no measurable KL divergence at their reference type")
-    return Sensitivities(out, fixed, n_params, len(chunks), len(chunks) * len(ref[0]), time.perf_counter() - t0, notes)
+    tokens = len(chunks) * len(cache.ref[0]) if cache is not None else (previous.tokens if previous is not None else 0)
+    seconds = time.perf_counter() - t0 + (previous.seconds if previous is not None else 0.0)  # the whole effort
+    return Sensitivities(out, fixed, n_params, len(chunks), tokens, seconds, notes, target)
 
 
 def search(sens: Sensitivities, budget_bits: int) -> tuple[dict[str, str], Solution]:
-    """The mix (GGUF tensor name -> type) with the least predicted loss whose tensors take at most
+    """The mix (tensor key -> format) with the least predicted loss whose tensors take at most
     ``budget_bits`` bits in all."""
     free = budget_bits - sens.fixed_bits
     sol = solve(sens.candidates(), free)
     sol.bits += sens.fixed_bits
     sol.budget = budget_bits
-    mix = {sens.tensors[n].gguf: c.format for n, c in sol.choice.items()}
+    mix = {sens.tensors[n].key: c.format for n, c in sol.choice.items()}
     return mix, sol
 
 
 def apply_mix(loaded: LoadedModel, mix: dict[str, str], imatrix: dict[str, np.ndarray] | None = None,
-              progress: bool = False):  # type: ignore[no-untyped-def]
-    """Quantize ``loaded.model`` in place with the types of ``mix`` (tensors outside it stay F32)."""
+              progress: bool = False, target: str = "gguf"):  # type: ignore[no-untyped-def]
+    """Quantize ``loaded.model`` in place with the formats of ``mix`` (keys as :func:`searched_tensors`
+    gives them); the tensors outside it stay at their storage precision (GGUF: F32; lowbit: FP16)."""
     from lowbit.model.policy import TensorChoice
     from lowbit.model.quantize import _unique_params, quantize_rest
 
+    default_types(target)  # a clear error for an unknown target
+    keep = TensorChoice("f32" if target == "gguf" else "fp16", False)
     choices = {}
     for n, _p in _unique_params(loaded.model):
-        g = gguf_name(n)
-        t = mix.get(g) if g is not None else None
-        choices[n] = TensorChoice(t, True) if t is not None else TensorChoice("f32", False)
+        k = gguf_name(n) if target == "gguf" else n
+        t = mix.get(k) if k is not None else None
+        choices[n] = TensorChoice(t, True) if t is not None else keep
     return quantize_rest(loaded.model, "mix", choices, skip=set(), progress=progress, imatrix=imatrix)
 
 
@@ -378,7 +473,7 @@ def validate(loaded: LoadedModel, sens: Sensitivities, mixes: dict[str, dict[str
     out = {}
     for name, mix in mixes.items():
         work = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
-        apply_mix(work, mix, imatrix)
+        apply_mix(work, mix, imatrix, target=sens.target)
         measured = _kld(work.model, chunks, ref, n_ctx)
         out[name] = (sens.predict(mix), measured, sens.bits_of(mix))
         if on_result is not None:

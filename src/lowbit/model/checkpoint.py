@@ -74,7 +74,7 @@ def save_checkpoint(loaded, out: Path, scheme: str, method: str, extra: dict | N
             if any(name.startswith(q) for q in quantized_prefixes) or id(p) in seen:
                 continue  # quantized layers' biases are stored above; tied weights once
             seen.add(id(p))
-            tensors[name] = p.detach().contiguous().cpu()
+            tensors[name] = _compact(p.detach().contiguous().cpu())
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "lowbit": str(VERSION)})
         model.config.to_json_file(str(tmp / "config.json"))
         tok = getattr(loaded, "tokenizer", None)
@@ -88,6 +88,16 @@ def save_checkpoint(loaded, out: Path, scheme: str, method: str, extra: dict | N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in FP16 where that loses nothing (the tensors lowbit keeps in FP16 were rounded to it
+    already), as it is otherwise: the file holds what the bit counts say."""
+    if t.dtype in (torch.float32, torch.float64) and t.numel():
+        h = t.to(torch.float16)
+        if torch.equal(h.to(t.dtype), t):
+            return h
+    return t
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -148,6 +158,7 @@ def _build(path: Path, st_file: Path, manifest: dict, dtype: torch.dtype) -> tup
             parent, _, child = mname.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
         state = {n: f.get_tensor(n) for n in names if not any(n.startswith(m + ".") for m in manifest.get("modules", {}))}
+    state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}  # FP16 on disk where lossless
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
