@@ -232,3 +232,27 @@ def test_candidate_types_are_checked_for_the_target():
     assert ms.check_types(("int4-asym-g64", "q4_k", "int4-asym-g64"), "lowbit") == ("int4-asym-g64", "q4_k")
     with pytest.raises(LowbitError, match="unknown search target"):
         ms.default_types("onnx")
+
+
+def test_a_mix_of_iq4_and_f16_tensors_runs_in_llama_cpp(small, setup, tmp_path, llamacpp_vs_torch):
+    """The types GGUF searches gained (IQ4_NL, IQ4_XS, F16) written per tensor into one file: llama.cpp
+    loads it and computes what lowbit computes."""
+    from lowbit.io.hf_gguf import write_gguf_from_hf
+    from lowbit.model.gguf_file import GGUFFile
+
+    im, held, sens = setup
+    cycle = ("iq4_nl", "fp16", "q4_k")
+    mix = {}
+    for i, s in enumerate(sorted(sens.tensors.values(), key=lambda s: s.key)):
+        t = "iq4_xs" if "iq4_xs" in s.bits and i % 2 else cycle[i % 3]
+        mix[s.key] = t if t in s.bits else "iq4_nl"
+    assert {"iq4_nl", "iq4_xs", "fp16"} <= set(mix.values())
+    path = tmp_path / "iq.gguf"
+    report = write_gguf_from_hf(small, path, "q4_k_m", progress=False, imatrix=im, types=dict(mix))
+    gf = GGUFFile(path)
+    assert all(gf.tensors[g].type == get_format(t).gguf_type for g, t in mix.items())
+    assert report.total_bits == sens.bits_of(mix)
+    work = dataclasses.replace(small, model=copy.deepcopy(small.model))
+    ms.apply_mix(work, mix, im)
+    kld, _, _ = llamacpp_vs_torch(path, work.model, held[0])
+    assert kld < 0.01, kld
