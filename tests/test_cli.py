@@ -213,11 +213,12 @@ def test_target_bpw_writes_a_searched_gguf(tmp_path):
 
 def test_target_bpw_writes_a_checkpoint_of_lowbit_formats(tmp_path):
     out = tmp_path / "smol-mix"
-    r = lowbit("quantize", "smollm2", "--target-bpw", "6.0", "--types", "int3-asym-g64,int4-asym-g64,nf4,int8-ch",
+    # 7 bits per weight over the whole model leave the linear layers about 4.6 (the FP16 embedding takes 3.4)
+    r = lowbit("quantize", "smollm2", "--target-bpw", "7.0", "--types", "int3-asym-g64,int4-asym-g64,nf4,int8-ch",
                "--sens-chunks", "1", "--calib-len", "64", "--calib-samples", "4", "-o", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     m = re.search(r"chose ([0-9.]+) MB \(([0-9.]+) bits/weight\); predicted KLD ([0-9.]+)", r.stdout)
-    assert m and float(m.group(2)) <= 6.0, r.stdout
+    assert m and float(m.group(2)) <= 7.0, r.stdout
     manifest = json.loads((out / "lowbit.json").read_text())
     formats = {e["format"] for e in manifest["modules"].values()}
     assert len(manifest["modules"]) == 30 * 7 and len(formats) > 1
