@@ -167,7 +167,7 @@ def _plot(rows: list[dict], path: Path, model: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (whole model)")
     ax.set_ylabel("mean KL divergence vs original")
-    ax.set_title(f"{model}: searched mixes vs llama.cpp's at the same size", fontsize=10)
+    ax.set_title(f"{model}\nlowbit's searched mixes vs llama.cpp's at the same size (same imatrix)", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
