@@ -161,8 +161,12 @@ def test_earlier_sensitivities_gain_types_without_running_the_model(small, setup
     cal = imatrix_chunks(small, calibration_text(), n_ctx=128, max_chunks=2)
     full = ms.measure(small, cal, im, allowed=ALLOWED, progress=False, previous=part)
     assert full.tensors == sens.tensors
-    with pytest.raises(Exception, match="for a gguf search, not lowbit"):
-        ms.measure(small, cal, im, allowed=("int4-asym-g64",), progress=False, previous=part, target="lowbit")
+    # the same measurements serve a search for a lowbit checkpoint: its tensors keep their sensitivities
+    ck = ms.measure(small, cal, im, allowed=("int4-asym-g64", "nf4"), progress=False, previous=part, target="lowbit")
+    assert ck.target == "lowbit" and set(ck.tensors) < set(sens.tensors)
+    for n, t in ck.tensors.items():
+        assert (t.alpha, t.ref, t.ref_kld) == (sens.tensors[n].alpha, sens.tensors[n].ref, sens.tensors[n].ref_kld)
+        assert set(t.bits) == {"int4-asym-g64", "nf4"}
 
 
 def test_version_1_sensitivity_files_still_load(setup, tmp_path):

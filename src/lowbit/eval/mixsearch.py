@@ -355,7 +355,8 @@ def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.nda
 
     ``previous`` (the same model and calibration, e.g. read back with :func:`load_sensitivities`) is
     reused: a tensor measured there keeps its sensitivity, and only the candidates it lacks are
-    quantized, without running the model again."""
+    quantized, without running the model again.  A tensor's sensitivity and each format's error on it
+    do not depend on the file they go to, so a GGUF search's measurements serve a lowbit search too."""
     model = loaded.model
     if len(chunks) == 0:
         raise LowbitError("sensitivity measurement needs calibration text")
@@ -367,8 +368,6 @@ def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.nda
         todo, fixed, n_params = searched_tensors(model, target)
     except LowbitError as exc:
         raise LowbitError(f"{loaded.path}: {exc}") from None
-    if previous is not None and previous.target != target:
-        raise LowbitError(f"the earlier sensitivities are for a {previous.target} search, not {target}")
     old = previous.tensors if previous is not None else {}
     cache: _LayerInputs | None = None
     out: dict[str, TensorSensitivity] = {}
