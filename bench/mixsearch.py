@@ -62,7 +62,15 @@ def main() -> int:
     ap.add_argument("--dither", type=float, default=0.0,
                     help="add Gaussian noise of this fraction of each row's RMS to every weight llama.cpp quantizes, "
                          "so that the 'original' no longer sits on the grid it was distributed in (0: off)")
+    ap.add_argument("--combine", help="no run: draw these results (comma-separated JSON files of this script) side by "
+                                      "side into --name's PNG")
     args = ap.parse_args()
+    if args.combine:
+        docs = [json.loads(Path(f).read_text()) for f in args.combine.split(",") if f]
+        path = OUT / f"{args.name or 'mixsearch-combined'}.png"
+        _plot_many(docs, path)
+        print(f"wrote {path}")
+        return 0
     t0 = time.perf_counter()
     loaded = load_model(args.model, progress=False)
     tag = Path(args.model).stem + (f"-dither{args.dither:g}" if args.dither else "")
@@ -176,14 +184,47 @@ def dither(model: torch.nn.Module, rel: float, seed: int = 0) -> int:
     return n
 
 
+def _label(doc: dict) -> str:
+    return doc["model"] + (f" dithered by {doc['dither']:g} x row RMS" if doc.get("dither") else "")
+
+
+def _plot_many(docs: list[dict], path: Path) -> None:
+    """Several results of this script side by side, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(docs), figsize=(6.5 * len(docs), 4.5), squeeze=False)
+    for ax, doc in zip(axes[0], docs, strict=True):
+        _draw(ax, doc["rows"], _label(doc), doc.get("target", "gguf"))
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _plot(rows: list[dict], path: Path, model: str, target: str = "gguf") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fixed = "llama.cpp's mixes" if target == "gguf" else "one lowbit format for every layer"
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    _draw(ax, rows, model, target)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.part.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _draw(ax, rows: list[dict], model: str, target: str) -> None:  # type: ignore[no-untyped-def]
+    fixed = "llama.cpp's mixes" if target == "gguf" else "one lowbit format for every layer"
     for side, label, style in (("fixed", fixed, "o-"), ("searched", "lowbit's searched mixes", "s-")):
         pts = sorted((r["bpw"], r["kld_mean"]) for r in rows
                      if r.get("side", "fixed" if r["mix"].startswith("llama.cpp") else "searched") == side)
@@ -198,11 +239,6 @@ def _plot(rows: list[dict], path: Path, model: str, target: str = "gguf") -> Non
     ax.set_title(f"{model}\nlowbit's searched mixes vs {what}", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.part.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":
