@@ -50,7 +50,7 @@ def test_captured_inputs_reproduce_the_model(small, calib_chunks):
 
 @pytest.mark.parametrize(("method", "scheme"), [("gptq", "int3-asym-g128"), ("awq", "int3-asym-g128"),
                                                 ("quip", "int3-asym-g128"), ("spqr", "spqr3-g16"),
-                                                ("gptq", "q4_0")])
+                                                ("gptq", "q4_0"), ("quip", "e8p")])
 def test_every_method_beats_round_to_nearest_end_to_end(method, scheme, small, calib_chunks, held_out):
     ref = _hidden(small.model, held_out)
     rtn = dataclasses.replace(small, model=copy.deepcopy(small.model))
@@ -82,10 +82,10 @@ def test_checkpoint_roundtrip_and_gguf_with_gptq_codes(small, calib_chunks, held
     from lowbit.io.hf_gguf import write_gguf_from_hf
     from lowbit.model.checkpoint import load_checkpoint, save_checkpoint
 
-    for method, scheme in (("quip", "int4-asym-g128"), ("gptq", "q8_0")):
+    for method, scheme in (("quip", "int4-asym-g128"), ("quip", "e8p"), ("gptq", "q8_0")):
         ours = dataclasses.replace(small, model=copy.deepcopy(small.model))
         calibrate_quantize(ours, scheme, calib_chunks[:8], CalibConfig(method=method, batch_size=4), progress=False)
-        out = tmp_path / f"ckpt-{method}"
+        out = tmp_path / f"ckpt-{method}-{scheme}"
         save_checkpoint(ours, out, scheme, method)
         model, manifest = load_checkpoint(out)
         assert manifest["method"] == method and manifest["scheme"] == scheme

@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("quantize", help="quantize a model: a GGUF file, or a lowbit checkpoint directory")
     sp.add_argument("model", help="a .gguf file, a Hugging Face directory, or 'smollm2'")
     sp.add_argument("--format", "-f",
-                    help="llama.cpp file type (q4_k_m, q3_k_s, iq4_xs, ...) or lowbit format (int4-asym-g128, nf4, ...)")
+                    help="llama.cpp file type (q4_k_m, q3_k_s, iq4_xs, ...) or lowbit format (int4-asym-g128, nf4, e8p, ...)")
     sp.add_argument("--method", "-m", default="rtn",
                     choices=("rtn", "gptq", "awq", "quip", "spqr", "smoothquant", "qat"),
                     help="how codes are chosen: round-to-nearest, a calibration method, SmoothQuant (with an "

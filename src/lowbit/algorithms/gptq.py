@@ -12,6 +12,8 @@ original weights with ``static_groups``); GPTQ decides the codes.
   other tensor of that format.
 * Lazy batch updates: columns are processed in blocks (128); inside a block the update is applied
   column by column, to the rest of the matrix once per block.
+* Vector formats (the E8 lattice code book ``e8p``): ``dim`` columns are quantized at once and
+  their error pushed on by the block form of the same update (block LDLQ, as QuIP# does).
 * Damping: ``damp * mean(diag H)`` is added to the diagonal; if the Cholesky factorization still
   fails, the damping is doubled and the factorization retried.
 """
@@ -109,6 +111,62 @@ def run_columns(W: torch.Tensor, hinv: torch.Tensor, block: int, group: int,
         W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
 
 
+def run_vector_columns(W: torch.Tensor, hinv: torch.Tensor, block: int, dim: int,
+                       quantize_vectors: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+    """Block LDLQ (QuIP#), GPTQ's loop for vector formats: in place on ``W``, ``dim`` columns at a
+    time, each run of ``dim`` weights of a row quantized jointly by ``quantize_vectors(col, x)``
+    (``x`` = ``W[:, col:col+dim]``, error-updated).  The slice's error ``e`` is pushed onto the later
+    columns as ``e U_bb^-1 U_b,rest`` with ``U`` the upper Cholesky factor of the inverse Hessian
+    (the optimal update of the not yet quantized weights given the slice's error); lazily, once per
+    ``block`` columns, for the columns after the block.  With ``dim`` = 1 it is :func:`run_columns`."""
+    cols = W.shape[1]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = hinv[i1:i2, i1:i2]
+        for j in range(0, i2 - i1, dim):
+            x = W1[:, j : j + dim]
+            diff = x - quantize_vectors(i1 + j, x)
+            err = torch.linalg.solve_triangular(Hinv1[j : j + dim, j : j + dim], diff, upper=True, left=False)
+            W1[:, j:] -= err @ Hinv1[j : j + dim, j:]
+            Err1[:, j : j + dim] = err
+        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+
+
+def _gptq_vectors(w0: torch.Tensor, h: torch.Tensor, W: torch.Tensor, fmt: Format, cfg: GPTQConfig,
+                  dead: torch.Tensor, name: str) -> GPTQResult:
+    """GPTQ for a vector format: scales from plain rounding of the whole weight, codes by block
+    LDLQ in the natural column order (a vector's columns must stay together, so no act-order)."""
+    rows, cols = W.shape
+    dim = fmt.vector_dim
+    template = fmt.quantize(W, name=name)
+    grid = fmt.vector_grid(template)
+    u, damp = inverse_hessian_factor(h, cfg.damp, cfg.max_damp)
+    hinv = u.to(torch.float32)
+    del u
+    codes = torch.empty(rows, cols // dim, dtype=torch.int64, device=W.device)
+
+    def quantize_vectors(col: int, x: torch.Tensor) -> torch.Tensor:
+        c = grid.nearest(x)
+        codes[:, col // dim : col // dim + c.shape[1]] = c
+        return grid.values(c)
+
+    block = dim * max(1, -(-cfg.block_size // dim))
+    run_vector_columns(W, hinv, block, dim, quantize_vectors)
+    qt = fmt.with_codes(template, codes)
+    qt.meta["gptq_damp"] = damp
+    hh = h.to(torch.float32)
+    den = float(((w0 @ hh) * w0).sum(dtype=torch.float64)) or 1.0
+
+    def rel(dq: torch.Tensor) -> float:
+        dw = dq.to(torch.float32) - w0
+        return float(((dw @ hh) * dw).sum(dtype=torch.float64)) / den
+
+    rtn_q = template if not bool(dead.any()) else fmt.quantize(w0, name=name)
+    return GPTQResult(qt, damp, rel(fmt.dequantize(qt)), rel(fmt.dequantize(rtn_q)))
+
+
 def _group_layout(fmt: Format, cols: int, static: bool) -> int:
     """Columns per scale group (0: scales fixed for the whole row before the first column)."""
     g = fmt.scale_group
@@ -121,7 +179,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, cfg: GPTQConfig
                   name: str = "tensor") -> GPTQResult:
     """GPTQ for one weight ``w`` [rows, cols] with input Hessian ``h`` [cols, cols] (``X^T X / n``)."""
     cfg = cfg or GPTQConfig()
-    if not fmt.has_grid:
+    if not fmt.calibratable:
         raise FormatError(f"{name}: GPTQ needs a format that exposes its grid; {fmt.name} does not")
     w0 = fmt.check(w, name)
     rows, cols = w0.shape
@@ -133,6 +191,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, cfg: GPTQConfig
     h[dead, dead] = 1.0
     W = w0.clone()
     W[:, dead] = 0.0
+    if fmt.vector_dim:
+        return _gptq_vectors(w0, h, W, fmt, cfg, dead, name)
     imatrix = torch.diagonal(h).to(torch.float32).clamp_min(0) if (cfg.use_imatrix and fmt.uses_imatrix) else None
 
     def rtn(x: torch.Tensor, cols_sl: slice) -> QTensor:

@@ -91,6 +91,31 @@ class Grid:
         return self.values(self.nearest(x))
 
 
+@dataclass
+class VectorGrid:
+    """The values a vector-quantized tensor may take given its stored scales: each run of ``dim``
+    consecutive weights of a row is one code, decoding to ``scale[row] * table[code]``.  Calibration
+    methods choose the codes ``dim`` columns at a time (GPTQ becomes block LDLQ)."""
+
+    scale: torch.Tensor  # [rows, 1]
+    dim: int
+    table: torch.Tensor  # [codes, dim] float32
+    search: Callable[[torch.Tensor], torch.Tensor]  # [n, dim] in table units -> nearest codes [n]
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes ``[rows, cols // dim]`` of the nearest points to ``x`` ``[rows, cols]``."""
+        rows, cols = x.shape
+        safe = torch.where(self.scale == 0, torch.ones_like(self.scale), self.scale)
+        return self.search((x / safe).reshape(-1, self.dim)).reshape(rows, cols // self.dim)
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        rows = codes.shape[0]
+        return self.table.to(codes.device)[codes].reshape(rows, -1) * self.scale
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        return self.values(self.nearest(x))
+
+
 class Format:
     """Base class. Subclasses set ``name`` and implement the three methods below."""
 
@@ -142,6 +167,17 @@ class Format:
     # ---- fixed scales, chosen codes (used by GPTQ and other calibration methods) ----------
     #: True where :meth:`grid` and :meth:`with_codes` are implemented
     has_grid: bool = False
+    #: vector formats (one code per run of this many weights of a row) implement
+    #: :meth:`vector_grid` and take ``[rows, cols // vector_dim]`` codes in :meth:`with_codes`
+    vector_dim: int = 0
+
+    def vector_grid(self, qt: QTensor) -> VectorGrid:
+        raise FormatError(f"format {self.name} is not a vector format")
+
+    @property
+    def calibratable(self) -> bool:
+        """True where GPTQ (and methods built on it) can choose this format's codes."""
+        return self.has_grid or self.vector_dim > 0
     #: columns that share scales: codes chosen for a slice of this many columns (a multiple of it)
     #: may be re-scaled from that slice alone (0: the whole row shares them)
     @property

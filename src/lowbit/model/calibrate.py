@@ -298,7 +298,7 @@ def _check_formats(choices: dict, method: str) -> None:
         if method == "spqr" and not isinstance(fmt, SpQRFormat):
             raise LowbitError(f"{name}: the SpQR method stores its result in an spqr format (e.g. spqr3-g16), "
                               f"not {fmt.name}")
-        if method in ("gptq", "quip") and not fmt.has_grid:
+        if method in ("gptq", "quip") and not fmt.calibratable:
             raise LowbitError(f"{name}: {method.upper()} needs a format that exposes its grid; {fmt.name} does not")
 
 
