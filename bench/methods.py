@@ -3,6 +3,7 @@ with groups of 128, and against llama.cpp's Q3_K_M with an importance matrix, al
 the same evaluation chunks and the same original; with quantization time and peak memory.
 
     .venv/bin/python bench/methods.py [--model smollm2] [--bits 4,3,2] [--chunks 20] [--calib-samples 64]
+    .venv/bin/python bench/methods.py --bits "" --extra e8p,e8p+quip --name NAME   # only the extra entries
 
 Prints a table (KLD, ΔPPL, same-top-token, bits per weight, time, peak RSS) and a method x bits
 summary; writes bench/results/methods-<model>-<device>.{json,md,png}.  Calibration uses the
@@ -66,7 +67,8 @@ def main() -> int:
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--extra", default="q3_k_m+imatrix,q3_k_m+gptq,int4-asym-g32+quip,int4-asym-g32+gptq",
+    ap.add_argument("--extra", default="q3_k_m+imatrix,q3_k_m+gptq,int4-asym-g32+quip,int4-asym-g32+gptq,"
+                                       "int4-asym-g32+awq,e8p,e8p+gptq,e8p+quip",
                     help="more entries, e.g. llama.cpp file types to compare with")
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--calib-samples", type=int, default=64)
@@ -104,7 +106,7 @@ def main() -> int:
                     + (f" {r['peak_gpu_mb']:.0f} |" if gpu else "") for r in rows)
     mem = ("| entry | quantize s | peak RSS MB | above start MB |" + (" peak GPU MB |" if gpu else "")
            + "\n|---|---:|---:|---:|" + ("---:|" if gpu else "") + "\n" + mem)
-    summ = pivot(rows, bits, args.group, methods)
+    summ = pivot(rows, bits, args.group, methods) if bits else ""
     print(summary(cmp))
     print(table)
     print()
