@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize, inverse_hessian_factor, run_columns, run_vector_columns
+from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize
 from lowbit.algorithms.hessian import InputStats
 from lowbit.errors import FormatError
 from lowbit.formats import get_format
@@ -78,22 +78,6 @@ def test_e8p_edges_and_refusals():
         fmt.quantize(bad, name="nan.weight")
     with pytest.raises(FormatError, match="FP16"):
         fmt.quantize(torch.full((2, 8), 1e6), name="huge.weight")
-
-
-def test_block_ldlq_with_one_column_is_gptqs_loop():
-    torch.manual_seed(0)
-    rows, cols = 16, 96
-    x = torch.randn(500, cols) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols))
-    u, _ = inverse_hessian_factor(_hessian(x), 0.01)
-    w = torch.randn(rows, cols, dtype=torch.float64)
-
-    def q(_col: int, v: torch.Tensor) -> torch.Tensor:
-        return torch.round(v * 4) / 4
-
-    a, b = w.clone(), w.clone()
-    run_columns(a, u, 32, 0, None, q)
-    run_vector_columns(b, u, 32, 1, q)
-    assert torch.allclose(a, b, atol=1e-10, rtol=0)
 
 
 def _reference_ldlq(w: torch.Tensor, h: torch.Tensor, grid, dim: int, damp: float) -> torch.Tensor:

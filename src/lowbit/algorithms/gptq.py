@@ -94,31 +94,19 @@ def run_columns(W: torch.Tensor, hinv: torch.Tensor, block: int, group: int,
     diagonal, is subtracted from the block's later columns at once and from the columns after the
     block once per block (lazy batch updates).  Where ``group`` > 0, ``start_group(col, w)`` sees the
     current (error-updated) columns of each group before the first of them is quantized."""
-    cols = W.shape[1]
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if start_group is not None and col % group == 0:
-                start_group(col, W1[:, i : i + min(group, cols - col)])
-            x = W1[:, i : i + 1]
-            err = (x - quantize_column(col, x)) / Hinv1[i, i]
-            W1[:, i:] -= err * Hinv1[i : i + 1, i:]
-            Err1[:, i] = err[:, 0]
-        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+    run_vector_columns(W, hinv, block, 1, quantize_column, start_group, group)
 
 
 def run_vector_columns(W: torch.Tensor, hinv: torch.Tensor, block: int, dim: int,
-                       quantize_vectors: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
-    """Block LDLQ (QuIP#), GPTQ's loop for vector formats: in place on ``W``, ``dim`` columns at a
-    time, each run of ``dim`` weights of a row quantized jointly by ``quantize_vectors(col, x)``
-    (``x`` = ``W[:, col:col+dim]``, error-updated).  The slice's error ``e`` is pushed onto the later
-    columns as ``e U_bb^-1 U_b,rest`` with ``U`` the upper Cholesky factor of the inverse Hessian
-    (the optimal update of the not yet quantized weights given the slice's error); lazily, once per
-    ``block`` columns, for the columns after the block.  With ``dim`` = 1 it is :func:`run_columns`."""
+                       quantize_vectors: Callable[[int, torch.Tensor], torch.Tensor],
+                       start_group: Callable[[int, torch.Tensor], None] | None = None, group: int = 0) -> None:
+    """Block LDLQ (QuIP#), GPTQ's loop generalised to vector formats: in place on ``W``, ``dim``
+    columns at a time, each run of ``dim`` weights of a row quantized jointly by
+    ``quantize_vectors(col, x)`` (``x`` = ``W[:, col:col+dim]``, error-updated).  The slice's error
+    ``e`` is pushed onto the later columns as ``e U_bb^-1 U_b,rest`` with ``U`` the upper Cholesky
+    factor of the inverse Hessian (the optimal update of the not yet quantized weights given the
+    slice's error); lazily, once per ``block`` columns, for the columns after the block.  ``dim`` = 1
+    is GPTQ (:func:`run_columns`)."""
     cols = W.shape[1]
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -126,10 +114,17 @@ def run_vector_columns(W: torch.Tensor, hinv: torch.Tensor, block: int, dim: int
         Err1 = torch.zeros_like(W1)
         Hinv1 = hinv[i1:i2, i1:i2]
         for j in range(0, i2 - i1, dim):
+            col = i1 + j
+            if start_group is not None and col % group == 0:
+                start_group(col, W1[:, j : j + min(group, cols - col)])
             x = W1[:, j : j + dim]
-            diff = x - quantize_vectors(i1 + j, x)
-            err = torch.linalg.solve_triangular(Hinv1[j : j + dim, j : j + dim], diff, upper=True, left=False)
-            W1[:, j:] -= err @ Hinv1[j : j + dim, j:]
+            diff = x - quantize_vectors(col, x)
+            if dim == 1:
+                err = diff / Hinv1[j, j]
+                W1[:, j:] -= err * Hinv1[j : j + 1, j:]
+            else:
+                err = torch.linalg.solve_triangular(Hinv1[j : j + dim, j : j + dim], diff, upper=True, left=False)
+                W1[:, j:] -= err @ Hinv1[j : j + dim, j:]
             Err1[:, j : j + dim] = err
         W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
 
