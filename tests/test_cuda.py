@@ -43,7 +43,7 @@ def _run(model: torch.nn.Module, scheme: str, method: str, chunks: torch.Tensor,
 
 @pytest.mark.parametrize(("method", "scheme"), [("gptq", "int4-asym-g32"), ("awq", "int4-asym-g32"),
                                                 ("quip", "int3-asym-g32"), ("spqr", "spqr3-g16"),
-                                                ("gptq", "q4_k")])
+                                                ("gptq", "q4_k"), ("quip", "e8p")])
 def test_methods_on_cuda_match_the_cpu_and_beat_rtn(method, scheme):
     model = _tiny_llama()
     chunks = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(1))
@@ -69,7 +69,7 @@ def test_methods_on_cuda_match_the_cpu_and_beat_rtn(method, scheme):
 
 
 @pytest.mark.parametrize("fmt", ["int4-asym-g128", "int8-sym-ch", "nf4-dq", "fp8-e4m3", "q4_0", "q4_k", "q6_k",
-                                 "q3_k", "iq4_nl", "spqr3-g16"])
+                                 "q3_k", "iq4_nl", "spqr3-g16", "e8p"])
 def test_format_round_trip_on_cuda_equals_the_cpu(fmt):
     from lowbit.formats import get_format
 

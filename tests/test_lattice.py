@@ -48,23 +48,32 @@ def test_nearest_point_equals_exhaustive_search(spread):
     assert torch.allclose(got, best, atol=1e-9, rtol=0)
 
 
-def test_e8p_beats_every_scalar_two_bit_quantizer_on_gaussian_weights():
+@pytest.mark.parametrize(("name", "bits", "lloyd_max", "scalar"), [("e8p", 2, 0.1175, "int2-asym-g128"),
+                                                                  ("e8p4", 4, 0.009497, "nf4")])
+def test_e8p_beats_every_scalar_quantizer_of_its_bits_on_gaussian_weights(name, bits, lloyd_max, scalar):
     torch.manual_seed(0)
     w = torch.randn(256, 1024) * 0.02
-    fmt = get_format("e8p")
+    fmt = get_format(name)
     qt = fmt.quantize(w)
     rel = float(((fmt.dequantize(qt) - w) ** 2).sum() / (w**2).sum())
-    # 0.1175: the mean squared error of the best possible 4-level scalar quantizer (Lloyd-Max)
-    # for a Gaussian, so no 2-bit scalar format can do better even with free scales
-    assert rel < 0.1175 * 0.8, rel
-    scalar = get_format("int2-asym-g128")
-    assert rel < float(((scalar.roundtrip(w) - w) ** 2).sum() / (w**2).sum()) / 2
-    assert fmt.storage_bits((256, 1024)) == 2 * 256 * 1024 + 16 * 256
+    # lloyd_max: the mean squared error of the best possible scalar quantizer with 2^bits levels
+    # for a Gaussian, so no scalar format of these bits can do better even with free scales
+    assert rel < lloyd_max * 0.9, rel
+    other = get_format(scalar)  # and a real scalar format, with more bits (its scales)
+    assert rel < float(((other.roundtrip(w) - w) ** 2).sum() / (w**2).sum())
+    assert fmt.bits_per_weight((256, 1024)) < other.bits_per_weight((256, 1024))
+    assert fmt.storage_bits((256, 1024)) == bits // 2 * (2 * 256 * 1024 + 16 * 256)
     assert qt.nbytes() * 8 == fmt.storage_bits((256, 1024))
+    # the vector grid decodes codes as the format does, and its greedy search gives the format's codes
+    grid = fmt.vector_grid(qt)
+    codes = grid.nearest(w)
+    assert codes.shape == (256, 128, bits // 2)
+    assert torch.allclose(grid.values(codes), fmt.dequantize(fmt.with_codes(qt, codes)), atol=1e-7, rtol=0)
 
 
-def test_e8p_edges_and_refusals():
-    fmt = get_format("e8p")
+@pytest.mark.parametrize("name", ["e8p", "e8p4"])
+def test_e8p_edges_and_refusals(name):
+    fmt = get_format(name)
     w = torch.randn(4, 16)
     w[1] = 0.0
     dq = fmt.roundtrip(w)
@@ -99,28 +108,32 @@ def _reference_ldlq(w: torch.Tensor, h: torch.Tensor, grid, dim: int, damp: floa
     return torch.cat(codes, dim=1)
 
 
-def test_blocked_gptq_of_a_vector_format_equals_the_unblocked_reference():
+@pytest.mark.parametrize("name", ["e8p", "e8p4"])
+def test_blocked_gptq_of_a_vector_format_equals_the_unblocked_reference(name):
     torch.manual_seed(0)
     rows, cols = 24, 128
     x = torch.randn(2000, cols) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols))
     h = _hessian(x)
     w = torch.randn(rows, cols) * 0.05
-    fmt = get_format("e8p")
+    fmt = get_format(name)
     ours = gptq_quantize(w, h, fmt, GPTQConfig(block_size=32))
     grid = fmt.vector_grid(fmt.quantize(w))
     ref = _reference_ldlq(w, h, grid, 8, damp=0.01)
-    got = ours.qtensor.parts["codes"].to(torch.int64) & 0xFFFF
+    got = torch.stack([ours.qtensor.parts[k].to(torch.int64) & 0xFFFF for k in sorted(ours.qtensor.parts)
+                       if k.startswith("codes")], dim=2)
     assert (got == ref).double().mean().item() > 0.99  # float32 against float64: rare near-ties
     assert ours.error < ours.rtn_error
 
 
-def test_e8p_gptq_and_quip_beat_round_to_nearest_on_real_layers(smol_inputs):
+@pytest.mark.parametrize(("name", "scalar", "margin"), [("e8p", "int2-asym-g128", 0.6), ("e8p4", "int4-asym-g128", 0.95)])
+def test_e8p_gptq_and_quip_beat_round_to_nearest_on_real_layers(name, scalar, margin, smol_inputs):
     """On real SmolLM2 layers with real activations, held out: GPTQ (block LDLQ) lowers E8P's output
-    error, and with incoherence processing E8P at 2.03 bits beats 2-bit scalar formats at 2.16."""
+    error, and with incoherence processing E8P beats scalar formats of the same bits (with groups
+    of 128) at fewer bits: 2.03 against 2.16, 4.06 against 4.17."""
     from lowbit.model.calibrate import CalibConfig
     from lowbit.model.rotated import quip_quantize
 
-    fmt, scalar = get_format("e8p"), get_format("int2-asym-g128")
+    fmt, scalar = get_format(name), get_format(scalar)
     cfg = CalibConfig()
     for key in ("q", "down"):
         w, x_cal, x_held = smol_inputs[key]
@@ -135,4 +148,4 @@ def test_e8p_gptq_and_quip_beat_round_to_nearest_on_real_layers(smol_inputs):
         e8, *_ = quip_quantize(w, h, fmt, None, cfg, seed=1)
         int2, *_ = quip_quantize(w, h, scalar, None, cfg, seed=1)
         assert fmt.bits_per_weight(tuple(w.shape)) < scalar.bits_per_weight(tuple(w.shape))
-        assert held(e8.dequantized_weight()) < 0.6 * held(int2.dequantized_weight()), key
+        assert held(e8.dequantized_weight()) < margin * held(int2.dequantized_weight()), key

@@ -140,7 +140,7 @@ def _gptq_vectors(w0: torch.Tensor, h: torch.Tensor, W: torch.Tensor, fmt: Forma
     u, damp = inverse_hessian_factor(h, cfg.damp, cfg.max_damp)
     hinv = u.to(torch.float32)
     del u
-    codes = torch.empty(rows, cols // dim, dtype=torch.int64, device=W.device)
+    codes = torch.empty(rows, cols // dim, grid.scale.shape[1], dtype=torch.int64, device=W.device)
 
     def quantize_vectors(col: int, x: torch.Tensor) -> torch.Tensor:
         c = grid.nearest(x)

@@ -94,23 +94,36 @@ class Grid:
 @dataclass
 class VectorGrid:
     """The values a vector-quantized tensor may take given its stored scales: each run of ``dim``
-    consecutive weights of a row is one code, decoding to ``scale[row] * table[code]``.  Calibration
-    methods choose the codes ``dim`` columns at a time (GPTQ becomes block LDLQ)."""
+    consecutive weights of a row is one code per stage, decoding to the sum over stages of
+    ``scale[row, stage] * table[code]`` (one stage, or residual stages, each quantizing what the
+    earlier ones left).  Calibration methods choose the codes ``dim`` columns at a time (GPTQ
+    becomes block LDLQ)."""
 
-    scale: torch.Tensor  # [rows, 1]
+    scale: torch.Tensor  # [rows, stages]
     dim: int
     table: torch.Tensor  # [codes, dim] float32
     search: Callable[[torch.Tensor], torch.Tensor]  # [n, dim] in table units -> nearest codes [n]
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes ``[rows, cols // dim]`` of the nearest points to ``x`` ``[rows, cols]``."""
+        """Codes ``[rows, cols // dim, stages]`` for ``x`` ``[rows, cols]``, stage by stage (greedy)."""
         rows, cols = x.shape
-        safe = torch.where(self.scale == 0, torch.ones_like(self.scale), self.scale)
-        return self.search((x / safe).reshape(-1, self.dim)).reshape(rows, cols // self.dim)
+        table = self.table.to(x.device)
+        out = []
+        rest = x
+        for st in range(self.scale.shape[1]):
+            s = self.scale[:, st : st + 1]
+            safe = torch.where(s == 0, torch.ones_like(s), s)
+            c = self.search((rest / safe).reshape(-1, self.dim)).reshape(rows, cols // self.dim)
+            out.append(c)
+            if st + 1 < self.scale.shape[1]:
+                rest = rest - table[c].reshape(rows, cols) * s
+        return torch.stack(out, dim=2)
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         rows = codes.shape[0]
-        return self.table.to(codes.device)[codes].reshape(rows, -1) * self.scale
+        table = self.table.to(codes.device)
+        return sum(table[codes[..., st]].reshape(rows, -1) * self.scale[:, st : st + 1]
+                   for st in range(codes.shape[2]))  # type: ignore[return-value]
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         return self.values(self.nearest(x))
