@@ -17,7 +17,9 @@ The code book, built here from its definition:
 * Every point shifted by +1/4 or -1/4 in all coordinates: 2^16 points, a subset of ``E8 + 1/4``.
 
 A code is 16 bits: the pattern (bits 0-7), the signs of coordinates 0-6 (bits 8-14), the shift
-(bit 15).  One FP16 scale per row: ``2 + 16 / cols`` bits per weight.
+(bit 15).  One FP16 scale per row: ``2 + 16 / cols`` bits per weight (``e8p``).  ``e8p4`` adds a
+second E8P code with its own row scales for what the first leaves (residual vector quantization,
+as QuIP# does for 4 bits): ``4 + 32 / cols`` bits per weight.
 
 The nearest point is found exactly without searching all 2^16: for a shift, the best signs for a
 pattern are the signs of the input, and if their parity is wrong, the coordinate whose flip costs
