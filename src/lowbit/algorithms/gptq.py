@@ -129,6 +129,20 @@ def run_vector_columns(W: torch.Tensor, hinv: torch.Tensor, block: int, dim: int
         W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
 
 
+def _output_error(w: torch.Tensor, hh: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """``dq -> tr(dW H dW^T) / tr(W H W^T)`` with ``dW = dq - w``: the relative output error, in
+    float32 with float64 sums (a diagnostic; for a 4096 x 11008 layer float64 products took longer
+    than GPTQ itself)."""
+    w32 = w.to(torch.float32)
+    den = float(((w32 @ hh) * w32).sum(dtype=torch.float64)) or 1.0
+
+    def rel(dq: torch.Tensor) -> float:
+        dw = dq.to(torch.float32) - w32
+        return float(((dw @ hh) * dw).sum(dtype=torch.float64)) / den
+
+    return rel
+
+
 def _gptq_vectors(w0: torch.Tensor, h: torch.Tensor, W: torch.Tensor, fmt: Format, cfg: GPTQConfig,
                   dead: torch.Tensor, name: str) -> GPTQResult:
     """GPTQ for a vector format: scales from plain rounding of the whole weight, codes by block
@@ -151,13 +165,7 @@ def _gptq_vectors(w0: torch.Tensor, h: torch.Tensor, W: torch.Tensor, fmt: Forma
     run_vector_columns(W, hinv, block, dim, quantize_vectors)
     qt = fmt.with_codes(template, codes)
     qt.meta["gptq_damp"] = damp
-    hh = h.to(torch.float32)
-    den = float(((w0 @ hh) * w0).sum(dtype=torch.float64)) or 1.0
-
-    def rel(dq: torch.Tensor) -> float:
-        dw = dq.to(torch.float32) - w0
-        return float(((dw @ hh) * dw).sum(dtype=torch.float64)) / den
-
+    rel = _output_error(w0, h.to(torch.float32))
     rtn_q = template if not bool(dead.any()) else fmt.quantize(w0, name=name)
     return GPTQResult(qt, damp, rel(fmt.dequantize(qt)), rel(fmt.dequantize(rtn_q)))
 
@@ -242,19 +250,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, cfg: GPTQConfig
     qt = fmt.with_codes(template, codes)
     qt.meta["gptq_damp"] = damp
     # relative output error of GPTQ and of plain rounding, on the undamped Hessian (original order)
-    # in float32 (sums in float64): a diagnostic, and for a 4096 x 11008 layer the float64 products
-    # took longer than GPTQ itself
     hh = h.to(torch.float32)
     del h
     if perm is not None:
         hh = hh[inv][:, inv]
-    w32 = w0.to(torch.float32)
-    den = float(((w32 @ hh) * w32).sum(dtype=torch.float64)) or 1.0
-
-    def rel(dq: torch.Tensor) -> float:
-        dw = dq.to(torch.float32) - w32
-        return float(((dw @ hh) * dw).sum(dtype=torch.float64)) / den
-
+    rel = _output_error(w0, hh)
     # plain rounding of the original weights: the template already is that when no column was dead
     rtn_q = rtn_full if (rtn_full is not None and not bool(dead.any())) else rtn(w0, slice(None))
     rtn_err = rel(fmt.dequantize(rtn_q))

@@ -180,8 +180,8 @@ class Format:
     # ---- fixed scales, chosen codes (used by GPTQ and other calibration methods) ----------
     #: True where :meth:`grid` and :meth:`with_codes` are implemented
     has_grid: bool = False
-    #: vector formats (one code per run of this many weights of a row) implement
-    #: :meth:`vector_grid` and take ``[rows, cols // vector_dim]`` codes in :meth:`with_codes`
+    #: vector formats (one code per run of this many weights of a row, per stage) implement
+    #: :meth:`vector_grid` and take ``[rows, cols // vector_dim, stages]`` codes in :meth:`with_codes`
     vector_dim: int = 0
 
     def vector_grid(self, qt: QTensor) -> VectorGrid:
@@ -191,6 +191,7 @@ class Format:
     def calibratable(self) -> bool:
         """True where GPTQ (and methods built on it) can choose this format's codes."""
         return self.has_grid or self.vector_dim > 0
+
     #: columns that share scales: codes chosen for a slice of this many columns (a multiple of it)
     #: may be re-scaled from that slice alone (0: the whole row shares them)
     @property

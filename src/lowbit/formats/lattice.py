@@ -85,10 +85,15 @@ def _codebook_on(device: str) -> torch.Tensor:
     return codebook().to(device)
 
 
+@functools.lru_cache(maxsize=8)
+def _patterns_on(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    pats, parity = abs_patterns()
+    return pats.to(device), parity.to(device)
+
+
 def nearest_codes(x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Codes (int64, ``[n]``) of the code book points nearest to the rows of ``x`` ``[n, 8]``."""
-    pats, parity = abs_patterns()
-    pats, parity = pats.to(x.device), parity.to(x.device)
+    pats, parity = _patterns_on(str(x.device))
     p2 = (pats * pats).sum(1)
     pt = pats.t().contiguous()  # [8, 256]
     bitw = (1 << torch.arange(DIM - 1, device=x.device))
@@ -198,13 +203,9 @@ class E8PFormat(Format):
         return QTensor(self.name, tuple(w.shape), parts)
 
     def dequantize(self, qt: QTensor) -> torch.Tensor:
-        out: torch.Tensor | None = None
-        for st in range(self.stages):
-            codes = qt.parts["codes" + self._suffix(st)].to(torch.int64) & 0xFFFF
-            part = _codebook_on(str(codes.device))[codes].reshape(qt.shape) * qt.parts["scale" + self._suffix(st)].float()
-            out = part if out is None else out + part
-        assert out is not None
-        return out
+        codes = torch.stack([qt.parts["codes" + self._suffix(st)].to(torch.int64) & 0xFFFF
+                             for st in range(self.stages)], dim=2)
+        return self.vector_grid(qt).values(codes)
 
     def storage_bits(self, shape: tuple[int, int]) -> int:
         return self.stages * (2 * shape[0] * shape[1] + 16 * shape[0])
@@ -212,7 +213,7 @@ class E8PFormat(Format):
     # ---- vector grid: GPTQ/LDLQ choose the codes, 8 columns at a time ----------------------
     def vector_grid(self, qt: QTensor) -> VectorGrid:
         scales = torch.cat([qt.parts["scale" + self._suffix(st)].float() for st in range(self.stages)], dim=1)
-        return VectorGrid(scales, DIM, codebook(), nearest_codes)
+        return VectorGrid(scales, DIM, _codebook_on(str(scales.device)), nearest_codes)
 
     def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
         """``codes``: ``[rows, cols // 8, stages]`` (or ``[rows, cols // 8]`` for one stage)."""
