@@ -13,3 +13,15 @@ class FormatError(LowbitError):
 
 class ModelLoadError(LowbitError):
     """A model file or directory cannot be read."""
+
+
+def did_you_mean(name: str, candidates: object, n: int = 3) -> str:
+    """``"; did you mean 'x'?"`` for the known names closest to ``name`` (empty when none is close)."""
+    import difflib
+
+    known = [str(c) for c in candidates]  # type: ignore[attr-defined]
+    close = difflib.get_close_matches(str(name).strip().lower(), [k.lower() for k in known], n=n, cutoff=0.6)
+    by_lower = {k.lower(): k for k in known}
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(f"'{by_lower[c]}'" for c in close) + "?"

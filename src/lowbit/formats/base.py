@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowbit.errors import FormatError
+from lowbit.errors import FormatError, did_you_mean
 
 
 @dataclass
@@ -236,9 +236,20 @@ def register(fmt: Format) -> Format:
     return fmt
 
 
-def register_family(example: str, parser: Callable[[str], Format | None]) -> None:
-    """Register a parser for a family of names; ``example`` is shown in listings."""
+_FAMILY_INFO: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+
+def register_family(example: str, parser: Callable[[str], Format | None], description: str = "",
+                    instances: tuple[str, ...] = ()) -> None:
+    """Register a parser for a family of names; ``example`` (the grammar), ``description`` and a few
+    ``instances`` are shown in listings."""
     _FAMILIES.append((example, parser))
+    _FAMILY_INFO[example] = (description, instances)
+
+
+def family_info() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """grammar -> (description, example members) of every registered family of formats."""
+    return dict(_FAMILY_INFO)
 
 
 def get_format(name: str) -> Format:
@@ -249,8 +260,9 @@ def get_format(name: str) -> Format:
         fmt = parser(key)
         if fmt is not None:
             return fmt
-    known = ", ".join(sorted(_EXACT)) + ", " + ", ".join(ex for ex, _ in _FAMILIES)
-    raise FormatError(f"unknown format '{name}'. Known formats: {known}")
+    examples = ("int8", "int8-ch", "int4-g128", "int4-asym-g128", "int4-g64", "int3-asym-g64", "spqr3-g16")
+    hint = did_you_mean(name, [*_EXACT, *examples])
+    raise FormatError(f"unknown format '{name}'{hint} (`lowbit formats` lists them all)")
 
 
 def list_formats() -> list[str]:

@@ -276,4 +276,7 @@ def _parse(name: str) -> Format | None:
     return _cache.setdefault(fmt.name, fmt)
 
 
-register_family("int<2-8>[-asym][-t|-ch|-g<N>][-clip]", _parse)
+register_family("int<2-8>[-asym][-t|-ch|-g<N>][-clip]", _parse,
+                "integer codes: symmetric (absmax) or -asym (zero point); one scale per tensor (-t), per channel "
+                "(-ch, the default) or per group of N columns; -clip: MSE-searched clipping",
+                ("int8", "int8-ch", "int4-g128", "int4-asym-g128", "int4-asym-g64", "int3-asym-g64-clip", "int2-asym-g32"))

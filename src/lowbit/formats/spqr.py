@@ -182,4 +182,6 @@ def _parse(name: str) -> Format | None:
     return _cache.setdefault(fmt.name, fmt)
 
 
-register_family("spqr<2-8>[-g<N>]", _parse)
+register_family("spqr<2-8>[-g<N>]", _parse,
+                "SpQR: small groups (default 16) with 3-bit quantized statistics, plus FP16 outliers "
+                "(made by --method spqr)", ("spqr3-g16", "spqr4-g16", "spqr2-g16"))

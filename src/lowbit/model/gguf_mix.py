@@ -31,9 +31,14 @@ class FileType:
 
 
 _FT = [
-    FileType("f32", 0, "f32"), FileType("fp16", 1, "fp16"), FileType("bf16", 32, "bf16"),
-    FileType("q4_0", 2, "q4_0"), FileType("q4_1", 3, "q4_1"), FileType("q8_0", 7, "q8_0"),
-    FileType("q5_0", 8, "q5_0"), FileType("q5_1", 9, "q5_1"),
+    FileType("f32", 0, "f32", description="F32 everywhere (no quantization)"),
+    FileType("fp16", 1, "fp16", description="FP16 everywhere, norms F32"),
+    FileType("bf16", 32, "bf16", description="BF16 everywhere, norms F32"),
+    FileType("q4_0", 2, "q4_0", description="Q4_0 everywhere, output Q6_K (with an imatrix the first ffn_down Q4_1)"),
+    FileType("q4_1", 3, "q4_1", description="Q4_1 everywhere, output Q6_K"),
+    FileType("q8_0", 7, "q8_0", description="Q8_0 everywhere"),
+    FileType("q5_0", 8, "q5_0", description="Q5_0 everywhere, output Q6_K (with an imatrix the first ffn_down Q5_1)"),
+    FileType("q5_1", 9, "q5_1", description="Q5_1 everywhere, output Q6_K"),
     FileType("q2_k", 10, "q2_k", description="Q2_K mix: attn_v, ffn_down Q3_K/Q4_K, output Q6_K"),
     FileType("q2_k_s", 21, "q2_k", description="Q2_K_S mix (needs an importance matrix)"),
     FileType("q3_k_s", 11, "q3_k", description="Q3_K_S: Q3_K everywhere, output Q6_K"),
@@ -52,7 +57,27 @@ _FT = [
     FileType("q5_k", 17, "q5_k", pure=True, description="Q5_K on every tensor that fits (--pure)"),
 ]  # fmt: skip
 FILE_TYPES: dict[str, FileType] = {f.name: f for f in _FT}
+#: llama-quantize --pure: the mixes' pure forms (their default type on every tensor that fits)
+PURE_OF = {"q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k", "q4_k_s": "q4_k", "q4_k_m": "q4_k",
+           "q5_k_s": "q5_k", "q5_k_m": "q5_k"}
+for _f in list(_FT):
+    if not _f.pure and _f.name not in PURE_OF and _f.default not in ("f32", "fp16", "bf16"):
+        FILE_TYPES[f"{_f.name}-pure"] = FileType(
+            f"{_f.name}-pure", _f.ftype, _f.default, pure=True,
+            description=f"{_f.default.upper()} on every tensor that fits, output and embedding too (--pure)")
+        PURE_OF[_f.name] = f"{_f.name}-pure"
 FILE_TYPES["f16"] = FILE_TYPES["fp16"]
+
+
+def pure_file_type(name: str) -> str:
+    """The name of file type ``name``'s pure form (``llama-quantize --pure``: one type for every tensor)."""
+    key = name.strip().lower()
+    ft = FILE_TYPES.get(key)
+    if ft is None:
+        raise FormatError(f"--pure takes a llama.cpp file type (q4_k_m, q4_0 ...), not '{name}'")
+    if ft.pure or ft.default in ("f32", "fp16", "bf16"):
+        return ft.name
+    return PURE_OF[ft.name]
 
 
 def file_type(name: str) -> FileType | None:
@@ -182,7 +207,7 @@ def plan(tensors: Iterable[tuple[str, tuple[int, ...]]], ft: FileType, info: Mod
             if not ft.pure:
                 new = _mix_rule(name, shape, ft, info, tied, has_imatrix, n_attn_v, st)
             new = _fallback(new, shape[-1])
-            if ft.name == "q2_k_s" and new == "q2_k" and _category(name) not in ("output", "token_embd") and not has_imatrix:
+            if ft.ftype == 21 and new == "q2_k" and name != "token_embd.weight" and not has_imatrix:
                 raise FormatError(f"{name}: file type Q2_K_S needs an importance matrix (--imatrix)")
         out[name] = new
     return out
