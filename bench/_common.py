@@ -71,8 +71,8 @@ def command(script: str) -> str:
 def write_results(cmp, stem: str, meta: dict, markdown: str, partial: PartialRows) -> None:  # type: ignore[no-untyped-def]
     from lowbit.eval.report import plot, write_json
 
-    write_json(cmp, OUT / f"{stem}.json", extra=meta)
-    plot(cmp, OUT / f"{stem}.png")
+    write_json(cmp, OUT / f"{stem}.json", extra=meta, owned=True)
+    plot(cmp, OUT / f"{stem}.png", owned=True)
     (OUT / f"{stem}.md").write_text(markdown)
     partial.path.unlink(missing_ok=True)
     print(f"\nwrote {OUT}/{stem}.{{json,md,png}} in {meta['total_seconds']:.0f} s")

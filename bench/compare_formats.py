@@ -88,8 +88,8 @@ def main() -> int:
         "llama_cpp_crosscheck": cross,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    write_json(cmp, OUT / f"{args.name}.json", extra=meta)
-    plot(cmp, OUT / f"{args.name}.png")
+    write_json(cmp, OUT / f"{args.name}.json", extra=meta, owned=True)
+    plot(cmp, OUT / f"{args.name}.png", owned=True)
     (OUT / f"{args.name}.md").write_text(summary(cmp) + "\n\n" + markdown_table(cmp, times=True) + "\n")
     print(f"\nwrote {OUT}/{args.name}.{{json,md,png}} in {meta['total_seconds']:.0f} s")
     return 0

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from lowbit.eval.compare import Comparison, FormatResult
+from lowbit.io.outputs import MD_MARKER, PNG_SOFTWARE, REPORT, temp_beside, writing_file
 
 COLUMNS = [
     ("format", "format", "{}"),
@@ -46,21 +48,48 @@ def summary(cmp: Comparison) -> str:
     )
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+@contextmanager
+def _report_file(path: Path, owned: bool) -> Iterator[Path]:
+    """A temporary file to write a report into, renamed to ``path`` at the end.  It replaces an earlier
+    report of lowbit's (every run rewrites its reports) but never a file lowbit did not write
+    (:mod:`lowbit.io.outputs`); ``owned``: the caller owns ``path`` (the project's benchmark results)."""
+    if not owned:
+        with writing_file(path, REPORT, replace_own=True) as tmp:
+            yield tmp
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(path)
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def write_json(cmp: Comparison, path: Path, extra: dict[str, object] | None = None) -> None:
+def write_report(path: Path, data: bytes | str, owned: bool = False) -> None:
+    """Write a report file atomically (see :func:`_report_file`)."""
+    with _report_file(Path(path), owned) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def write_report_json(path: Path, doc: dict[str, object], owned: bool = False) -> None:
+    """A JSON report, marked as lowbit's (a top-level ``lowbit_output`` key)."""
+    write_report(path, json.dumps({"lowbit_output": REPORT, **doc}, indent=2) + "\n", owned)
+
+
+def write_markdown(path: Path, text: str, owned: bool = False) -> None:
+    """A Markdown report, marked as lowbit's by its first line (a comment Markdown does not show)."""
+    write_report(path, f"{MD_MARKER}\n{text}", owned)
+
+
+def write_json(cmp: Comparison, path: Path, extra: dict[str, object] | None = None, owned: bool = False) -> None:
     doc = {"summary": summary(cmp), "rows": cmp.rows(), "comparison": asdict(cmp)}
     if extra:
         doc.update(extra)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode())
+    write_report_json(path, doc, owned)
 
 
-def plot(cmp: Comparison, path: Path) -> None:
+def plot(cmp: Comparison, path: Path, owned: bool = False) -> None:
     """Two panels against whole-model bits per weight: mean KLD and perplexity (both log scale, the
     original's perplexity drawn as a line)."""
     import matplotlib
@@ -86,11 +115,18 @@ def plot(cmp: Comparison, path: Path) -> None:
         ax.grid(True, alpha=0.3)
     fig.suptitle(f"{cmp.model}: loss against size ({cmp.tokens} tokens of {cmp.text})", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.part-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path, owned)
+
+
+def save_png(fig, path: Path, owned: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """Save a matplotlib figure as a PNG report (marked as lowbit's by its Software text chunk) and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with _report_file(Path(path), owned) as tmp:
+            fig.savefig(tmp, dpi=120, format="png", metadata={"Software": PNG_SOFTWARE})
+    finally:
+        plt.close(fig)
 
 
 def read_json(path: Path) -> Comparison:

@@ -24,16 +24,18 @@ from lowbit.errors import FormatError, LowbitError
 from lowbit.formats import get_format
 from lowbit.formats.base import Format, QTensor
 from lowbit.io.gguf_write import STRING, GGUFStreamWriter, encode_value
+from lowbit.io.outputs import GGUF, GGUF_KEY, SEAL_PLACEHOLDER, check_output, commit_file, seal_gguf, temp_beside
 from lowbit.model.gguf_file import GGUFFile
 from lowbit.model.gguf_mix import FILE_TYPES, ModelInfo, file_type, info_from_gguf, llama_order, plan
 from lowbit.model.quantize import QuantReport, TensorRecord
 
-_SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization_version", "general.quantized_by"}
+_SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization_version", "general.quantized_by",
+              "lowbit.output"}
 
 
 def atomic_target(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    return out.with_name(f".{out.name}.part-{os.getpid()}")
+    return temp_beside(out)
 
 
 def _as_array(fmt_name: str, parts: dict[str, torch.Tensor]) -> np.ndarray:
@@ -83,11 +85,12 @@ for _n in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k
 
 def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True,
                imatrix: dict[str, np.ndarray] | None = None, device: str | torch.device = "cpu",
-               resume: bool = False) -> QuantReport:
+               resume: bool = False, force: bool = False) -> QuantReport:
     """Quantize the GGUF file ``src`` to ``fmt_name`` (a llama.cpp file type such as ``q4_k_m``)
     and write ``out``; metadata copied byte for byte.  A tensor whose source type already is its
     target type is copied byte for byte, as llama.cpp does.  With ``resume`` an interrupted run
-    goes on from its last finished tensor (:class:`Journal`)."""
+    goes on from its last finished tensor (:class:`Journal`).  An existing ``out`` is replaced only
+    with ``force`` and only when it is lowbit's own GGUF file (:mod:`lowbit.io.outputs`)."""
     if file_type(fmt_name) is None:  # refuse before reading anything
         get_format(fmt_name)
         raise LowbitError(f"format {fmt_name} has no GGUF type; GGUF output takes {', '.join(sorted(FILE_TYPES))}")
@@ -107,7 +110,7 @@ def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True,
 
     fp = fingerprint([src], format=fmt_name, imatrix=array_digest(imatrix)) if resume else None
     return write_tensors(out, arch, None, entries, load, fmt_name, info, str(src), progress, imatrix, raw, device,
-                         raw_kv=raw_kv, fingerprint=fp)
+                         raw_kv=raw_kv, fingerprint=fp, force=force)
 
 
 def _collected_kv(arch: str, metadata: Callable[[Any], None]) -> list[tuple[str, bytes]]:
@@ -135,7 +138,7 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
                   device: str | torch.device | Callable[[str], str | torch.device] = "cpu", raw_kv: list[tuple[str, bytes]] | None = None, measure_error: bool = False,
                   prequantized: dict[str, QTensor] | None = None,
                   types: dict[str, str | None] | None = None,
-                  fingerprint: dict[str, Any] | None = None) -> QuantReport:
+                  fingerprint: dict[str, Any] | None = None, force: bool = False) -> QuantReport:
     """Write a GGUF file, streaming: metadata first (``raw_kv``, encoded entries as copied from a
     source file, and/or what ``metadata(writer)`` adds to a gguf-py writer), then every tensor of
     ``entries`` (GGUF name, shape rows first), loaded as float32 by ``load``, in the type llama.cpp's
@@ -150,8 +153,12 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
     dequantization per tensor).  ``types`` (GGUF name -> lowbit format, None for F32) replaces
     llama.cpp's rules with a chosen mix (``fmt_name`` then only labels the file).
     With a ``fingerprint`` (what identifies the inputs and arguments, JSON-able) the write can be
-    resumed: see :class:`Journal`."""
+    resumed: see :class:`Journal`.  ``out`` is checked first and again at the end
+    (:func:`lowbit.io.outputs.check_output`): an existing file is replaced only with ``force`` and only
+    when it is lowbit's own GGUF file."""
     import gguf
+
+    check_output(out, GGUF, force, option="")
 
     ft = file_type(fmt_name)
     if ft is None:
@@ -192,7 +199,7 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
         out_type[name] = int(gguf.GGMLQuantizationType.F32) if target is None else int(get_format(target).gguf_type)
 
     report = QuantReport(ft.name)
-    journal = Journal(out, fingerprint) if fingerprint is not None else None
+    journal = Journal(out, fingerprint, verbose=progress) if fingerprint is not None else None
     tmp = journal.part if journal is not None else atomic_target(out)
     writer = GGUFStreamWriter(tmp)
     writer.add("general.architecture", STRING, arch)
@@ -204,6 +211,7 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
     writer.add("general.file_type", int(gguf.GGUFValueType.UINT32), ft.ftype)
     writer.add("general.quantization_version", int(gguf.GGUFValueType.UINT32), gguf.GGML_QUANT_VERSION)
     writer.add("general.quantized_by", STRING, "lowbit")
+    writer.add(GGUF_KEY, STRING, SEAL_PLACEHOLDER)  # lowbit's marker: a digest of the finished file (lowbit.io.outputs)
     for name in order:
         writer.add_tensor_info(name, shapes[name], out_type[name])
 
@@ -260,15 +268,13 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
             done = journal.resume_point(writer, report)
         writer.begin(done)
         bar = tqdm(order[done:], desc=f"quantize {ft.name} -> {out.name}", unit="tensor", disable=not progress,
-                   initial=done, total=len(order))
+                   initial=done, total=len(order), leave=False)
         for i, name in enumerate(bar, start=done):
             one(name)
             if journal is not None:
                 journal.save(i + 1, writer.sync(), report)
         writer.close()
-        tmp.replace(out)
-        if journal is not None:
-            journal.finish()
+        seal_gguf(tmp)
     except BaseException as exc:
         writer.abort()
         # an interruption (Ctrl-C) or a system error (a full disk ...) keeps the finished tensors for a
@@ -284,6 +290,13 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
         else:
             tmp.unlink(missing_ok=True)
         raise
+    try:
+        commit_file(tmp, out, GGUF, force)  # a refusal keeps the finished file (and a journal: a rerun ends at once)
+    finally:
+        if journal is not None:
+            journal.unlock()
+    if journal is not None:
+        journal.finish()
     return report
 
 
@@ -325,7 +338,8 @@ class Journal:
     output is renamed into place only once complete, then the journal is removed.  An exclusive
     lock (flock) on the partial file keeps two runs from writing it at once."""
 
-    def __init__(self, out: Path, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, out: Path, fingerprint: dict[str, Any], verbose: bool = True) -> None:
+        self.verbose = verbose  # say on stderr when a run resumes or starts over
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out = out
         self.part = resumable_part(out)
@@ -336,9 +350,20 @@ class Journal:
         self.n = 0
         self._lock_fh: Any = None
 
+    def _say(self, text: str, report: QuantReport | None = None) -> None:
+        """A note on stderr while the run shows progress; it also goes into the report's details
+        (``journal``), which the command line prints with its results."""
+        if report is not None:
+            report.details["journal"] = text.removeprefix("lowbit: ")
+        if self.verbose:
+            print(text, file=sys.stderr)
+
     def lock(self) -> None:
         import fcntl
 
+        for p in (self.part, self.path):
+            if p.is_symlink() or (p.exists() and not p.is_file()):
+                raise LowbitError(f"{p}: lowbit's partial output is in the way as a link or a directory; remove it")
         fh = open(self.part, "ab")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -363,7 +388,7 @@ class Journal:
             done, offset = int(state["done"]), int(state["offset"])
             records = state["records"]
         except (OSError, ValueError, KeyError, TypeError):
-            print(f"lowbit: {self.path} is unreadable; starting over", file=sys.stderr)
+            self._say(f"lowbit: {self.path} is unreadable; starting over", report)
             return 0
         size = self.part.stat().st_size if self.part.exists() else -1
         why = None
@@ -376,12 +401,12 @@ class Journal:
         elif not 0 < done <= n or len(records) != done or offset != writer.end_of(done) or size < offset:
             why = f"{self.part} does not hold the {done} tensors the journal records"
         if why is not None:
-            print(f"lowbit: starting over: {why}", file=sys.stderr)
+            self._say(f"lowbit: starting over: {why}", report)
             self.path.unlink(missing_ok=True)  # before the partial file is overwritten
             return 0
         report.tensors.extend(TensorRecord(r[0], tuple(r[1]), r[2], bool(r[3]), int(r[4]), r[5]) for r in records)
         self.done = done
-        print(f"lowbit: resuming after tensor {done} of {n} ({self.part})", file=sys.stderr)
+        self._say(f"lowbit: resuming after tensor {done} of {n} ({self.part})", report)
         return done
 
     def save(self, done: int, offset: int, report: QuantReport) -> None:

@@ -163,7 +163,7 @@ class HFLayout:
 
 def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: bool = True,
                        imatrix: dict[str, np.ndarray] | None = None,
-                       types: dict[str, str | None] | None = None) -> QuantReport:
+                       types: dict[str, str | None] | None = None, force: bool = False) -> QuantReport:
     """Write ``loaded`` (a Hugging Face model, possibly quantized in memory by lowbit) as a GGUF file
     of file type ``fmt_name``, or with the per-tensor ``types`` of a chosen mix (GGUF names; tensors
     not named there stay F32)."""
@@ -196,4 +196,4 @@ def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: 
         types = {g: types.get(g) for g, _ in entries}
     return write_tensors(out, layout.arch, layout.metadata(loaded.tokenizer, loaded.add_bos, loaded.notes), entries,
                          load, fmt_name, layout.info(), str(loaded.path), progress, imatrix,
-                         prequantized=prequantized, types=types)
+                         prequantized=prequantized, types=types, force=force)

@@ -4,19 +4,25 @@ Written under a temporary name and renamed when complete."""
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.io.hf_dir import config_dict
+from lowbit.io.outputs import MODEL_DIR, writing_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def import_gguf(src: str | os.PathLike[str], out: Path, dtype: str = "float16", progress: bool = True) -> Path:
-    from lowbit.model.load import load_model, resolve_model_path
+def import_gguf(src: str | os.PathLike[str], out: Path, dtype: str = "float16", progress: bool = True,
+                force: bool = False) -> Path:
+    """Write the float model of the GGUF file ``src`` as a Hugging Face directory ``out`` (weights in
+    ``dtype``); an existing ``out`` is replaced only with ``force`` and only when lowbit wrote it."""
+    from lowbit.io.outputs import check_output
+    from lowbit.model.load import load_model, quiet_libraries, resolve_model_path
 
     if dtype not in DTYPES:
         raise LowbitError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -24,8 +30,7 @@ def import_gguf(src: str | os.PathLike[str], out: Path, dtype: str = "float16", 
     if not path.is_file():
         raise LowbitError(f"{path}: import reads a GGUF file")
     out = Path(out)
-    if out.exists():
-        raise LowbitError(f"{out}: already exists")
+    check_output(out, MODEL_DIR, force, option="")
     loaded = load_model(path, dtype=DTYPES[dtype], progress=progress)
     tok = loaded.tokenizer
     if loaded.add_bos and hasattr(tok, "add_bos_token"):
@@ -33,13 +38,9 @@ def import_gguf(src: str | os.PathLike[str], out: Path, dtype: str = "float16", 
             tok.add_bos_token = True  # the GGUF's tokenizer.ggml.add_bos_token, kept for the directory's readers
         except (AttributeError, ValueError):
             pass
-    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        loaded.model.save_pretrained(str(tmp), safe_serialization=True)
+    with writing_dir(out, force, details={"format": "hugging face (imported)"}) as tmp:
+        with quiet_libraries():  # transformers' own bar while it writes the shards
+            loaded.model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "config.json").write_text(json.dumps(config_dict(loaded.model, dtype), indent=2, default=str) + "\n")
         tok.save_pretrained(str(tmp))  # type: ignore[attr-defined]
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -126,7 +126,7 @@ def _inputs(path: Path, files: dict[str, tuple[Path, tuple[int, ...]]]) -> list[
 def write_gguf_streaming(path: Path, out: Path, fmt_name: str, progress: bool = True,
                          imatrix: dict[str, np.ndarray] | None = None, device: str | torch.device = "cpu",
                          resume: bool = True, notes: list[str] | None = None,
-                         device_map: dict[str, str] | None = None) -> QuantReport:
+                         device_map: dict[str, str] | None = None, force: bool = False) -> QuantReport:
     """Quantize the Hugging Face directory ``path`` to the GGUF file ``out`` of file type ``fmt_name``
     (``q4_k_m`` ...), one tensor in memory at a time; see the module's docstring.  The quantizers
     run on ``device``, or with a ``device_map`` (:func:`lowbit.model.devices.plan_devices`) each
@@ -147,7 +147,7 @@ def write_gguf_streaming(path: Path, out: Path, fmt_name: str, progress: bool = 
         return device if device_map is None else device_for(hf_of[name], device_map)
 
     return write_tensors(out, layout.arch, layout.metadata(tok, add_bos, notes), entries, load, fmt_name,
-                         layout.info(), str(path), progress, imatrix, device=where, fingerprint=fp)
+                         layout.info(), str(path), progress, imatrix, device=where, fingerprint=fp, force=force)
 
 
 # ---- GPTQ and AWQ, one decoder layer in memory at a time ------------------------------------
@@ -332,14 +332,14 @@ class _CalibratedLayers(Mapping):
 
 def write_gguf_calibrated_streaming(path: Path, out: Path, scheme: str, cfg: object, text: str,
                                     progress: bool = True, resume: bool = True,
-                                    notes: list[str] | None = None) -> tuple[QuantReport, list]:
+                                    notes: list[str] | None = None, force: bool = False) -> tuple[QuantReport, list]:
     """GPTQ or AWQ (``cfg``: :class:`lowbit.model.calibrate.CalibConfig`) of the Hugging Face directory
     ``path`` into the GGUF file ``out`` of file type ``scheme``, calibrated on ``text``, with one decoder
     layer in memory at a time (plus the calibration hidden states); resumable like
     :func:`write_gguf_streaming`.  Returns the file's report and the per-layer logs."""
     import hashlib
 
-    from lowbit.model.calibrate import _check_formats
+    from lowbit.model.calibrate import check_method_formats
     from lowbit.model.imatrix import imatrix_chunks
     from lowbit.model.load import LoadedModel
 
@@ -366,7 +366,7 @@ def write_gguf_calibrated_streaming(path: Path, out: Path, scheme: str, cfg: obj
         hidden_file.unlink(missing_ok=True)  # no run to resume: what is there is stale
     torch.manual_seed(getattr(cfg, "seed", 0))
     layers = _CalibratedLayers(path, hf_cfg, layout, files, hf_of, scheme, chunks, cfg, hidden_file, key, progress)
-    _check_formats(layers.choices, method)
+    check_method_formats(layers.choices, method)
 
     def load(name: str) -> np.ndarray:
         if layers.is_layer_tensor(name):
@@ -376,7 +376,7 @@ def write_gguf_calibrated_streaming(path: Path, out: Path, scheme: str, cfg: obj
     try:
         report = write_tensors(out, layout.arch, layout.metadata(tok, add_bos, notes), entries, load, scheme,
                                layout.info(), str(path), progress, None, prequantized=layers,  # type: ignore[arg-type]
-                               fingerprint=fp)
+                               fingerprint=fp, force=force)
     finally:
         layers.close()
     if hidden_file is not None:

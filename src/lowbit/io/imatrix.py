@@ -27,6 +27,7 @@ import numpy as np
 
 from lowbit.algorithms.imatrix import Imatrix, ImatrixEntry
 from lowbit.errors import LowbitError
+from lowbit.io.outputs import DAT_TRAILER, IMATRIX, writing_file
 
 __all__ = ["Imatrix", "ImatrixEntry", "read_imatrix", "write_imatrix"]
 
@@ -99,6 +100,7 @@ def _write_gguf(im: Imatrix, path: Path) -> None:
     w.add_array("imatrix.datasets", list(im.datasets))
     w.add_uint32("imatrix.chunk_count", int(im.chunk_count))
     w.add_uint32("imatrix.chunk_size", int(im.chunk_size))
+    w.add_string("lowbit.output", "imatrix")  # lowbit's marker (lowbit.io.outputs); llama.cpp ignores it
     for name in sorted(im.entries):
         e = im.entries[name]
         s2 = np.ascontiguousarray(e.sum2, np.float32).reshape(-1, e.sum2.shape[-1])
@@ -174,6 +176,7 @@ def _write_dat(im: Imatrix, path: Path) -> None:
         out += struct.pack("<i", len(nb)) + nb + struct.pack("<ii", ncall, vals.size) + vals.astype("<f4").tobytes()
     ds = (im.datasets[-1] if im.datasets else "").encode()
     out += struct.pack("<i", int(im.chunk_count)) + struct.pack("<i", len(ds)) + ds
+    out += DAT_TRAILER  # lowbit's marker: llama.cpp's reader stops after the dataset name
     path.write_bytes(bytes(out))
 
 
@@ -190,16 +193,12 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     return _read_dat(path, path.read_bytes())
 
 
-def write_imatrix(im: Imatrix, path: str | os.PathLike[str], legacy: bool | None = None) -> None:
+def write_imatrix(im: Imatrix, path: str | os.PathLike[str], legacy: bool | None = None, force: bool = False) -> None:
     """Write ``im`` to ``path`` atomically; the legacy .dat format when ``legacy`` (by default when
-    the name ends in .dat), llama.cpp's GGUF format otherwise."""
+    the name ends in .dat), llama.cpp's GGUF format otherwise.  An existing file is replaced only with
+    ``force`` and only when it is an importance matrix lowbit wrote (:mod:`lowbit.io.outputs`)."""
     path = Path(path)
     if legacy is None:
         legacy = path.suffix.lower() == ".dat"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with writing_file(path, IMATRIX, force) as tmp:
         (_write_dat if legacy else _write_gguf)(im, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
