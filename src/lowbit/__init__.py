@@ -1,8 +1,19 @@
-"""lowbit: quantize large language models and measure honestly what each format costs."""
+"""lowbit: quantize large language models, write files other engines load, and measure honestly what
+each format costs.
 
-from lowbit.errors import LowbitError
-from lowbit.formats import QTensor, get_format, list_formats
-from lowbit.model import load_model, quantize_model
+    import lowbit
+    m = lowbit.load_model("smollm2")              # a .gguf file, a Hugging Face directory, or 'smollm2'
+    report = lowbit.quantize_model(m, "nf4")     # in place; report.bits_per_weight, report.size_bytes
+    lowbit.save(m, "smol-nf4")                   # a lowbit checkpoint that load_model reads back
+    lowbit.export(m, "smol-ct", "compressed-tensors")  # a layout other engines load (gptq, awq, bitsandbytes)
+"""
 
 __version__ = "0.1.0"
-__all__ = ["LowbitError", "QTensor", "get_format", "list_formats", "load_model", "quantize_model"]
+
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.formats import QTensor, get_format, list_formats  # noqa: E402
+from lowbit.io.checkpoint import save  # noqa: E402
+from lowbit.io.exports import export  # noqa: E402
+from lowbit.model import load_model, quantize_model  # noqa: E402
+
+__all__ = ["LowbitError", "QTensor", "export", "get_format", "list_formats", "load_model", "quantize_model", "save"]

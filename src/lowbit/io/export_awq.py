@@ -27,7 +27,11 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.formats import Format
+from lowbit.formats.integer import IntFormat
+from lowbit.io.exports import Export, group_divides, register_export
 from lowbit.io.hf_dir import hf_config, int_linears, kept_tensors, write_model_dir
+from lowbit.model.quantize import as_module
 
 #: nibble k of a word holds output column ``AWQ_ORDER[k]`` of its eight
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -42,25 +46,24 @@ def pack_awq(u: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
 
 
-def export_awq(loaded, out: Path) -> Path:  # type: ignore[no-untyped-def]
-    """Write ``loaded`` (quantized in memory with a 4-bit zero-point integer format with groups, e.g.
-    ``--method awq --bits 4 --group-size 64`` or ``int4-asym-g64``) as an AWQ GEMM directory ``out``."""
-    out = Path(out)
-    if out.exists():
-        raise LowbitError(f"{out}: already exists")
-    model = loaded.model
-    qlins, fmt = int_linears(model, "AWQ")
-    if fmt.bits != 4 or fmt.symmetric or fmt.group <= 0:
+def check(fmt: Format, layers: dict[str, tuple[int, int]]) -> None:
+    """Whether ``fmt`` on the linear ``layers`` (name -> (rows, cols)) fits AWQ's GEMM layout."""
+    if not isinstance(fmt, IntFormat) or fmt.bits != 4 or fmt.symmetric or fmt.group <= 0:
         raise LowbitError(f"{fmt.name}: AWQ's GEMM layout takes 4-bit zero-point formats with groups "
                           "(int4-asym-g128, int4-asym-g64 ...), not symmetric, per-channel or other bit widths")
-    group = fmt.group
-    for n, m in qlins.items():
-        rows, cols = m.qtensor.shape  # type: ignore[attr-defined]
-        if cols % group:
-            raise LowbitError(f"{n}: {cols} input features are not a multiple of the group size {group}; AWQ has no "
-                              "shorter last group (use a group size that divides every layer's input features)")
+    group_divides(fmt, layers, "AWQ", fmt.group)
+    for n, (rows, _cols) in layers.items():
         if rows % 8:
-            raise LowbitError(f"{n}: {rows} output features are not a multiple of 8, which AWQ's packing needs")
+            raise LowbitError(f"{fmt.name}: {n} has {rows} output features, not a multiple of 8, which AWQ's packing needs")
+
+
+def export_awq(loaded, out: Path, force: bool = False) -> Path:  # type: ignore[no-untyped-def]
+    """Write ``loaded`` (quantized in memory with a 4-bit zero-point integer format with groups, e.g.
+    ``--method awq --bits 4 --group-size 64`` or ``int4-asym-g64``) as an AWQ GEMM directory ``out``."""
+    model = as_module(loaded)
+    qlins, fmt = int_linears(model, "AWQ")
+    check(fmt, {n: tuple(m.qtensor.shape) for n, m in qlins.items()})  # type: ignore[attr-defined,misc]
+    group = fmt.group
     tensors: dict[str, torch.Tensor] = {}
     for n, m in qlins.items():
         qt = m.qtensor  # type: ignore[attr-defined]
@@ -80,4 +83,9 @@ def export_awq(loaded, out: Path) -> Path:  # type: ignore[no-untyped-def]
         "zero_point": True,
         "modules_to_not_convert": None,
     })
-    return write_model_dir(out, tensors, config, getattr(loaded, "tokenizer", None))
+    return write_model_dir(out, tensors, config, getattr(loaded, "tokenizer", None), model=model, force=force,
+                           export="awq")
+
+
+register_export(Export("awq", "AutoAWQ's GEMM layout (GPTQModel, transformers, vLLM): 4-bit zero-point formats whose "
+                       "groups divide every row", check, export_awq))

@@ -24,9 +24,12 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.formats import Format
 from lowbit.formats.base import unpack_nibbles_lohi
 from lowbit.formats.nf4 import BLOCK, DQ_BLOCK, DYNAMIC_MAP, FourBitFormat
+from lowbit.io.exports import Export, register_export
 from lowbit.io.hf_dir import hf_config, kept_tensors, write_model_dir
+from lowbit.model.quantize import as_module
 
 
 def _state(name: str, fmt: FourBitFormat, qt) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -48,15 +51,24 @@ def _state(name: str, fmt: FourBitFormat, qt) -> dict[str, torch.Tensor]:  # typ
     return out
 
 
-def export_bitsandbytes(loaded, out: Path) -> Path:  # type: ignore[no-untyped-def]
+ACCEPTS = "nf4, nf4-dq, fp4 or fp4-dq"
+
+
+def check(fmt: Format, layers: dict[str, tuple[int, int]]) -> None:
+    """Whether ``fmt`` on the linear ``layers`` (name -> (rows, cols)) fits bitsandbytes' 4-bit layout."""
+    if not isinstance(fmt, FourBitFormat):
+        raise LowbitError(f"{fmt.name}: bitsandbytes export takes {ACCEPTS}")
+    for n, (rows, cols) in layers.items():
+        if (rows * cols) % BLOCK:
+            raise LowbitError(f"{fmt.name}: {n} has {rows * cols} weights, not a multiple of bitsandbytes' block of {BLOCK}")
+
+
+def export_bitsandbytes(loaded, out: Path, force: bool = False) -> Path:  # type: ignore[no-untyped-def]
     """Write ``loaded`` (quantized in memory with ``nf4``, ``nf4-dq``, ``fp4`` or ``fp4-dq``) as a
     bitsandbytes 4-bit Hugging Face checkpoint directory ``out``."""
     from lowbit.model.quantize import QuantLinear
 
-    out = Path(out)
-    if out.exists():
-        raise LowbitError(f"{out}: already exists")
-    model = loaded.model
+    model = as_module(loaded)
     qlins = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not qlins:
         raise LowbitError("no quantized linear layers to export: quantize the model with nf4 or nf4-dq first")
@@ -79,4 +91,9 @@ def export_bitsandbytes(loaded, out: Path) -> Path:  # type: ignore[no-untyped-d
         "llm_int8_skip_modules": ["lm_head"], "llm_int8_threshold": 6.0,
         "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False,
     })
-    return write_model_dir(out, tensors, config, getattr(loaded, "tokenizer", None))
+    return write_model_dir(out, tensors, config, getattr(loaded, "tokenizer", None), model=model, force=force,
+                           export="bitsandbytes")
+
+
+register_export(Export("bitsandbytes", "bitsandbytes' 4-bit serialization (transformers + bitsandbytes): nf4, nf4-dq, "
+                       "fp4, fp4-dq", check, export_bitsandbytes))

@@ -27,7 +27,11 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.formats import Format
+from lowbit.formats.integer import IntFormat
+from lowbit.io.exports import Export, group_divides, register_export
 from lowbit.io.hf_dir import hf_config, int_linears, kept_tensors, write_model_dir
+from lowbit.model.quantize import as_module
 
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
@@ -54,23 +58,23 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     return (out.t() if dim == 0 else out).contiguous()
 
 
-def export_compressed_tensors(loaded, out: Path) -> Path:  # type: ignore[no-untyped-def]
+ACCEPTS = "4- or 8-bit integer formats per channel or per group (int4-g128, int4-asym-g64, int8 ...)"
+
+
+def check(fmt: Format, layers: dict[str, tuple[int, int]]) -> None:
+    """Whether ``fmt`` on the linear ``layers`` (name -> (rows, cols)) fits the pack-quantized layout."""
+    if not isinstance(fmt, IntFormat) or fmt.bits not in (4, 8) or fmt.group == -1:
+        raise LowbitError(f"{fmt.name}: compressed-tensors pack-quantized export takes {ACCEPTS}")
+    group_divides(fmt, layers, "compressed-tensors", fmt.group)
+
+
+def export_compressed_tensors(loaded, out: Path, force: bool = False) -> Path:  # type: ignore[no-untyped-def]
     """Write ``loaded`` (quantized in memory with one of lowbit's 4- or 8-bit integer formats) as a
     compressed-tensors ``pack-quantized`` checkpoint directory ``out``."""
-    out = Path(out)
-    if out.exists():
-        raise LowbitError(f"{out}: already exists")
-    model = loaded.model
-    accepts = "4- or 8-bit integer formats per channel or per group (int4-g128, int4-asym-g64, int8 ...)"
-    qlins, fmt = int_linears(model, "compressed-tensors pack-quantized", accepts)
-    if fmt.bits not in (4, 8) or fmt.group == -1:
-        raise LowbitError(f"{fmt.name}: compressed-tensors pack-quantized export takes {accepts}")
+    model = as_module(loaded)
+    qlins, fmt = int_linears(model, "compressed-tensors pack-quantized", ACCEPTS)
+    check(fmt, {n: tuple(m.qtensor.shape) for n, m in qlins.items()})  # type: ignore[attr-defined,misc]
     bits, group = fmt.bits, fmt.group
-    for n, m in qlins.items():
-        cols = m.in_features  # type: ignore[attr-defined]
-        if group > 0 and cols % group:
-            raise LowbitError(f"{n}: {cols} columns are not a multiple of the group size {group}; compressed-tensors "
-                              f"has no shorter last group (use a group size that divides every layer's columns)")
     half = 1 << (bits - 1)
     tensors: dict[str, torch.Tensor] = {}
     for n, m in qlins.items():
@@ -102,4 +106,10 @@ def export_compressed_tensors(loaded, out: Path) -> Path:  # type: ignore[no-unt
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     })
-    return write_model_dir(out, tensors, config, getattr(loaded, "tokenizer", None))
+    return write_model_dir(out, tensors, config, getattr(loaded, "tokenizer", None), model=model, force=force,
+                           export="compressed-tensors")
+
+
+register_export(Export("compressed-tensors", "compressed-tensors' pack-quantized layout (transformers, vLLM, "
+                       "llm-compressor): 4/8-bit integer formats whose groups divide every row", check,
+                       export_compressed_tensors))

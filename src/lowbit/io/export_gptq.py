@@ -34,9 +34,12 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.formats import Format
 from lowbit.formats.integer import IntFormat
 from lowbit.io.export_ct import pack_int32
+from lowbit.io.exports import Export, group_divides, register_export
 from lowbit.io.hf_dir import hf_config, int_linears, kept_tensors, write_model_dir
+from lowbit.model.quantize import as_module
 
 GPTQ_BITS = (2, 3, 4, 8)
 
@@ -85,23 +88,20 @@ def gptq_tensors(name: str, fmt: IntFormat, qt, bias: torch.Tensor | None) -> di
     }
 
 
-def export_gptq(loaded, out: Path) -> Path:  # type: ignore[no-untyped-def]
-    """Write ``loaded`` (quantized in memory with a 2-, 3-, 4- or 8-bit lowbit integer format, per group
-    or per channel: RTN, GPTQ, AWQ ...) as a GPTQ checkpoint directory ``out``."""
-    out = Path(out)
-    if out.exists():
-        raise LowbitError(f"{out}: already exists")
-    model = loaded.model
-    qlins, fmt = int_linears(model, "GPTQ")
-    if fmt.bits not in GPTQ_BITS or fmt.group == -1:
+def check(fmt: Format, layers: dict[str, tuple[int, int]]) -> None:
+    """Whether ``fmt`` on the linear ``layers`` (name -> (rows, cols)) fits the GPTQ layout."""
+    if not isinstance(fmt, IntFormat) or fmt.bits not in GPTQ_BITS or fmt.group == -1:
         raise LowbitError(f"{fmt.name}: the GPTQ layout takes 2-, 3-, 4- or 8-bit integer formats per group or per "
                           "channel (int4-asym-g128, int4-g128, int8-ch ...), not 5-7 bits or one scale per tensor")
-    for n, m in qlins.items():
-        cols = m.qtensor.shape[1]  # type: ignore[union-attr]
-        if fmt.group > 0 and cols % fmt.group:
-            raise LowbitError(f"{n}: {cols} input features are not a multiple of the group size {fmt.group}; GPTQ "
-                              "kernels do not run a shorter last group (use a group size that divides every "
-                              "layer's input features)")
+    group_divides(fmt, layers, "GPTQ (its kernels)", fmt.group)
+
+
+def export_gptq(loaded, out: Path, force: bool = False) -> Path:  # type: ignore[no-untyped-def]
+    """Write ``loaded`` (quantized in memory with a 2-, 3-, 4- or 8-bit lowbit integer format, per group
+    or per channel: RTN, GPTQ, AWQ ...) as a GPTQ checkpoint directory ``out``."""
+    model = as_module(loaded)
+    qlins, fmt = int_linears(model, "GPTQ")
+    check(fmt, {n: tuple(m.qtensor.shape) for n, m in qlins.items()})  # type: ignore[attr-defined,misc]
     tensors: dict[str, torch.Tensor] = {}
     for n, m in qlins.items():
         tensors.update(gptq_tensors(n, fmt, m.qtensor, m.bias))  # type: ignore[arg-type]
@@ -122,4 +122,8 @@ def export_gptq(loaded, out: Path) -> Path:  # type: ignore[no-untyped-def]
     }
     config = hf_config(model, "float16", qcfg)
     return write_model_dir(out, tensors, config, getattr(loaded, "tokenizer", None),
-                           extra_json={"quantize_config.json": qcfg})
+                           extra_json={"quantize_config.json": qcfg}, model=model, force=force, export="gptq")
+
+
+register_export(Export("gptq", "the GPTQ checkpoint layout (GPTQModel; transformers + optimum): 2/3/4/8-bit integer "
+                       "formats per channel or with groups that divide every row", check, export_gptq))

@@ -36,7 +36,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import QTensor, get_format
 from lowbit.formats.activations import quantize_per_token, quantize_per_token_fp8, quantize_static
 from lowbit.formats.integer import IntFormat
-from lowbit.model.quantize import QuantLinear, QuantReport, TensorRecord, plan_for, quantize_rest
+from lowbit.model.quantize import QuantLinear, QuantReport, TensorRecord, as_module, plan_for, quantize_rest, stamp
 
 _WA = re.compile(r"^w(\d)a(\d)(-fp8)?(-static(?:-(minmax|pct|mse))?)?$")
 _INT8 = re.compile(r"^llm-int8(?:-t(\d+(?:\.\d+)?))?$")
@@ -405,7 +405,9 @@ class ActConfig:
 def quantize_act_model(model: nn.Module, scheme: str | ActScheme, chunks: torch.Tensor | None = None,
                        cfg: ActConfig | None = None, progress: bool = True) -> QuantReport:
     """Convert ``model`` in place to the activation scheme ``scheme``.  ``chunks`` (calibration token
-    ids, ``[n, seq_len]``) are needed for SmoothQuant and static schemes."""
+    ids, ``[n, seq_len]``) are needed for SmoothQuant and static schemes.  ``model`` may be what
+    :func:`lowbit.load_model` returns."""
+    model = as_module(model)
     s = scheme if isinstance(scheme, ActScheme) else parse_act_scheme(scheme)
     if s is None:
         raise LowbitError(f"'{scheme}' is not an activation scheme (w8a8, w4a4, w8a8-static-mse, w8a8-fp8, llm-int8)")
@@ -443,6 +445,7 @@ def quantize_act_model(model: nn.Module, scheme: str | ActScheme, chunks: torch.
         done.add(f"{n}.weight")
     rest = quantize_rest(model, s.weight_format, choices, skip=done, progress=False)
     report.tensors += rest.tensors
+    stamp(model, s.name, "smoothquant" if cfg.smoothquant else "rtn")
     return report
 
 

@@ -32,7 +32,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import QTensor, get_format
 from lowbit.formats.integer import IntFormat
 from lowbit.model.qat import QATConfig
-from lowbit.model.quantize import QuantLinear, QuantReport, TensorRecord, plan_for, quantize_rest
+from lowbit.model.quantize import QuantLinear, QuantReport, TensorRecord, plan_for, quantize_rest, stamp
 from lowbit.model.rotated import quip_quantize
 
 METHODS = ("rtn", "gptq", "awq", "quip", "spqr")
@@ -220,7 +220,7 @@ def calibrate_quantize(loaded, scheme: str, chunks: torch.Tensor, cfg: CalibConf
         from lowbit.model.quantize import quantize_model
 
         return quantize_model(model, scheme, progress=progress, imatrix=imatrix), []
-    _check_formats(choices, cfg.method)
+    check_method_formats(choices, cfg.method)
     torch.manual_seed(cfg.seed)
     layers = decoder_layers(model)
     report = QuantReport(f"{scheme}+{cfg.method}")
@@ -237,6 +237,7 @@ def calibrate_quantize(loaded, scheme: str, chunks: torch.Tensor, cfg: CalibConf
                             rtn=f"{sum(lg.rtn_error for lg in recent) / len(recent):.4f}")
     rest = quantize_rest(model, scheme, choices, skip=done, progress=progress, imatrix=imatrix)
     report.tensors = _merge(report.tensors, rest.tensors, model)
+    stamp(model, scheme, cfg.method)
     return report, logs
 
 
@@ -287,12 +288,14 @@ def calibrate_layer(layer: nn.Module, li: int, prefix: str, choices: dict, batch
     return [(o, kw) for o, (_, kw) in zip(outs, batches, strict=True)]
 
 
-def _check_formats(choices: dict, method: str) -> None:
-    """Refuse a format the method cannot produce before any work is done."""
+def check_method_formats(choices: dict, method: str) -> None:
+    """Refuse a format the method cannot produce before any work is done (``choices``: the plan of a
+    model's tensors, Hugging Face or GGUF names)."""
     from lowbit.formats.spqr import SpQRFormat
+    from lowbit.model.policy import LINEAR_ROLES, role_of
 
     for name, ch in choices.items():
-        if not ch.quantized or not name.endswith("proj.weight"):
+        if not ch.quantized or role_of(name) not in LINEAR_ROLES:
             continue
         fmt = get_format(ch.format)
         if method == "spqr" and not isinstance(fmt, SpQRFormat):

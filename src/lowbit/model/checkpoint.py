@@ -1,24 +1,32 @@
 """lowbit's own checkpoint: a Hugging Face-style directory holding a quantized model exactly as
-lowbit computes with it, for any format and method (GGUF holds only llama.cpp's types).
+lowbit computes with it, for any format and method (GGUF holds only llama.cpp's types).  This
+module reads it; :mod:`lowbit.io.checkpoint` writes it.
 
-    out/config.json, tokenizer files      the model's own (transformers writes them)
-    out/model.safetensors                 kept tensors as they are stored (FP16 / FP32), and for
-                                          each quantized linear layer its parts: ``<module>.q_<part>``
+    out/config.json                       the model's config, with a ``quantization_config`` whose
+                                          ``quant_method`` is ``lowbit``
+    out/generation_config.json, tokenizer files
+    out/model.safetensors                 kept tensors as they are stored (FP16 / FP32); for each
+                                          quantized linear layer its parts ``<module>.q_<part>``,
+                                          for each other quantized parameter (a quantized
+                                          embedding) ``<param>.q_<part>``; and in place of every
+                                          quantized weight an empty placeholder under its usual
+                                          name (``<module>.weight``), so that a loader that does
+                                          not know lowbit stops at the size mismatch instead of
+                                          initializing the weight at random
     out/lowbit.json                       format version, scheme, method, and per quantized module
                                           its format, shape and, for rotated (QuIP) layers, the seeds
                                           of their rotations; for layers that quantize their
-                                          inputs (W8A8, LLM.int8() ...), the activation settings
+                                          inputs (W8A8, LLM.int8() ...), the activation settings;
+                                          per quantized parameter its format and shape
 
 :func:`load_checkpoint` rebuilds the model from these files (no pickles, no code from the
 directory) and ``lowbit eval`` / ``lowbit compare`` accept such a directory wherever they take a
-model.  The directory is written to a temporary name beside the target and renamed when complete.
+model.  Version 1 checkpoints (no placeholders, no quantized parameters) still load.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -28,69 +36,14 @@ from lowbit.errors import ModelLoadError
 from lowbit.formats import QTensor, get_format
 
 MANIFEST = "lowbit.json"
-VERSION = 1
+VERSION = 2
+#: checkpoint versions :func:`load_checkpoint` reads
+READS = (1, 2)
+#: ``quantization_config.quant_method`` of a lowbit checkpoint's config.json
+QUANT_METHOD = "lowbit"
 
 
-def save_checkpoint(loaded, out: Path, scheme: str, method: str, extra: dict | None = None) -> Path:  # type: ignore[no-untyped-def]
-    """Write ``loaded`` (a model quantized in memory by lowbit) to the directory ``out``."""
-    from safetensors.torch import save_file
-
-    from lowbit.model.actquant import ActQuantLinear
-    from lowbit.model.quantize import QuantLinear
-    from lowbit.model.rotated import RotatedQuantLinear
-
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(out)
-    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        model = loaded.model
-        modules: dict[str, dict] = {}
-        tensors: dict[str, torch.Tensor] = {}
-        quantized_prefixes = []
-        for name, mod in model.named_modules():
-            if isinstance(mod, (QuantLinear, RotatedQuantLinear)):
-                qt = mod.qtensor
-                entry: dict[str, object] = {"format": qt.format, "shape": list(qt.shape),
-                                            "bias": mod.bias is not None}
-                if isinstance(mod, RotatedQuantLinear):
-                    entry["kind"] = "rotated"
-                    entry["rotation_seeds"] = [mod.r_in.seed, mod.r_out.seed]
-                elif isinstance(mod, ActQuantLinear):
-                    entry["kind"] = "act"
-                    entry["act"] = mod.act_config()
-                else:
-                    entry["kind"] = "linear"
-                modules[name] = entry
-                for k, v in qt.parts.items():
-                    tensors[f"{name}.q_{k}"] = v.detach().contiguous().cpu()
-                if mod.bias is not None:
-                    tensors[f"{name}.bias"] = mod.bias.detach().contiguous().cpu()
-                quantized_prefixes.append(name + ".")
-        seen: set[int] = set()
-        for name, p in model.named_parameters():
-            if any(name.startswith(q) for q in quantized_prefixes) or id(p) in seen:
-                continue  # quantized layers' biases are stored above; tied weights once
-            seen.add(id(p))
-            tensors[name] = _compact(p.detach().contiguous().cpu())
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "lowbit": str(VERSION)})
-        model.config.to_json_file(str(tmp / "config.json"))
-        tok = getattr(loaded, "tokenizer", None)
-        if tok is not None and hasattr(tok, "save_pretrained"):
-            tok.save_pretrained(str(tmp))
-        manifest = {"lowbit_checkpoint": VERSION, "scheme": scheme, "method": method, "modules": modules,
-                    "add_bos": bool(loaded.add_bos), **(extra or {})}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
+def compact(t: torch.Tensor) -> torch.Tensor:
     """``t`` in FP16 where that loses nothing (the tensors lowbit keeps in FP16 were rounded to it
     already), as it is otherwise: the file holds what the bit counts say."""
     if t.dtype in (torch.float32, torch.float64) and t.numel():
@@ -115,7 +68,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.
         raise ModelLoadError(f"{path / MANIFEST}: unreadable lowbit manifest ({exc})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("modules", {}), dict):
         raise ModelLoadError(f"{path / MANIFEST}: not a lowbit manifest (no object of modules)")
-    if manifest.get("lowbit_checkpoint") != VERSION:
+    if manifest.get("lowbit_checkpoint") not in READS:
         raise ModelLoadError(f"{path / MANIFEST}: unsupported lowbit checkpoint version {manifest.get('lowbit_checkpoint')}")
     st_file = path / "model.safetensors"
     if not st_file.is_file():
@@ -131,11 +84,14 @@ def _build(path: Path, st_file: Path, manifest: dict, dtype: torch.dtype) -> tup
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.model.quantize import QuantLinear
+    from lowbit.model.quantize import QUANTIZED_PARAMS, QuantLinear, stamp
     from lowbit.model.rotated import RotatedQuantLinear
 
     config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):  # lowbit's own marker for other loaders; the model below is float
+        del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    params = manifest.get("params", {}) or {}
     with safe_open(str(st_file), framework="pt") as f:
         names = set(f.keys())
         for mname, entry in manifest.get("modules", {}).items():
@@ -157,7 +113,19 @@ def _build(path: Path, st_file: Path, manifest: dict, dtype: torch.dtype) -> tup
                 new = QuantLinear(qt, bias)
             parent, _, child = mname.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
-        state = {n: f.get_tensor(n) for n in names if not any(n.startswith(m + ".") for m in manifest.get("modules", {}))}
+        quantized = tuple(m + "." for m in manifest.get("modules", {})) + tuple(p + ".q_" for p in params)
+        state = {n: f.get_tensor(n) for n in names if not n.startswith(quantized) and n not in params}
+        codes: dict[str, QTensor] = {}
+        for pname, entry in params.items():  # quantized embeddings: their codes, dequantized here
+            fmt = get_format(entry["format"])
+            prefix = f"{pname}.q_"
+            parts = {n[len(prefix):]: f.get_tensor(n) for n in names if n.startswith(prefix)}
+            if not parts:
+                raise ModelLoadError(f"{st_file}: no stored parts for quantized parameter {pname}")
+            shape = tuple(entry["shape"])
+            rows = shape[0] if len(shape) > 1 else 1
+            qt = codes[pname] = QTensor(fmt.name, (rows, int(torch.Size(shape).numel()) // rows), parts)
+            state[pname] = fmt.dequantize(qt).reshape(shape)
     state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}  # FP16 on disk where lossless
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
@@ -168,4 +136,8 @@ def _build(path: Path, st_file: Path, manifest: dict, dtype: torch.dtype) -> tup
     if missing or unexpected:
         raise ModelLoadError(f"{path}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()
+    # what lowbit knows of a model it quantized, so that saving it again stores the same
+    stamp(model, str(manifest.get("scheme", "mix")), str(manifest.get("method", "unknown")))
+    if codes:
+        setattr(model, QUANTIZED_PARAMS, codes)
     return model, manifest

@@ -16,15 +16,23 @@ from lowbit.model.gguf_mix import gguf_name
 from lowbit.model.load import LoadedModel
 
 
-def imatrix_chunks(loaded: LoadedModel, text: str, n_ctx: int = 512, max_chunks: int | None = None) -> torch.Tensor:
+def imatrix_chunks(loaded: LoadedModel, text: str, n_ctx: int = 512, max_chunks: int | None = None,
+                   source: str = "the calibration text") -> torch.Tensor:
+    """Calibration chunks of ``n_ctx`` tokens (at most ``max_chunks``) of ``text``; ``source`` names
+    the text in the error for one too short."""
+    if n_ctx < 2:
+        raise LowbitError(f"calibration chunks of {n_ctx} tokens: give at least 2")
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     if loaded.add_bos and loaded.bos_id is not None:
         ids = [loaded.bos_id, *ids]
     n = len(ids) // n_ctx
     if max_chunks is not None:
         n = min(n, max_chunks)
+    if max_chunks is not None and max_chunks < 1:
+        raise LowbitError(f"{max_chunks} calibration chunks: give at least 1")
     if n < 1:
-        raise LowbitError(f"calibration text too short: {len(ids)} tokens, need at least {n_ctx}")
+        raise LowbitError(f"{source}: {len(ids)} tokens, fewer than one calibration chunk of {n_ctx} tokens "
+                          "(give a longer text or a smaller context)")
     chunks = torch.tensor(ids[: n * n_ctx], dtype=torch.long).reshape(n, n_ctx)
     if loaded.add_bos and loaded.bos_id is not None:
         chunks[:, 0] = loaded.bos_id
@@ -32,9 +40,9 @@ def imatrix_chunks(loaded: LoadedModel, text: str, n_ctx: int = 512, max_chunks:
 
 
 def compute_imatrix(loaded: LoadedModel, text: str, n_ctx: int = 512, max_chunks: int | None = None,
-                    dataset: str = "calibration", progress: bool = True) -> Imatrix:
+                    dataset: str = "calibration", progress: bool = True, source: str = "the calibration text") -> Imatrix:
     """The importance matrix of ``loaded`` over ``text``, keyed by GGUF tensor names."""
-    chunks = imatrix_chunks(loaded, text, n_ctx, max_chunks)
+    chunks = imatrix_chunks(loaded, text, n_ctx, max_chunks, source)
 
     def rename(module: str) -> str | None:
         return gguf_name(f"{module}.weight")

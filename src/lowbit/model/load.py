@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,23 +124,101 @@ def _gguf_add_bos(gf: GGUFFile, tokenizer: object) -> bool:
     return bool(getattr(tokenizer, "add_bos_token", False))
 
 
+def silence_libraries(import_transformers: bool = True, environment: bool = False) -> None:
+    """Keep other libraries' notices off the user's terminal.  Always: the import-time messages of
+    packages transformers pulls in when they are installed (torchao's missing CUDA extensions, torch's
+    pytree deprecation notices), before transformers is imported.  With ``environment`` (the command
+    line, which owns its process): also for the whole process transformers' and its libraries'
+    warnings and progress bars, through their loggers, warning filters and the environment variables
+    they read (which child processes inherit), and with ``import_transformers`` transformers' own
+    switches.  The library itself silences them only while it calls them (:func:`quiet_libraries`).
+    Errors always come through."""
+    import logging
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if not environment:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for mod in ("transformers", "torchao", "accelerate", "huggingface_hub", "gguf", "torch"):
+        warnings.filterwarnings("ignore", module=mod)
+    if import_transformers:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def refuse_unsaved_lowbit(path: Path, config: dict, names: list[str] | None = None) -> None:
+    """Refuse a directory that holds lowbit's quantized layers without lowbit's manifest: what
+    ``save_pretrained`` writes for a model lowbit quantized in memory; it cannot be rebuilt.
+    ``names``: the tensors in its files (read from the safetensors headers when not given)."""
+    qc = config.get("quantization_config")
+    if names is None:
+        from lowbit.io.safetensors_check import check_safetensors
+
+        names = [n for f in sorted(path.glob("*.safetensors")) for n in check_safetensors(f)]
+    # a quantized linear layer's parts (q_codes, q_scale, q_blocks ...) under a projection's name
+    parts = [n for n in names if re.search(r"_proj\.q_[a-z0-9_]+$", n)]
+    if parts or (isinstance(qc, dict) and qc.get("quant_method") == "lowbit"):
+        raise ModelLoadError(f"{path}: holds layers lowbit quantized ({parts[0] if parts else 'quant_method lowbit'}) "
+                             "but no lowbit.json: it was saved with save_pretrained, which does not keep what lowbit "
+                             "needs to rebuild them; save with lowbit.save(model, path) instead")
+
+
 def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-               progress: bool = True) -> LoadedModel:
+               progress: bool = True, before_weights: Callable[[LoadedModel], None] | None = None) -> LoadedModel:
     """Load a causal LM as a float model.
 
     * a ``.gguf`` file: weights dequantized to ``dtype`` by transformers (needs ``gguf``);
     * a directory with ``config.json`` and ``*.safetensors`` (memory-mapped) or ``*.bin``
-      (read with ``torch.load(weights_only=True)`` only: no arbitrary unpickling);
+      (read with ``torch.load(weights_only=True)`` only: no arbitrary unpickling); every weight
+      of the model must be in the files (a directory that lacks some is refused, naming them,
+      instead of initializing them at random);
+    * a lowbit checkpoint directory (:mod:`lowbit.model.checkpoint`);
     * ``smollm2``: the bundled SmolLM2-135M-Instruct GGUF.
+
+    ``before_weights`` is called with the tokenizer loaded and ``model`` still None, before the
+    weights are read (to check a text's length first).  Other libraries' warnings and progress bars
+    are kept off the terminal while it runs (:func:`quiet_libraries`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with quiet_libraries():
+        return _load_model(spec, dtype, progress, before_weights)
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Within the block, transformers' warnings and progress bars and the warnings of the libraries it
+    uses are off (see :func:`silence_libraries`); afterwards transformers' settings are as they were."""
+    silence_libraries(import_transformers=False)
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
-    if progress:
-        hf_logging.enable_progress_bar()
-    else:
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            for mod in ("transformers", "torchao", "accelerate", "huggingface_hub", "gguf", "torch"):
+                warnings.filterwarnings("ignore", module=mod)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(spec: str | os.PathLike[str], dtype: torch.dtype, progress: bool,
+                before_weights: Callable[[LoadedModel], None] | None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = resolve_model_path(spec)
     notes: list[str] = []
     if path.is_file():
@@ -147,10 +228,15 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype 
             raise ModelLoadError(f"{path}: architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
         try:
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: transformers could not load this GGUF's tokenizer ({type(exc).__name__}: {exc})") from None
+        add_bos = _gguf_add_bos(gf, tok)
+        _before(before_weights, tok, path, arch, add_bos)
+        try:
+            with _gguf_bar(progress, path.name):
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         except Exception as exc:
             raise ModelLoadError(f"{path}: transformers could not load this GGUF ({type(exc).__name__}: {exc})") from None
-        add_bos = _gguf_add_bos(gf, tok)
         _forget_gguf_origin(model)
         notes.append(
             f"weights dequantized to {str(dtype).replace('torch.', '')} from {path.name}; this float model is the 'original'"
@@ -170,15 +256,21 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype 
         from lowbit.model.checkpoint import is_checkpoint, load_checkpoint
 
         if is_checkpoint(path):
-            model, manifest = load_checkpoint(path, dtype=dtype)
             try:
                 tok = AutoTokenizer.from_pretrained(path)
             except Exception as exc:
                 raise ModelLoadError(f"{path}: could not load the tokenizer ({type(exc).__name__}: {exc})") from None
+            try:
+                add_bos = bool(json.loads((path / "lowbit.json").read_text()).get("add_bos"))
+            except (OSError, ValueError, AttributeError):
+                add_bos = False
+            _before(before_weights, tok, path, arch, add_bos)
+            model, manifest = load_checkpoint(path, dtype=dtype)
             model.eval()
             bos = getattr(tok, "bos_token_id", None)
             notes.append(f"lowbit checkpoint: {manifest.get('scheme')} by {manifest.get('method')}")
             return LoadedModel(model, tok, path, arch, bool(manifest.get("add_bos")) and bos is not None, bos, None, notes)
+        refuse_unsaved_lowbit(path, config)
         has_st = any(path.glob("*.safetensors"))
         has_bin = any(path.glob("*.bin"))
         if not has_st and not has_bin:
@@ -188,14 +280,58 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype 
             _check_bin(path)
         try:
             tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=has_st)
         except Exception as exc:
-            raise ModelLoadError(f"{path}: could not load ({type(exc).__name__}: {exc})") from None
+            raise ModelLoadError(f"{path}: could not load the tokenizer ({type(exc).__name__}: {exc})") from None
         add_bos = bool(getattr(tok, "add_bos_token", False)) or arch.startswith("gemma")
+        _before(before_weights, tok, path, arch, add_bos)
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=has_st,
+                                                               output_loading_info=True)
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: could not load ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            unexpected = sorted(info.get("unexpected_keys") or [])
+            more = f"; the files hold {len(unexpected)} tensors the model does not use ({', '.join(unexpected[:3])})" \
+                if unexpected else ""
+            raise ModelLoadError(f"{path}: the weight files do not cover the model: {len(missing)} weights are missing "
+                                 f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}){more}; refusing to "
+                                 "fill them with random values")
         gguf_path = None
     model.eval()
     bos = getattr(tok, "bos_token_id", None)
     return LoadedModel(model, tok, path, arch, add_bos and bos is not None, bos, gguf_path, notes)
+
+
+@contextmanager
+def _gguf_bar(progress: bool, name: str) -> Iterator[None]:
+    """transformers reads a GGUF file's tensors under a progress bar of its own that no switch turns off;
+    while it loads, that bar is lowbit's: labelled as lowbit labels its bars, and off without ``progress``."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as mod
+    except ImportError:
+        yield
+        return
+    orig = getattr(mod, "tqdm", None)
+    if orig is None:
+        yield
+        return
+
+    def bar(iterable, *args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs.update(desc=f"load {name}", unit="tensor", leave=False, disable=not progress)
+        return orig(iterable, *args, **kwargs)
+
+    mod.tqdm = bar
+    try:
+        yield
+    finally:
+        mod.tqdm = orig
+
+
+def _before(hook: Callable[[LoadedModel], None] | None, tok: object, path: Path, arch: str, add_bos: bool) -> None:
+    if hook is not None:
+        bos = getattr(tok, "bos_token_id", None)
+        hook(LoadedModel(None, tok, path, arch, add_bos and bos is not None, bos))  # type: ignore[arg-type]
 
 
 def _forget_gguf_origin(model: torch.nn.Module) -> None:

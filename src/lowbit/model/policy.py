@@ -70,7 +70,14 @@ def check_scheme(name: str) -> None:
     from lowbit.model.gguf_mix import file_type
 
     if file_type(name) is None:
-        get_format(name)
+        try:
+            get_format(name)
+        except FormatError as exc:
+            if not str(exc).startswith("unknown format"):
+                raise
+            from lowbit.model.schemes import unknown
+
+            raise unknown(name) from None
 
 
 def plan_model(named_shapes: list[tuple[str, tuple[int, ...]]], scheme: str, info: object | None = None,

@@ -189,7 +189,7 @@ def qat_quantize(model: nn.Module, teacher: nn.Module, scheme: str, chunks: torc
     type, or a dynamic activation scheme such as ``w4a8`` / ``w8a8-fp8``) against ``teacher``, then
     quantize it for real.  Returns (QuantReport, QATResult)."""
     from lowbit.model.actquant import parse_act_scheme, quantize_act_model
-    from lowbit.model.quantize import quantize_model
+    from lowbit.model.quantize import quantize_model, stamp
 
     act = parse_act_scheme(scheme)
     if act is not None and (act.static or act.kind == "llm-int8"):
@@ -203,4 +203,5 @@ def qat_quantize(model: nn.Module, teacher: nn.Module, scheme: str, chunks: torc
         unwrap(model)
     report = quantize_act_model(model, act, progress=progress) if act is not None else quantize_model(model, scheme, progress=progress)
     report.format = f"{scheme}+qat"
+    stamp(model, scheme, "qat")
     return report, result

@@ -14,12 +14,54 @@ from tqdm.auto import tqdm
 from lowbit.formats import Format, QTensor, get_format
 from lowbit.model.policy import TensorChoice, check_scheme, plan_model
 
+#: the attribute of a model quantized by lowbit that holds the codes of its quantized parameters other
+#: than linear layers' weights (embeddings), by parameter name: what a checkpoint stores for them
+QUANTIZED_PARAMS = "lowbit_quantized_params"
+
+
+#: the attribute that records how lowbit quantized a model: (scheme, method)
+RECIPE = "lowbit_recipe"
+
+
+def stamp(model: nn.Module, scheme: str, method: str) -> None:
+    """Record on ``model`` the scheme and method lowbit quantized it with (saved with it)."""
+    setattr(model, RECIPE, (str(scheme), str(method)))
+
+
+def recipe_of(model: nn.Module) -> tuple[str, str] | None:
+    r = getattr(model, RECIPE, None)
+    return (str(r[0]), str(r[1])) if isinstance(r, tuple) and len(r) == 2 else None
+
+
+def quantized_params(model: nn.Module) -> dict[str, QTensor]:
+    """The codes of the parameters (not linear layers) that lowbit quantized in place in ``model``."""
+    return dict(getattr(model, QUANTIZED_PARAMS, None) or {})
+
+
+def _placeholder_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: object) -> None:
+    state_dict[prefix + "weight"] = torch.empty(0, dtype=torch.float16)
+
+
+def _drop_placeholder_hook(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    w = state_dict.get(prefix + "weight")
+    if w is not None and w.numel() == 0:
+        del state_dict[prefix + "weight"]
+
+
+def mark_quantized(module: nn.Module) -> None:
+    """Give a quantized layer an empty ``weight`` entry in its state dict: anything that saves the
+    model through its state dict (``save_pretrained``, ``torch.save``) stores it, and a loader that
+    expects a float weight there stops at the size mismatch instead of initializing it at random."""
+    module.register_state_dict_post_hook(_placeholder_hook)
+    module.register_load_state_dict_pre_hook(_drop_placeholder_hook)
+
 
 class QuantLinear(nn.Module):
     """A linear layer whose weight is stored quantized and dequantized at every call."""
 
     def __init__(self, qt: QTensor, bias: torch.Tensor | None) -> None:
         super().__init__()
+        mark_quantized(self)
         self.fmt: Format = get_format(qt.format)
         self.shape = qt.shape
         self.meta = qt.meta
@@ -101,9 +143,19 @@ def plan_for(model: nn.Module, fmt_name: str, has_imatrix: bool = False) -> dict
     return plan_model([(n, tuple(p.shape)) for n, p in params], fmt_name, info, _is_tied(model), has_imatrix=has_imatrix)
 
 
+def as_module(model: object) -> nn.Module:
+    """The ``nn.Module`` of what :func:`lowbit.load_model` returns, or ``model`` itself when it is one."""
+    if isinstance(model, nn.Module):
+        return model
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    raise TypeError(f"expected a torch module or what lowbit.load_model returns, got {type(model).__name__}")
+
+
 def quantize_model(model: nn.Module, fmt_name: str, progress: bool = True,
                    imatrix: dict[str, np.ndarray] | None = None) -> QuantReport:
-    """Quantize ``model`` in place with format (or llama.cpp file type, e.g. ``q4_k_m``)
+    """Quantize ``model`` (a module, or what :func:`lowbit.load_model` returns) in place with format (or llama.cpp file type, e.g. ``q4_k_m``)
     ``fmt_name`` under lowbit's tensor rules (:mod:`lowbit.model.policy`) and return what was
     stored for every weight.  ``imatrix`` maps parameter names (Hugging Face or GGUF) to importance
     vectors, used by the formats that take one (K-quants, IQ4, Q4_0...Q5_1).
@@ -113,8 +165,11 @@ def quantize_model(model: nn.Module, fmt_name: str, progress: bool = True,
     table gains nothing from dequantizing on the fly; kept tensors are rounded to their storage
     type (FP16, or F32 for GGUF's norms) so that what is evaluated is what would be stored.
     """
+    model = as_module(model)
     choices = plan_for(model, fmt_name, has_imatrix=bool(imatrix))
-    return quantize_rest(model, fmt_name, choices, skip=set(), progress=progress, imatrix=imatrix)
+    report = quantize_rest(model, fmt_name, choices, skip=set(), progress=progress, imatrix=imatrix)
+    stamp(model, fmt_name + ("+imatrix" if imatrix else ""), "rtn")
+    return report
 
 
 def quantize_rest(model: nn.Module, fmt_name: str, choices: dict[str, TensorChoice], skip: set[str],
@@ -149,6 +204,10 @@ def quantize_rest(model: nn.Module, fmt_name: str, choices: dict[str, TensorChoi
         else:
             with torch.no_grad():
                 p.copy_(dq.to(p.dtype))
+            if choice.quantized:
+                record = getattr(model, QUANTIZED_PARAMS, None) or {}
+                record[name] = qt
+                setattr(model, QUANTIZED_PARAMS, record)
     return report
 
 

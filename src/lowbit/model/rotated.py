@@ -14,11 +14,13 @@ from torch.nn import functional as F
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rotation import Rotation, rotate_hessian, rotate_weight
 from lowbit.formats import Format, QTensor, get_format
+from lowbit.model.quantize import mark_quantized
 
 
 class RotatedQuantLinear(nn.Module):
     def __init__(self, qt: QTensor, bias: torch.Tensor | None, seed_in: int, seed_out: int) -> None:
         super().__init__()
+        mark_quantized(self)
         self.fmt: Format = get_format(qt.format)
         self.shape = qt.shape
         self.meta = dict(qt.meta, rotation_seeds=(seed_in, seed_out))
