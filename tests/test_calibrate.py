@@ -79,8 +79,9 @@ def test_awq_groups_follow_the_architecture(small):
 
 
 def test_checkpoint_roundtrip_and_gguf_with_gptq_codes(small, calib_chunks, held_out, tmp_path):
+    from lowbit.io.checkpoint import save_checkpoint
     from lowbit.io.hf_gguf import write_gguf_from_hf
-    from lowbit.model.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.model.checkpoint import load_checkpoint
 
     for method, scheme in (("quip", "int4-asym-g128"), ("quip", "e8p"), ("gptq", "q8_0")):
         ours = dataclasses.replace(small, model=copy.deepcopy(small.model))

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 
-def lowbit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+def lowbit(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900, env=None if env is None else {**os.environ, **env})
 
 
 def _one_error_line(r: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -80,8 +83,11 @@ def test_bad_text_file(tmp_path):
 def test_quantize_writes_a_gguf(tmp_path):
     out = tmp_path / "smol-q5_0.gguf"
     r = lowbit("quantize", "smollm2", "-f", "q5_0", "-o", str(out), "--quiet")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and r.stderr == "", r.stderr
     assert out.is_file() and "bits/weight" in r.stdout
+    # both sizes: the file's, and its weights' (the figure compare reports), which the metadata makes smaller
+    m = re.search(r"wrote \S+: ([0-9.]+) MB on disk; weights ([0-9.]+) MB, ([0-9.]+) bits/weight", r.stdout)
+    assert m and abs(float(m.group(1)) - out.stat().st_size / 1e6) < 0.06 and 0 < float(m.group(1)) - float(m.group(2)) < 3
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
@@ -89,7 +95,7 @@ def test_quantize_writes_a_gguf(tmp_path):
 def test_compare_writes_table_json_and_plot(tmp_path):
     r = lowbit("compare", "smollm2", "--formats", "q8_0,int4-asym-g64", "--chunks", "1", "--quiet",
                "--out-dir", str(tmp_path))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "| q8_0 |" in r.stdout and "| int4-asym-g64 |" in r.stdout
     doc = json.loads((tmp_path / "compare.json").read_text())
     rows = {row["format"]: row for row in doc["rows"]}
@@ -102,11 +108,11 @@ def test_compare_writes_table_json_and_plot(tmp_path):
 def test_imatrix_then_quantize_and_compare_with_it(tmp_path):
     im = tmp_path / "smol.imatrix.gguf"
     r = lowbit("imatrix", "smollm2", "-o", str(im), "--chunks", "2", "--quiet")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "210 tensors, 2 chunks of 512 tokens" in r.stdout
     out = tmp_path / "smol-q4_k_m.gguf"
     r = lowbit("quantize", "smollm2", "-f", "q4_k_m", "--imatrix", str(im), "-o", str(out), "--quiet")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "q4_k 16" in r.stdout and "q6_k 14" in r.stdout, r.stdout
     r = lowbit("compare", "smollm2", "--formats", "q4_k_m,q4_k_m+imatrix", "--imatrix", str(im), "--chunks", "1",
                "--quiet", "--out-dir", str(tmp_path / "cmp"))
@@ -123,13 +129,13 @@ def test_quantize_with_a_method_writes_a_checkpoint_that_evaluates(tmp_path):
     out = tmp_path / "smol-gptq-int4"
     r = lowbit("quantize", "smollm2", "--method", "gptq", "--bits", "4", "--group-size", "128", "--calib-samples", "4",
                "--calib-len", "256", "-o", str(out), "--quiet")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "gptq: 4 x 256 calibration tokens" in r.stdout and "int4-asym-g128 210" in r.stdout, r.stdout
     manifest = json.loads((out / "lowbit.json").read_text())
     assert manifest["method"] == "gptq" and manifest["scheme"] == "int4-asym-g128"
     assert len(manifest["modules"]) == 210
     r = lowbit("eval", str(out), "--reference", "smollm2", "--chunks", "2", "--ctx", "256", "--quiet")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and r.stderr == "", r.stderr
     m = re.search(r"KLD mean ([0-9.]+)", r.stdout)
     assert m and 0 < float(m.group(1)) < 1.0, r.stdout
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
@@ -213,10 +219,19 @@ def test_target_bpw_writes_a_searched_gguf(tmp_path):
 
 def test_target_bpw_writes_a_checkpoint_of_lowbit_formats(tmp_path):
     out = tmp_path / "smol-mix"
+    cache = {"LOWBIT_CACHE": str(tmp_path / "cache")}
     # 7 bits per weight over the whole model leave the linear layers about 4.6 (the FP16 embedding takes 3.4)
-    r = lowbit("quantize", "smollm2", "--target-bpw", "7.0", "--types", "int3-asym-g64,int4-asym-g64,nf4,int8-ch",
-               "--sens-chunks", "1", "--calib-len", "64", "--calib-samples", "4", "-o", str(out), "--quiet")
-    assert r.returncode == 0, r.stderr
+    search = ("quantize", "smollm2", "--target-bpw", "7.0", "--types", "int3-asym-g64,int4-asym-g64,nf4,int8-ch",
+              "--sens-chunks", "1", "--calib-ctx", "64", "--quiet")
+    r = lowbit(*search, "-o", str(out), env=cache)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "(cached for later runs)" in r.stdout, r.stdout
+    # the sensitivities are measured once: a second search with the same model, text and settings reuses them
+    r2 = lowbit(*search, "-o", str(tmp_path / "again"), env=cache)
+    assert r2.returncode == 0 and re.search(r"sensitivities of 210 tensors on \d+ calibration tokens reused from",
+                                            r2.stdout), r2.stdout
+    assert r2.stdout.splitlines()[1] == r.stdout.splitlines()[1]  # the same budget, mix, predicted and measured KLD
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     m = re.search(r"chose ([0-9.]+) MB \(([0-9.]+) bits/weight\); predicted KLD ([0-9.]+)", r.stdout)
     assert m and float(m.group(2)) <= 7.0, r.stdout
     manifest = json.loads((out / "lowbit.json").read_text())

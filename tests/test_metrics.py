@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.eval.metrics import Accumulator, make_chunks, scored_slice
 from lowbit.eval.runner import Evaluation
 
@@ -102,5 +103,5 @@ def test_chunking_rules():
     chunks = make_chunks(list(range(1, 1100)), 512, bos_id=0)
     assert chunks.shape == (2, 512) and chunks[0, 0] == 0 and chunks[1, 0] == 0 and chunks[1, 1] == 514
     assert scored_slice(512) == slice(256, 511)
-    with pytest.raises(ValueError, match="fewer than one context"):
+    with pytest.raises(LowbitError, match="fewer than one context"):
         make_chunks([1, 2, 3], 512, None)

@@ -194,7 +194,8 @@ def test_lowbit_target_mixes_any_formats_into_a_checkpoint(small, setup, tmp_pat
 
     from lowbit.eval.data import calibration_text
     from lowbit.eval.runner import torch_logits_fn
-    from lowbit.model.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.io.checkpoint import save_checkpoint
+    from lowbit.model.checkpoint import load_checkpoint
     from lowbit.model.imatrix import imatrix_chunks
 
     im, held, _ = setup

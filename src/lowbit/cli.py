@@ -1,108 +1,91 @@
-"""The ``lowbit`` command: quantize, imatrix, eval, compare, formats."""
+"""The ``lowbit`` command: quantize, imatrix, eval, compare, import, formats.
+
+Every command checks all of its arguments before it loads a model: option ranges, format names
+(with a "did you mean"), that the files it reads exist and that a text holds at least one context,
+that the device exists, that an export can hold the format on this model's layers, that a size
+target is reachable, and that the output can be written and is not something lowbit must not
+replace (:mod:`lowbit.io.outputs`).  ``--dry-run`` stops after these checks and says what would be
+done.  Bad input ends in one line, ``lowbit: error: ...``, and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowbit import __version__
 from lowbit.errors import LowbitError
 
 DEFAULT_FORMATS = (
     "fp16,bf16,fp8-e4m3,fp8-e5m2,q8_0,int8,q5_1,q5_0,q4_1,q4_0,nf4,nf4-dq,fp4,"
     "int4-g128,int4-asym-g128,int4-asym-g128-clip,int3-asym-g64-clip,int2-asym-g32-clip"
 )
+#: evaluation chunks of ``eval`` and ``compare`` when --chunks is not given
+DEFAULT_CHUNKS = 20
+WEIGHT_METHODS = ("rtn", "gptq", "awq", "quip", "spqr")
+METHOD_CHOICES = (*WEIGHT_METHODS, "smoothquant", "qat")
+BUNDLED_EVAL = "wiki-eval (gensim's Wikipedia articles, evaluation split)"
+BUNDLED_CALIB = "wiki-calib (gensim's Wikipedia articles, calibration split)"
 
 
-#: --out-format: the module and function writing each export directory
-EXPORTS = {
-    "compressed-tensors": ("lowbit.io.export_ct", "export_compressed_tensors"),
-    "bitsandbytes": ("lowbit.io.export_bnb", "export_bitsandbytes"),
-    "gptq": ("lowbit.io.export_gptq", "export_gptq"),
-    "awq": ("lowbit.io.export_awq", "export_awq"),
-}
+# ---- argument checks ------------------------------------------------------------------------
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Every numeric option within its range (only the options the command has)."""
+
+    def get(dest: str) -> object:
+        return getattr(args, dest, None)
+
+    for dest, opt, lo in (("chunks", "--chunks", 1), ("calib_chunks", "--calib-chunks", 1),
+                          ("sens_chunks", "--sens-chunks", 1), ("qat_steps", "--qat-steps", 1),
+                          ("qat_batch", "--qat-batch", 1), ("ctx", "--ctx", 8), ("calib_ctx", "--calib-ctx", 8)):
+        v = get(dest)
+        if v is not None and int(v) < lo:  # type: ignore[call-overload]
+            raise LowbitError(f"{opt} {v}: give at least {lo}")
+    for dest, opt in (("damp", "--damp"), ("qat_lr", "--qat-lr")):
+        v = get(dest)
+        if v is not None and not (0.0 < float(v) <= 1.0):  # type: ignore[arg-type]
+            raise LowbitError(f"{opt} {v}: give a number in (0, 1]")
+    v = get("outliers")
+    if v is not None and not (0.0 <= float(v) < 0.5):  # type: ignore[arg-type]
+        raise LowbitError(f"--outliers {v}: give a fraction in [0, 0.5)")
+    v = get("bits")
+    if v is not None and not 2 <= int(v) <= 8:  # type: ignore[call-overload]
+        raise LowbitError(f"--bits {v}: give 2 to 8 bits")
+    v = get("group_size")
+    if v is not None and int(v) < -1:  # type: ignore[call-overload]
+        raise LowbitError(f"--group-size {v}: give a number of columns, or 0 for one scale per channel")
+    v = get("target_bpw")
+    if v is not None and not 1.0 < float(v) <= 32.0:  # type: ignore[arg-type]
+        raise LowbitError(f"--target-bpw {v}: give bits per weight between 1 and 32")
 
 
-def _alpha(value: str) -> float | None:
-    from lowbit.eval.compare import parse_alpha
+def check_device(device: str | None, option: str = "--device") -> str:
+    """``device`` as torch names it, or one clear error: cpu, cuda, cuda:N or auto."""
+    d = (device or "cpu").strip().lower()
+    if d in ("cpu", "auto"):
+        return d
+    m = re.fullmatch(r"cuda(?::(\d+))?", d)
+    if not m:
+        raise LowbitError(f"{option} {device}: not a device (use cpu, cuda, cuda:N or auto)")
+    import torch
 
-    try:
-        return parse_alpha(value)
-    except LowbitError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _text(args: argparse.Namespace) -> tuple[str | None, str]:
-    if args.text:
-        from lowbit.eval.data import read_text_file
-
-        return read_text_file(args.text), Path(args.text).name
-    return None, "wiki-eval (gensim's Wikipedia articles, evaluation split)"
-
-
-def cmd_formats(args: argparse.Namespace) -> int:
-    from lowbit.formats import get_format, list_formats
-
-    shape = (4096, 4096)
-    print(f"{'format':<40} {'bpw (4096x4096)':>16}  description")
-    for name in list_formats():
-        if "<" in name:
-            print(f"{name:<40} {'':>16}  integer family, e.g. int4-g128, int3-asym-g64-clip")
-            continue
-        f = get_format(name)
-        gguf = " [GGUF]" if f.gguf_type is not None else ""
-        print(f"{name:<40} {f.bits_per_weight(shape):>16.4f}  {f.description}{gguf}")
-    return 0
-
-
-def _method_scheme(args: argparse.Namespace) -> str:
-    """The format a quantize command asks for: ``--format``, or one built from --bits/--group-size."""
-    if args.format:
-        if args.bits is not None:
-            raise LowbitError("give either --format or --bits/--group-size, not both")
-        return str(args.format)
-    if args.bits is None:
-        raise LowbitError("give --format (e.g. q4_k_m, int4-asym-g128) or --bits and --group-size")
-    g = args.group_size
-    if args.method == "spqr":
-        return f"spqr{args.bits}-g{16 if g is None else g}"
-    g = 128 if g is None else g
-    gran = "-ch" if g in (0, -1) else f"-g{g}"
-    return f"int{args.bits}{'' if args.sym else '-asym'}{gran}"
-
-
-def _calib_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from lowbit.algorithms.gptq import GPTQConfig
-    from lowbit.model.calibrate import CalibConfig
-    from lowbit.model.qat import QATConfig
-
-    return CalibConfig(method=args.method, n_samples=args.calib_samples, seq_len=args.calib_len,
-                       gptq=GPTQConfig(damp=args.damp, act_order=args.act_order),
-                       spqr_outliers=args.outliers, smooth_alpha=args.alpha,
-                       qat=QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch))
-
-
-def _calibration_text(args: argparse.Namespace) -> str:
-    if args.calib_text:
-        from lowbit.eval.data import read_text_file
-
-        return read_text_file(args.calib_text)
-    from lowbit.eval.data import calibration_text
-
-    return calibration_text()
-
-
-def _calibration_chunks(args: argparse.Namespace, loaded, cfg):  # type: ignore[no-untyped-def]
-    from lowbit.model.imatrix import imatrix_chunks
-
-    return imatrix_chunks(loaded, _calibration_text(args), n_ctx=cfg.seq_len, max_chunks=cfg.n_samples)
+    if torch.version.cuda is None:
+        raise LowbitError(f"{option} {device}: this PyTorch build ({torch.__version__}) has no CUDA support; "
+                          "use --device cpu")
+    if not torch.cuda.is_available():
+        raise LowbitError(f"{option} {device}: no CUDA device is visible to PyTorch; use --device cpu")
+    n = torch.cuda.device_count()
+    if m.group(1) is not None and int(m.group(1)) >= n:
+        raise LowbitError(f"{option} {device}: there {'is' if n == 1 else 'are'} {n} CUDA device{'s' * (n != 1)} "
+                          f"(cuda:0{f'..cuda:{n - 1}' if n > 1 else ''})")
+    return d
 
 
 def _parse_size(text: str) -> int:
     """'1.2GB', '800MB', '500000000' -> bytes."""
-    import re
-
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*", text.lower())
     if not m:
         raise LowbitError(f"--target-size {text!r}: give a size such as 1.2GB, 800MB or 90MiB")
@@ -111,76 +94,463 @@ def _parse_size(text: str) -> int:
     return int(float(m.group(1)) * mult[unit])
 
 
-def cmd_quantize_budget(args: argparse.Namespace) -> int:
-    """--target-bpw / --target-size: measure sensitivities, search the mix, write the file: a GGUF
-    file of llama.cpp types, or a lowbit checkpoint directory of any of lowbit's formats."""
+def _inspect(spec: str, option: str = "MODEL"):  # type: ignore[no-untyped-def]
+    """The model's facts from its headers (:mod:`lowbit.io.inspect`), with the architecture checked."""
+    from lowbit.io.inspect import inspect_model
+    from lowbit.model.load import SUPPORTED_ARCHS, resolve_model_path
 
+    facts = inspect_model(resolve_model_path(spec))
+    if facts.arch not in SUPPORTED_ARCHS:
+        raise LowbitError(f"{facts.path}: architecture '{facts.arch}' is not supported "
+                          f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+    return facts
+
+
+def _check_ctx(facts, n_ctx: int | None, option: str) -> None:  # type: ignore[no-untyped-def]
+    if n_ctx is not None and facts.max_ctx and n_ctx > facts.max_ctx:
+        raise LowbitError(f"{option} {n_ctx}: {facts.path.name} was built for contexts of at most {facts.max_ctx} tokens")
+
+
+@dataclass
+class Text:
+    """A text a command reads: the user's file (checked before any model is loaded) or a bundled split."""
+
+    path: Path | None
+    option: str
+    bundled: str  # "eval" or "calib"
+    text: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path is not None else (BUNDLED_EVAL if self.bundled == "eval" else BUNDLED_CALIB)
+
+    @property
+    def source(self) -> str:
+        return f"{self.option} {self.path}" if self.path is not None else self.name
+
+    def read(self) -> str:
+        if self.text is None:
+            from lowbit.eval import data
+
+            self.text = data.eval_text() if self.bundled == "eval" else data.calibration_text()
+        return self.text
+
+
+def _text(path: str | None, option: str, bundled: str, n_ctx: int) -> Text:
+    """The text of ``option``: read and checked now (exists, UTF-8, not empty, long enough in bytes for
+    one context of ``n_ctx`` tokens), or the bundled split, read when needed."""
+    if not path:
+        return Text(None, option, bundled)
+    from lowbit.eval.data import check_text_length, read_text_file
+
+    try:
+        text = read_text_file(path)
+    except LowbitError as exc:
+        raise LowbitError(f"{option} {exc}") from None
+    check_text_length(path, text, n_ctx, option)
+    return Text(Path(path), option, bundled, text)
+
+
+def _text_fits(texts: list[tuple[Text, int]]):  # type: ignore[no-untyped-def]
+    """A ``before_weights`` hook for :func:`lowbit.load_model`: once the tokenizer is loaded, every
+    user text holds at least one context of its length (the exact count, before the weights are read)."""
+
+    def check(tok_only) -> None:  # type: ignore[no-untyped-def]
+        from lowbit.eval.data import too_short
+        from lowbit.eval.runner import tokenize
+
+        for t, n_ctx in texts:
+            if t.path is None or t.text is None:
+                continue
+            n = len(tokenize(tok_only, t.text))
+            if n < n_ctx:
+                raise too_short(t.source, n, n_ctx)
+
+    return check
+
+
+def _load(spec: str | Path, quiet: bool, texts: list[tuple[Text, int]] | None = None):  # type: ignore[no-untyped-def]
+    from lowbit.model.load import load_model
+
+    return load_model(spec, progress=not quiet, before_weights=_text_fits(texts or []))
+
+
+def _check_imatrix(path: str | None):  # type: ignore[no-untyped-def]
+    if not path:
+        return None
+    from lowbit.io.imatrix import read_imatrix
+
+    try:
+        return read_imatrix(Path(path)).values()
+    except LowbitError as exc:
+        raise LowbitError(f"--imatrix {exc}") from None
+
+
+def _dry(args: argparse.Namespace, what: str) -> int:
+    print(f"dry run: all arguments checked; would {what}. Nothing was loaded or written.")
+    return 0
+
+
+# ---- formats ---------------------------------------------------------------------------------
+def cmd_formats(args: argparse.Namespace) -> int:
+    from lowbit.formats import family_info, get_format, list_formats
+    from lowbit.io.exports import export_names, get_export
+    from lowbit.model.actquant import parse_act_scheme
+    from lowbit.model.gguf_mix import FILE_TYPES
+    from lowbit.model.schemes import ACT_EXAMPLES
+
+    shape = (4096, 4096)
+    print("Tensor formats (--format; bits per weight of a 4096x4096 matrix, scales included)")
+    print(f"  {'name':<28} {'bpw':>8}  description")
+    for name in list_formats():
+        if "<" in name:
+            continue
+        f = get_format(name)
+        gguf = " [GGUF type]" if f.gguf_type is not None else ""
+        print(f"  {name:<28} {f.bits_per_weight(shape):>8.4f}  {f.description}{gguf}")
+    for grammar, (desc, examples) in family_info().items():
+        print(f"  {grammar:<28} {'':>8}  {desc}")
+        for ex in examples:
+            f = get_format(ex)
+            print(f"    {ex:<26} {f.bits_per_weight(shape):>8.4f}  {f.description}")
+    print()
+    print("llama.cpp file types (--format with a .gguf --out: llama-quantize's per-tensor mixes and fallbacks; "
+          "bpw of the default type)")
+    seen = set()
+    for name, ft in FILE_TYPES.items():
+        if id(ft) in seen or name.endswith("-pure"):
+            continue
+        seen.add(id(ft))
+        desc = ft.description or f"{ft.default.upper()} (llama.cpp's rules for the output and embedding)"
+        print(f"  {name:<28} {get_format(ft.default).bits_per_weight(shape):>8.4f}  {desc}")
+    print("  (--pure: the file type's default type on every tensor that fits, as llama-quantize --pure)")
+    print()
+    print("Activation schemes (--format; weights and activations quantized, lowbit checkpoints)")
+    for name in ACT_EXAMPLES:
+        s = parse_act_scheme(name)
+        assert s is not None
+        print(f"  {name:<28} {s.wa:>8}  {s.description}")
+    print("  (w<2-8>a<2-8>[-static[-minmax|-pct|-mse]], llm-int8[-t<threshold>])")
+    print()
+    print("Methods (--method, or +method in compare --formats)")
+    for name, desc in (("rtn", "round to nearest (default)"), ("gptq", "GPTQ: Hessian-aware column by column"),
+                       ("awq", "AWQ: activation-aware scaling, then round to nearest"),
+                       ("quip", "QuIP: random rotations (incoherence), then GPTQ; with e8p, QuIP#"),
+                       ("spqr", "SpQR: small groups with FP16 outliers (spqr formats)"),
+                       ("smoothquant", "SmoothQuant: migrate activation outliers into weights (activation schemes)"),
+                       ("qat", "quantization-aware training: distillation through fake quantization")):
+        print(f"  {name:<28} {'':>8}  {desc}")
+    print()
+    print("Output layouts (--out-format, for a directory --out)")
+    print(f"  {'lowbit':<28} {'':>8}  lowbit's checkpoint: any format and method; lowbit eval/compare load it")
+    for name in export_names():
+        print(f"  {name:<28} {'':>8}  {get_export(name).description}")
+    return 0
+
+
+# ---- quantize --------------------------------------------------------------------------------
+@dataclass
+class QuantizeJob:
+    """Everything a quantize command will do, decided and checked before any work."""
+
+    src: Path
+    facts: object
+    out: Path
+    kind: str  # "gguf", "checkpoint" or an export layout
+    scheme: str | None
+    method: str
+    act: object | None = None
+    ft: object | None = None
+    imatrix: dict | None = None
+    calib: Text | None = None
+    device: str = "cpu"
+    route: str = "memory"  # how: "gguf-file", "gguf-stream", "gguf-calib-stream", "memory"
+    budget: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        what = (f"search a mix of formats for {self.src.name} that fits {self.budget['label']}" if self.budget else
+                f"quantize {self.src.name} to {self.scheme}" + ("" if self.method == "rtn" else f" by {self.method}"))
+        into = {"gguf": "GGUF file", "checkpoint": "lowbit checkpoint directory"}.get(self.kind, f"{self.kind} directory")
+        calib = f", calibrating on {self.calib.name}" if self.calib is not None else ""
+        return f"{what}{calib}, and write the {into} {self.out}"
+
+
+def _scheme_of(args: argparse.Namespace) -> str:
+    """The format a quantize command asks for: ``--format`` (or TYPE), or one built from --bits/--group-size."""
+    if args.format:
+        if args.bits is not None:
+            raise LowbitError("give either --format or --bits/--group-size, not both")
+        return str(args.format).strip().lower()
+    if args.bits is None:
+        raise LowbitError("give --format (e.g. q4_k_m, int4-asym-g128; `lowbit formats` lists them) or --bits")
+    g = args.group_size
+    if args.method == "spqr":
+        return f"spqr{args.bits}-g{16 if g is None else g}"
+    g = 128 if g is None else g
+    gran = "-ch" if g in (0, -1) else f"-g{g}"
+    return f"int{args.bits}{'' if args.sym else '-asym'}{gran}"
+
+
+def _positionals(args: argparse.Namespace) -> None:
+    """``lowbit quantize IN OUT TYPE`` and ``IN TYPE`` as llama-quantize takes them, the words in any
+    place among the options; OUT and TYPE may also be given as --out and --format."""
+    from lowbit.model.gguf_mix import file_type
+
+    words = list(args.rest or [])
+    if len(words) > 2:
+        raise LowbitError(f"quantize takes MODEL [OUT] [TYPE]; unexpected {' '.join(words[2:])}")
+    if len(words) == 2:
+        if args.out or args.format:
+            raise LowbitError(f"give OUT and TYPE once: as the words {' '.join(words)} or as --out and --format")
+        args.out, args.format = words
+    elif len(words) == 1:
+        w = words[0]
+        if args.out and not args.format:
+            args.format = w
+        elif args.format and not args.out:
+            args.out = w
+        elif args.out or args.format:
+            raise LowbitError(f"unexpected {w}: --out and --format are given")
+        elif file_type(w) is not None and not Path(w).exists():  # IN TYPE: llama-quantize names the file for it
+            args.format = w
+            from lowbit.model.load import resolve_model_path
+
+            args.out = f"{resolve_model_path(args.model).name.removesuffix('.gguf')}-{w.upper()}.gguf"
+        else:
+            args.out = w
+    if not args.out:
+        raise LowbitError("give an output: --out FILE.gguf or --out DIRECTORY (or MODEL OUT TYPE as llama-quantize takes them)")
+
+
+def _linear_formats(facts, scheme: str, has_imatrix: bool) -> dict[str, str] | None:  # type: ignore[no-untyped-def]
+    """The format each decoder linear layer gets under ``scheme`` (None: shapes unknown before loading)."""
+    from lowbit.model.policy import plan_model
+
+    if facts.tensors is None:
+        return None
+    entries = list(facts.tensors.items())
+    choices = plan_model(entries, scheme, facts.info, facts.tied, has_imatrix=has_imatrix)
+    lin = facts.linear_layers() or {}
+    return {n: choices[n].format for n in lin if n in choices and choices[n].quantized}
+
+
+def _check_plan(facts, scheme: str, has_imatrix: bool) -> None:  # type: ignore[no-untyped-def]
+    """A llama.cpp file type's per-tensor plan on this model, which refuses what llama.cpp refuses
+    (Q2_K_S without an importance matrix ...)."""
+    from lowbit.model.gguf_mix import file_type
+    from lowbit.model.policy import plan_model
+
+    if file_type(scheme) is not None and facts.tensors is not None:
+        plan_model(list(facts.tensors.items()), scheme, facts.info, facts.tied, has_imatrix=has_imatrix)
+
+
+def _check_method_on(facts, scheme: str, method: str) -> None:  # type: ignore[no-untyped-def]
+    from lowbit.model.calibrate import check_method_formats
+    from lowbit.model.policy import plan_model
+
+    if facts.tensors is None or method not in ("gptq", "quip", "spqr", "awq"):
+        return
+    check_method_formats(plan_model(list(facts.tensors.items()), scheme, facts.info, facts.tied), method)
+
+
+def _check_export_on(facts, scheme: str, layout: str, has_imatrix: bool) -> None:  # type: ignore[no-untyped-def]
+    """The export ``layout`` can hold ``scheme`` on this model's linear layers: one format for all of
+    them, which the layout takes, with groups that divide every row."""
+    from lowbit.formats import get_format
+    from lowbit.io.exports import get_export
+
+    fmts = _linear_formats(facts, scheme, has_imatrix)
+    if fmts is None:
+        return
+    kinds = sorted(set(fmts.values()))
+    if len(kinds) != 1:
+        raise LowbitError(f"--out-format {layout} takes one format for every linear layer; {scheme} gives "
+                          f"{', '.join(kinds)} on {facts.path.name} (give a single format such as int4-asym-g64)")
+    lin = facts.linear_layers() or {}
+    get_export(layout).check(get_format(kinds[0]), {n: lin[n] for n in fmts})
+
+
+def plan_quantize(args: argparse.Namespace) -> QuantizeJob:
+    from lowbit.io.outputs import GGUF, MODEL_DIR, check_output
+    from lowbit.model.load import resolve_model_path
+
+    _positionals(args)
+    _check_ranges(args)
+    device = check_device(args.device)
+    src = resolve_model_path(args.model)
+    facts = _inspect(args.model)
+    out = Path(args.out)
+    to_gguf = out.suffix.lower() == ".gguf"
+    layout = args.out_format or ("gguf" if to_gguf else "lowbit")
+    if to_gguf and layout != "gguf":
+        raise LowbitError(f"--out-format {layout} writes a directory: give an --out without .gguf")
+    if layout == "gguf" and not to_gguf:
+        raise LowbitError(f"--out-format gguf writes a file: give an --out ending in .gguf, not {out}")
+    kind = "gguf" if to_gguf else ("checkpoint" if layout == "lowbit" else layout)
+    if kind not in ("gguf", "checkpoint"):
+        from lowbit.io.exports import get_export
+
+        get_export(kind)
+    imatrix_given = bool(args.imatrix)
+    if args.target_bpw is not None or args.target_size is not None:
+        job = _plan_budget(args, src, facts, out, kind, device)
+    else:
+        job = _plan_single(args, src, facts, out, kind, device, imatrix_given)
+    check_output(out, GGUF if to_gguf else MODEL_DIR, args.force, "--out")
+    return job
+
+
+def _plan_single(args, src: Path, facts, out: Path, kind: str, device: str,  # type: ignore[no-untyped-def]
+                 imatrix_given: bool) -> QuantizeJob:
+    from lowbit.io.hf_stream import can_stream
+    from lowbit.model.gguf_mix import FILE_TYPES, pure_file_type
+    from lowbit.model.schemes import resolve_scheme
+
+    if args.exclude_types or args.types or args.sens_chunks is not None:
+        raise LowbitError("--types, --exclude-types and --sens-chunks go with --target-bpw or --target-size")
+    scheme = _scheme_of(args)
+    if args.pure:
+        scheme = pure_file_type(scheme)
+    s = resolve_scheme(scheme)
+    scheme = s.name
+    method = args.method
+    to_gguf = kind == "gguf"
+    if s.act is None:
+        if method == "smoothquant":
+            raise LowbitError("--method smoothquant smooths activations: give an activation scheme "
+                              "(--format w8a8, w8a8-static-mse, w4a4 ...)")
+    elif method not in ("rtn", "smoothquant", "qat"):
+        raise LowbitError(f"{scheme} quantizes activations: its methods are rtn, smoothquant and qat, not {method}")
+    if kind not in ("gguf", "checkpoint") and (s.act is not None or method == "quip"):
+        raise LowbitError(f"--out-format {kind} writes a directory of a weight-only model "
+                          "(not activation schemes, not QuIP's rotated layers)")
+    if to_gguf and s.act is not None:
+        raise LowbitError(f"{scheme} quantizes activations, which GGUF files cannot describe; give an --out "
+                          "directory for a lowbit checkpoint")
+    if to_gguf and s.file_type is None:
+        raise LowbitError(f"format {scheme} has no GGUF type; GGUF output takes {', '.join(sorted(FILE_TYPES))} "
+                          "(write a lowbit checkpoint directory instead: an --out without .gguf)")
+    if to_gguf and method == "quip":
+        raise LowbitError("QuIP's rotated layers cannot go into a GGUF file (llama.cpp does not rotate their "
+                          "inputs); give an --out directory for a lowbit checkpoint")
+    if not to_gguf and s.file_type is not None and args.out_format is None:
+        raise LowbitError(f"{scheme} is a llama.cpp file type, written as a GGUF file: give an --out ending in .gguf "
+                          f"(e.g. {out.name}.gguf), or --out-format lowbit for a lowbit checkpoint in these types")
+    if args.imatrix and method != "rtn":
+        raise LowbitError(f"--imatrix is for round-to-nearest; {method} uses the calibration Hessian")
+    imatrix = _check_imatrix(args.imatrix)
+    if s.act is None:
+        _check_method_on(facts, scheme, method)
+    if kind not in ("gguf", "checkpoint"):
+        _check_export_on(facts, scheme, kind, imatrix_given)
+    _check_plan(facts, scheme, imatrix_given)
+    streamed_rtn = to_gguf and method == "rtn" and (src.is_file() or can_stream(src))
+    streamed_calib = to_gguf and method in ("gptq", "awq") and can_stream(src)
+    if device != "cpu" and not streamed_rtn and not (streamed_calib and device != "auto"):
+        raise LowbitError("--device is for GGUF output from a .gguf file or a safetensors directory (round-to-"
+                          "nearest; GPTQ and AWQ from a safetensors directory take one device, not auto)")
+    needs_calib = method in ("gptq", "awq", "quip", "spqr", "smoothquant", "qat") or bool(s.act is not None and s.act.static)
+    if needs_calib:
+        _check_ctx(facts, args.calib_ctx, "--calib-ctx")
+    calib = _text(args.calib_text, "--calib-text", "calib", args.calib_ctx) if needs_calib else None
+    if args.calib_text and not needs_calib:
+        raise LowbitError(f"--calib-text: {scheme} by {method} uses no calibration text")
+    route = ("gguf-file" if src.is_file() else "gguf-stream") if streamed_rtn else (
+        "gguf-calib-stream" if streamed_calib else "memory")
+    return QuantizeJob(src, facts, out, kind, scheme, method, s.act, s.file_type, imatrix, calib, device, route)
+
+
+def _plan_budget(args, src: Path, facts, out: Path, kind: str, device: str) -> QuantizeJob:  # type: ignore[no-untyped-def]
     from lowbit.eval import mixsearch as ms
-    from lowbit.model.load import load_model, resolve_model_path
 
-    if args.method != "rtn" or args.format or args.bits is not None:
+    if args.method != "rtn" or args.format or args.bits is not None or args.pure:
         raise LowbitError("--target-bpw/--target-size choose the format of every tensor themselves; "
-                          "drop --format, --bits and --method")
+                          "drop --format, --bits, --pure and --method")
     if args.target_bpw is not None and args.target_size is not None:
         raise LowbitError("give --target-bpw or --target-size, not both")
-    if args.out_format != "lowbit":
-        raise LowbitError(f"--out-format {args.out_format} takes one format for every layer; the budget search writes "
+    if kind not in ("gguf", "checkpoint"):
+        raise LowbitError(f"--out-format {kind} takes one format for every layer; the budget search writes "
                           "a .gguf file or a lowbit checkpoint directory")
-    out = Path(args.out)
-    target = "gguf" if out.suffix.lower() == ".gguf" else "lowbit"
-    if out.exists() and not args.force:
-        raise LowbitError(f"{out}: already exists (use --force to overwrite)")
-    if args.target_bpw is not None and not 1.0 < args.target_bpw <= 32.0:
-        raise LowbitError(f"--target-bpw {args.target_bpw}: give bits per weight between 1 and 32")
+    if device != "cpu":
+        raise LowbitError("--device: the budget search runs on the CPU")
+    target = "gguf" if kind == "gguf" else "lowbit"
     target_bytes = _parse_size(args.target_size) if args.target_size is not None else None
     excluded = {t.strip().lower() for t in (args.exclude_types or "").split(",") if t.strip()}
     pool = tuple(t.strip().lower() for t in args.types.split(",") if t.strip()) if args.types else ms.default_types(target)
     allowed = ms.check_types(tuple(t for t in pool if t not in excluded), target)
-    src = resolve_model_path(args.model)
-    loaded = load_model(src, progress=not args.quiet)
-    from lowbit.eval.data import calibration_text, read_text_file
-    from lowbit.model.imatrix import imatrix_chunks
+    label = f"{args.target_bpw} bits per weight" if target_bytes is None else f"{args.target_size}"
+    if facts.tensors is not None:
+        lo, hi = ms.size_bounds(list(facts.tensors.items()), facts.tied, target, allowed)
+        n = facts.n_params or 1
+        want = 8 * target_bytes if target_bytes is not None else args.target_bpw * n
+        if want < lo:
+            opt = (f"--target-size {args.target_size}" if target_bytes is not None else f"--target-bpw {args.target_bpw}")
+            raise LowbitError(f"{opt}: below the smallest this search can make of {facts.path.name}: "
+                              f"{lo / 8e6:.1f} MB ({lo / n:.3f} bits per weight) with {', '.join(allowed)}")
+        label += f" (reachable: {lo / 8e6:.1f} to {hi / 8e6:.1f} MB)"
+    sens_chunks = args.sens_chunks if args.sens_chunks is not None else 8
+    _check_ctx(facts, args.calib_ctx, "--calib-ctx")
+    calib = _text(args.calib_text, "--calib-text", "calib", args.calib_ctx)
+    imatrix = _check_imatrix(args.imatrix)
+    budget = {"target": target, "bytes": target_bytes, "bpw": args.target_bpw, "allowed": allowed,
+              "sens_chunks": sens_chunks, "label": label}
+    return QuantizeJob(src, facts, out, kind, None, "rtn", imatrix=imatrix, calib=calib, device=device, budget=budget)
 
-    text = read_text_file(args.calib_text) if args.calib_text else calibration_text()
-    if args.imatrix:
-        from lowbit.io.imatrix import read_imatrix
 
-        imatrix = read_imatrix(Path(args.imatrix)).values()
+def cmd_quantize(args: argparse.Namespace) -> int:
+    job = plan_quantize(args)
+    if args.dry_run:
+        return _dry(args, job.describe())
+    if job.budget:
+        return run_budget(args, job)
+    if job.kind == "gguf" and job.route != "memory":
+        return run_streamed(args, job)
+    return run_in_memory(args, job)
+
+
+def run_streamed(args: argparse.Namespace, job: QuantizeJob) -> int:
+    """GGUF output without the model in memory: tensor by tensor from a GGUF file or a safetensors
+    directory (round-to-nearest), or one decoder layer at a time (GPTQ, AWQ); resumable."""
+    notes: list[str] = []
+    ft_name = job.ft.name  # type: ignore[union-attr]
+    if job.route == "gguf-file":
+        from lowbit.io.gguf_out import write_gguf
+
+        report = write_gguf(job.src, job.out, ft_name, progress=not args.quiet, imatrix=job.imatrix, resume=True,
+                            device=_auto_device(job.device), force=args.force)
+        _print_wrote(job.out, report)
+        return 0
+    if job.route == "gguf-stream":
+        from lowbit.io.hf_stream import write_gguf_streaming
+        from lowbit.model.devices import plan_devices
+
+        dmap = plan_devices(job.src) if job.device == "auto" else None
+        report = write_gguf_streaming(job.src, job.out, ft_name, progress=not args.quiet, imatrix=job.imatrix,
+                                      notes=notes, device=job.device, device_map=dmap, force=args.force)
     else:
-        from lowbit.model.imatrix import compute_imatrix
+        from lowbit.io.hf_stream import write_gguf_calibrated_streaming
 
-        imatrix = compute_imatrix(loaded, text, n_ctx=args.calib_len, max_chunks=args.calib_samples,
-                                  progress=not args.quiet).values()
-    chunks = imatrix_chunks(loaded, text, n_ctx=args.calib_len, max_chunks=args.sens_chunks)
-    sens = ms.measure(loaded, chunks, imatrix, allowed=allowed, progress=not args.quiet, target=target)
-    budget = sens.budget_for_bpw(args.target_bpw) if target_bytes is None else 8 * target_bytes
-    mix, sol = ms.search(sens, budget)
-    measured = ms.validate(loaded, sens, {"searched": mix}, chunks, imatrix)["searched"][1]  # on a copy
-    if out.exists():
-        if out.is_dir():
-            import shutil
-
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-    if target == "gguf":
-        from lowbit.io.hf_gguf import write_gguf_from_hf
-
-        report = write_gguf_from_hf(loaded, out, "q4_k_m", progress=not args.quiet, imatrix=imatrix, types=dict(mix))
-        size = None
-    else:
-        from lowbit.model.checkpoint import save_checkpoint
-
-        report = ms.apply_mix(loaded, mix, imatrix, progress=not args.quiet, target=target)
-        save_checkpoint(loaded, out, "mix", "rtn", extra={"mix": dict(mix), "predicted_kld": sol.loss,
-                                                         "calibration_kld": measured, "budget_bits": budget})
-        size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"sensitivities of {len(sens.tensors)} tensors on {sens.tokens} calibration tokens in {sens.seconds:.0f} s")
-    print(f"budget {budget / 8e6:.2f} MB ({budget / sens.n_params:.3f} bits/weight): chose {sol.bits / 8e6:.2f} MB "
-          f"({sol.bits / sens.n_params:.3f} bits/weight); predicted KLD {sol.loss:.5f}, measured {measured:.5f} "
-          f"on the calibration chunks")
-    _print_wrote(out, report, size)
+        cfg = _calib_config(args)
+        cfg.device = job.device
+        report, logs = write_gguf_calibrated_streaming(job.src, job.out, ft_name, cfg, job.calib.read(),  # type: ignore[union-attr]
+                                                       progress=not args.quiet, notes=notes, force=args.force)
+        _print_gain(args.method, cfg, logs)
+    for n in notes:
+        print(f"note: {n}")
+    _print_wrote(job.out, report)
     return 0
+
+
+def _calib_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from lowbit.algorithms.gptq import GPTQConfig
+    from lowbit.model.calibrate import CalibConfig
+    from lowbit.model.qat import QATConfig
+
+    return CalibConfig(method=args.method if args.method in WEIGHT_METHODS else "gptq",
+                       n_samples=args.calib_chunks, seq_len=args.calib_ctx,
+                       gptq=GPTQConfig(damp=args.damp, act_order=args.act_order),
+                       spqr_outliers=args.outliers, smooth_alpha=args.alpha,
+                       qat=QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch))
 
 
 def _auto_device(device: str) -> str:
@@ -189,169 +559,128 @@ def _auto_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def _can_stream(src: Path) -> bool:
-    from lowbit.io.hf_stream import can_stream
-
-    return can_stream(src)
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from lowbit.model.actquant import parse_act_scheme
-    from lowbit.model.gguf_mix import FILE_TYPES, file_type
-    from lowbit.model.load import resolve_model_path
-    from lowbit.model.policy import check_scheme
-
-    if args.target_bpw is not None or args.target_size is not None:
-        return cmd_quantize_budget(args)
-    scheme = _method_scheme(args)
-    act = parse_act_scheme(scheme)
-    if act is None:
-        check_scheme(scheme)
-        if args.method == "smoothquant":
-            raise LowbitError("--method smoothquant smooths activations: give an activation scheme "
-                              "(--format w8a8, w8a8-static-mse, w4a4 ...)")
-    elif args.method not in ("rtn", "smoothquant", "qat"):
-        raise LowbitError(f"{scheme} quantizes activations: its methods are rtn, smoothquant and qat, not {args.method}")
-    ft = file_type(scheme) if act is None else None
-    src = resolve_model_path(args.model)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise LowbitError(f"{out}: already exists (use --force to overwrite)")
-    to_gguf = out.suffix.lower() == ".gguf"
-    if args.out_format != "lowbit" and (to_gguf or act is not None or args.method == "quip"):
-        raise LowbitError(f"--out-format {args.out_format} writes a directory of a weight-only model "
-                          "(not a .gguf, not activation schemes, not QuIP's rotated layers)")
-    if to_gguf and act is not None:
-        raise LowbitError(f"{scheme} quantizes activations, which GGUF files cannot describe; give an --out "
-                          "directory for a lowbit checkpoint")
-    if to_gguf and ft is None:
-        raise LowbitError(f"format {scheme} has no GGUF type; GGUF output takes {', '.join(sorted(FILE_TYPES))} "
-                          "(write a lowbit checkpoint directory instead: an --out without .gguf)")
-    if to_gguf and args.method == "quip":
-        raise LowbitError("QuIP's rotated layers cannot go into a GGUF file (llama.cpp does not rotate their "
-                          "inputs); give an --out directory for a lowbit checkpoint")
-    imatrix = None
-    if getattr(args, "imatrix", None):
-        if args.method != "rtn":
-            raise LowbitError(f"--imatrix is for round-to-nearest; {args.method} uses the calibration Hessian")
-        from lowbit.io.imatrix import read_imatrix
-
-        imatrix = read_imatrix(Path(args.imatrix)).values()
-    device = getattr(args, "device", "cpu")
-    streamed_rtn = to_gguf and args.method == "rtn" and (src.is_file() or _can_stream(src))
-    streamed_calib = to_gguf and args.method in ("gptq", "awq") and _can_stream(src)
-    if device != "cpu" and not streamed_rtn and not (streamed_calib and device != "auto"):
-        raise LowbitError("--device is for GGUF output from a .gguf file or a safetensors directory (round-to-"
-                          "nearest; GPTQ and AWQ from a safetensors directory take one device, not auto)")
-    if to_gguf and args.method == "rtn":
-        if src.is_file():
-            from lowbit.io.gguf_out import write_gguf
-
-            report = write_gguf(src, out, ft.name, progress=not args.quiet, imatrix=imatrix, resume=True,
-                                device=_auto_device(device))
-        elif _can_stream(src):  # tensor by tensor from the safetensors files, resumable
-            from lowbit.io.hf_stream import write_gguf_streaming
-            from lowbit.model.devices import plan_devices
-
-            notes: list[str] = []
-            dmap = plan_devices(src) if device == "auto" else None
-            report = write_gguf_streaming(src, out, ft.name, progress=not args.quiet, imatrix=imatrix, notes=notes,
-                                          device=device, device_map=dmap)
-            for n in notes:
-                print(f"note: {n}")
-        else:
-            from lowbit.io.hf_gguf import write_gguf_from_hf
-            from lowbit.model.load import load_model
-
-            loaded = load_model(src, progress=not args.quiet)
-            report = write_gguf_from_hf(loaded, out, ft.name, progress=not args.quiet, imatrix=imatrix)
-            for n in loaded.notes:
-                print(f"note: {n}")
-        _print_wrote(out, report)
-        return 0
-
+def run_in_memory(args: argparse.Namespace, job: QuantizeJob) -> int:
+    """Load the model, quantize it in memory, write a GGUF file, a lowbit checkpoint or an export."""
     cfg = _calib_config(args)
-    if streamed_calib:
-        cfg.device = device
-        # one decoder layer in memory at a time, resumable
-        from lowbit.io.hf_stream import write_gguf_calibrated_streaming
+    texts = [(job.calib, cfg.seq_len)] if job.calib is not None else []
+    loaded = _load(job.src, args.quiet, texts)
+    scheme, method = str(job.scheme), job.method
 
-        notes = []
-        report, logs = write_gguf_calibrated_streaming(src, out, ft.name, cfg, _calibration_text(args),
-                                                       progress=not args.quiet, notes=notes)
-        for n in notes:
-            print(f"note: {n}")
-        _print_gain(args.method, cfg, logs)
-        _print_wrote(out, report)
-        return 0
+    def chunks():  # type: ignore[no-untyped-def]
+        from lowbit.model.imatrix import imatrix_chunks
 
-    import shutil
+        return imatrix_chunks(loaded, job.calib.read(), n_ctx=cfg.seq_len, max_chunks=cfg.n_samples,  # type: ignore[union-attr]
+                              source=job.calib.source)  # type: ignore[union-attr]
 
-    from lowbit.model.calibrate import calibrate_quantize
-    from lowbit.model.load import load_model
-
-    loaded = load_model(src, progress=not args.quiet)
-    if args.method == "qat":
+    if method == "qat":
         import copy
 
         from lowbit.model.qat import qat_quantize
 
-        chunks = _calibration_chunks(args, loaded, cfg)
+        cal = chunks()
         teacher = copy.deepcopy(loaded.model)
-        report, res = qat_quantize(loaded.model, teacher, scheme, chunks, cfg.qat, progress=not args.quiet)
+        report, res = qat_quantize(loaded.model, teacher, scheme, cal, cfg.qat, progress=not args.quiet)
         del teacher
         print(f"qat: {len(res.losses)} steps of {cfg.qat.batch_size} x {cfg.seq_len} tokens in {res.seconds:.0f} s; "
               f"distillation loss {res.losses[0]:.4f} -> {sum(res.losses[-10:]) / len(res.losses[-10:]):.4f} "
               "(mean of the last 10 steps)")
-    elif act is not None:
-        from lowbit.model.actquant import ActConfig, quantize_act_model
+    elif job.act is not None:
+        from lowbit.model.actquant import ActConfig, describe_smoothing, quantize_act_model
 
-        chunks = _calibration_chunks(args, loaded, cfg) if (act.static or args.method == "smoothquant") else None
-        report = quantize_act_model(loaded.model, act, chunks, ActConfig(args.method == "smoothquant", args.alpha),
+        cal = chunks() if (job.act.static or method == "smoothquant") else None  # type: ignore[attr-defined]
+        report = quantize_act_model(loaded.model, job.act, cal, ActConfig(method == "smoothquant", args.alpha),  # type: ignore[arg-type]
                                     progress=not args.quiet)
         if "smoothing" in report.details:
-            from lowbit.model.actquant import describe_smoothing
-
             print(describe_smoothing(report.details["smoothing"]))  # type: ignore[arg-type]
-    elif args.method == "rtn":
+    elif method == "rtn":
         from lowbit.model.quantize import quantize_model
 
-        report = quantize_model(loaded.model, scheme, progress=not args.quiet, imatrix=imatrix)
+        report = quantize_model(loaded.model, scheme, progress=not args.quiet, imatrix=job.imatrix)
     else:
-        chunks = _calibration_chunks(args, loaded, cfg)
-        report, logs = calibrate_quantize(loaded, scheme, chunks, cfg, progress=not args.quiet)
-        _print_gain(args.method, cfg, logs, len(chunks))
-    if out.exists() and args.force:
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-    if to_gguf:
+        from lowbit.model.calibrate import calibrate_quantize
+
+        cal = chunks()
+        report, logs = calibrate_quantize(loaded, scheme, cal, cfg, progress=not args.quiet)
+        _print_gain(method, cfg, logs, len(cal))
+    if job.kind == "gguf":
         from lowbit.io.hf_gguf import write_gguf_from_hf
 
-        write_gguf_from_hf(loaded, out, ft.name, progress=not args.quiet)
-        size = out.stat().st_size
-    elif args.out_format in EXPORTS:
-        import importlib
+        write_gguf_from_hf(loaded, job.out, job.ft.name, progress=not args.quiet, force=args.force)  # type: ignore[union-attr]
+    elif job.kind == "checkpoint":
+        from lowbit.io.checkpoint import save_checkpoint
 
-        module, fn = EXPORTS[args.out_format]
-        getattr(importlib.import_module(module), fn)(loaded, out)
-        size = sum(f.stat().st_size for f in out.iterdir())
+        save_checkpoint(loaded, job.out, scheme, method, force=args.force)
     else:
-        from lowbit.model.checkpoint import save_checkpoint
+        from lowbit.io.exports import export
 
-        save_checkpoint(loaded, out, scheme, args.method)
-        size = sum(f.stat().st_size for f in out.iterdir())
-    _print_wrote(out, report, size)
+        export(loaded, job.out, job.kind, force=args.force)
+    for n in loaded.notes:
+        print(f"note: {n}")
+    _print_wrote(job.out, report)
     return 0
 
 
-def _print_wrote(out: Path, report, size: int | None = None) -> None:  # type: ignore[no-untyped-def]
-    """The last line of a quantization: the output, its size (the file's unless given), bits per
-    weight and how many tensors went into each type."""
+def run_budget(args: argparse.Namespace, job: QuantizeJob) -> int:
+    """--target-bpw / --target-size: per-tensor sensitivities (measured once and cached), the mix with
+    the least predicted KL divergence that fits, then the file: a GGUF file of llama.cpp types, or a
+    lowbit checkpoint of any of lowbit's formats."""
+    from lowbit.eval import mixsearch as ms
+    from lowbit.model.imatrix import imatrix_chunks
+
+    b = job.budget
+    target, allowed, sens_chunks = b["target"], b["allowed"], b["sens_chunks"]
+    ctx = args.calib_ctx
+    loaded = _load(job.src, args.quiet, [(job.calib, ctx)])  # type: ignore[list-item]
+    text = job.calib.read()  # type: ignore[union-attr]
+    # --sens-chunks bounds all of the calibration: the importance matrix is measured on the same chunks
+    chunks = imatrix_chunks(loaded, text, n_ctx=ctx, max_chunks=sens_chunks, source=job.calib.source)  # type: ignore[union-attr]
+    imatrix = job.imatrix
+    if imatrix is None:
+        from lowbit.model.imatrix import compute_imatrix
+
+        imatrix = compute_imatrix(loaded, text, n_ctx=ctx, max_chunks=sens_chunks, dataset=job.calib.name,  # type: ignore[union-attr]
+                                  progress=not args.quiet).values()
+    sens, reused = ms.cached_measure(loaded, job.src, chunks, imatrix, target=target, allowed=allowed,
+                                     progress=not args.quiet, key_extra={"imatrix": args.imatrix or "sens-chunks"})
+    budget = sens.budget_for_bpw(b["bpw"]) if b["bytes"] is None else 8 * b["bytes"]
+    mix, sol = ms.search(sens, budget)
+    measured = ms.validate(loaded, sens, {"searched": mix}, chunks, imatrix)["searched"][1]  # on a copy
+    if target == "gguf":
+        from lowbit.io.hf_gguf import write_gguf_from_hf
+
+        report = write_gguf_from_hf(loaded, job.out, "q4_k_m", progress=not args.quiet, imatrix=imatrix,
+                                    types=dict(mix), force=args.force)
+    else:
+        from lowbit.io.checkpoint import save_checkpoint
+
+        report = ms.apply_mix(loaded, mix, imatrix, progress=not args.quiet, target=target)
+        save_checkpoint(loaded, job.out, "mix", "rtn", extra={"mix": dict(mix), "predicted_kld": sol.loss,
+                                                               "calibration_kld": measured, "budget_bits": budget},
+                        force=args.force)
+    how = f"reused from {reused}" if reused else f"measured in {sens.seconds:.0f} s (cached for later runs)"
+    print(f"sensitivities of {len(sens.tensors)} tensors on {sens.tokens} calibration tokens {how}")
+    print(f"budget {budget / 8e6:.2f} MB ({budget / sens.n_params:.3f} bits/weight): chose {sol.bits / 8e6:.2f} MB "
+          f"({sol.bits / sens.n_params:.3f} bits/weight); predicted KLD {sol.loss:.5f}, measured {measured:.5f} "
+          f"on the calibration chunks")
+    _print_wrote(job.out, report)
+    return 0
+
+
+def _size_of(out: Path) -> int:
+    if out.is_dir():
+        return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return out.stat().st_size
+
+
+def _print_wrote(out: Path, report) -> None:  # type: ignore[no-untyped-def]
+    """The last line of a quantization: the output, its size on disk, the size and bits per weight of
+    its tensors (the same figures compare reports) and how many tensors went into each type."""
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
-    size = out.stat().st_size if size is None else size
-    print(f"wrote {out}: {size / 1e6:.1f} MB, {report.bits_per_weight:.3f} bits/weight ({counts})")
+    if report.details.get("journal"):
+        print(f"note: {report.details['journal']}")
+    size = _size_of(out)
+    print(f"wrote {out}: {size / 1e6:.1f} MB on disk; weights {report.size_bytes / 1e6:.1f} MB, "
+          f"{report.bits_per_weight:.3f} bits/weight ({counts})")
 
 
 def _print_gain(method: str, cfg, logs: list, n_chunks: int | None = None) -> None:  # type: ignore[no-untyped-def]
@@ -365,83 +694,130 @@ def _print_gain(method: str, cfg, logs: list, n_chunks: int | None = None) -> No
           "(summed over layers)")
 
 
+# ---- import, imatrix -------------------------------------------------------------------------
 def cmd_import(args: argparse.Namespace) -> int:
+    from lowbit.io.outputs import MODEL_DIR, check_output
+
+    facts = _inspect(args.model)
+    if facts.kind != "gguf":
+        raise LowbitError(f"{facts.path}: import reads a GGUF file")
+    out = check_output(args.out, MODEL_DIR, args.force, "--out")
+    if args.dry_run:
+        return _dry(args, f"write {facts.path.name}'s weights in {args.dtype} as the Hugging Face directory {out}")
     from lowbit.io.hf_import import import_gguf
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise LowbitError(f"{out}: already exists (use --force to overwrite)")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    import_gguf(args.model, out, args.dtype, progress=not args.quiet)
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"wrote {out}: a Hugging Face model directory, {size / 1e6:.1f} MB ({args.dtype})")
+    import_gguf(facts.path, out, args.dtype, progress=not args.quiet, force=args.force)
+    print(f"wrote {out}: a Hugging Face model directory, {_size_of(out) / 1e6:.1f} MB ({args.dtype})")
     return 0
 
 
 def cmd_imatrix(args: argparse.Namespace) -> int:
+    from lowbit.io.outputs import IMATRIX, check_output
+
+    _check_ranges(args)
+    facts = _inspect(args.model)
+    _check_ctx(facts, args.calib_ctx, "--calib-ctx")
+    out = Path(args.out)
+    legacy = (out.suffix.lower() == ".dat") if args.out_format is None else args.out_format == "dat"
+    text = _text(args.calib_text, "--calib-text", "calib", args.calib_ctx)
+    check_output(out, IMATRIX, args.force, "--out")
+    if args.dry_run:
+        return _dry(args, f"compute {facts.path.name}'s importance matrix on {text.name} and write {out} "
+                          f"({'legacy .dat' if legacy else 'GGUF'})")
     from lowbit.io.imatrix import write_imatrix
     from lowbit.model.imatrix import compute_imatrix
-    from lowbit.model.load import load_model
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise LowbitError(f"{out}: already exists (use --force to overwrite)")
-    if args.text:
-        from lowbit.eval.data import read_text_file
-
-        text, name = read_text_file(args.text), Path(args.text).name
-    else:
-        from lowbit.eval.data import calibration_text
-
-        text, name = calibration_text(), "wiki-calib (gensim's Wikipedia articles, calibration split)"
-    loaded = load_model(args.model, progress=not args.quiet)
-    im = compute_imatrix(loaded, text, n_ctx=args.ctx, max_chunks=args.chunks, dataset=name, progress=not args.quiet)
-    write_imatrix(im, out, legacy=None if args.output_format is None else args.output_format == "dat")
+    loaded = _load(facts.path, args.quiet, [(text, args.calib_ctx)])
+    im = compute_imatrix(loaded, text.read(), n_ctx=args.calib_ctx, max_chunks=args.calib_chunks, dataset=text.name,
+                         progress=not args.quiet, source=text.source)
+    write_imatrix(im, out, legacy=legacy, force=args.force)
     tokens = int(max(e.counts.max() for e in im.entries.values()))
     print(f"wrote {out}: {len(im.entries)} tensors, {im.chunk_count} chunks of {im.chunk_size} tokens "
-          f"({tokens} tokens) of {name}")
+          f"({tokens} tokens) of {text.name}")
     return 0
 
 
+# ---- eval, compare ---------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lowbit.eval.runner import Evaluation, torch_logits_fn
-    from lowbit.model.load import load_model, resolve_model_path
-    from lowbit.model.quantize import quantize_model
+    from lowbit.io.outputs import REPORT, check_output
+    from lowbit.model.load import resolve_model_path
+    from lowbit.model.schemes import resolve_scheme
 
-    text, text_name = _text(args)
-    if text is None:
-        from lowbit.eval.data import eval_text
-
-        text = eval_text()
+    _check_ranges(args)
     path = resolve_model_path(args.model)
-    if args.engine == "llama.cpp" and not path.is_file():
-        raise LowbitError(f"{path}: --engine llama.cpp evaluates a GGUF file")
-    ref = load_model(args.reference or args.model, progress=not args.quiet)
-    ev = Evaluation(ref, text, n_ctx=args.ctx, max_chunks=args.chunks, progress=not args.quiet)
-    label = args.format or path.name
-    size: float | None = float(path.stat().st_size) if path.is_file() and not args.format else None
+    facts = _inspect(args.model)
+    _check_ctx(facts, args.ctx, "--ctx")
+    ref_facts = _inspect(args.reference, "--reference") if args.reference else None
+    scheme = resolve_scheme(args.format) if args.format else None
+    if scheme is not None and scheme.act is not None and scheme.act.static:
+        raise LowbitError(f"--format {scheme.name}: static activation ranges need calibration; measure it with "
+                          f"lowbit compare --formats {scheme.name}")
+    if scheme is not None and scheme.act is None:
+        _check_plan(facts, scheme.name, False)
+    if args.engine == "llama.cpp":
+        import importlib.util
+
+        if facts.kind != "gguf":
+            raise LowbitError(f"{path}: --engine llama.cpp evaluates a GGUF file")
+        if scheme is not None:
+            raise LowbitError("--engine llama.cpp runs the file as it is; drop --format")
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise LowbitError("--engine llama.cpp needs llama-cpp-python (bash scripts/install.sh builds it)")
+    text = _text(args.text, "--text", "eval", args.ctx)
+    if args.json:
+        check_output(args.json, REPORT, False, "--json", replace_own=True)
+    same = ref_facts is not None and ref_facts.path.resolve() == facts.path.resolve()
+    self_only = scheme is None and args.engine == "torch" and (ref_facts is None or same)
+    if args.dry_run:
+        return _dry(args, f"evaluate {path.name} on {args.chunks} chunks of {args.ctx} tokens of {text.name}")
+    from lowbit.eval.runner import Evaluation, torch_logits_fn
+
+    llm = None
+    if args.engine == "llama.cpp":
+        from lowbit.eval.llamacpp import LlamaCppModel
+
+        llm = LlamaCppModel(path, n_ctx=args.ctx)  # a file llama.cpp refuses fails here, before any evaluation
+    ref = _load(args.reference or args.model, args.quiet, [(text, args.ctx)])
+    # the model under test is loaded before anything is evaluated (without --reference, MODEL is the
+    # original, quantized in memory after the original's pass)
+    model = _load(args.model, args.quiet).model if args.reference and llm is None and not self_only else ref.model
+    ev = Evaluation(ref, text.read(), n_ctx=args.ctx, max_chunks=args.chunks, progress=not args.quiet,
+                    source=text.source)
+    if self_only and not args.quiet:
+        print(f"lowbit: warning: {path.name} is compared with no other model (give --reference ORIGINAL, or "
+              "--format to quantize it first): perplexity only, no KLD", file=sys.stderr)
+    label = scheme.name if scheme is not None else path.name
+    size: float | None = float(path.stat().st_size) if path.is_file() and scheme is None else None
     bpw: float | None = None
     try:
-        base = ev.run(torch_logits_fn(ref.model, args.ctx), "original", as_reference=True)
-        if args.engine == "llama.cpp":
-            from lowbit.eval.llamacpp import LlamaCppModel
-
-            res = ev.run(LlamaCppModel(path, n_ctx=args.ctx).logits_fn(), f"{label} (llama.cpp)")
+        if self_only and llm is None:
+            res = ev.run(torch_logits_fn(ref.model, args.ctx), label)
+            base = None
         else:
-            model = load_model(args.model, progress=not args.quiet).model if args.reference else ref.model
-            if args.format:
-                report = quantize_model(model, args.format, progress=not args.quiet)
-                size, bpw = float(report.size_bytes), report.bits_per_weight
-            res = ev.run(torch_logits_fn(model, args.ctx), label)
+            base = ev.run(torch_logits_fn(ref.model, args.ctx), "original", as_reference=True)
+            if llm is not None:
+                res = ev.run(llm.logits_fn(), f"{label} (llama.cpp)")
+            else:
+                if scheme is not None:
+                    if scheme.act is not None:
+                        from lowbit.model.actquant import quantize_act_model
+
+                        report = quantize_act_model(model, scheme.act, progress=not args.quiet)
+                    else:
+                        from lowbit.model.quantize import quantize_model
+
+                        report = quantize_model(model, scheme.name, progress=not args.quiet)
+                    size, bpw = float(report.size_bytes), report.bits_per_weight
+                res = ev.run(torch_logits_fn(model, args.ctx), label)
     finally:
         ev.close()
-    print(f"text: {text_name}, {int(res['tokens'])} scored tokens in {int(res['chunks'])} chunks of {args.ctx}")
-    print(f"original PPL {base['ppl']:.4f} ± {base['ppl_err']:.4f}")
+        if llm is not None:
+            llm.close()
+    print(f"text: {text.name}, {int(res['tokens'])} scored tokens in {int(res['chunks'])} chunks of {args.ctx}")
+    if base is not None:
+        print(f"original PPL {base['ppl']:.4f} ± {base['ppl_err']:.4f}")
     line = f"{label}: PPL {res['ppl']:.4f} ± {res['ppl_err']:.4f}"
-    if "kld_mean" in res:
+    if "kld_mean" in res and base is not None:
         line += f", KLD mean {res['kld_mean']:.6f}, p99 {res['kld_p99']:.5f}, same top token {100 * res['same_top']:.2f}%"
     if bpw is not None:
         line += f", {bpw:.3f} bits/weight"
@@ -449,179 +825,269 @@ def cmd_eval(args: argparse.Namespace) -> int:
         line += f", {size / 1e6:.1f} MB"
     print(line)
     if args.json:
-        doc = {"original": base, "result": res, "bits_per_weight": bpw, "size_bytes": size}
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        from lowbit.eval.report import write_report_json
+
+        write_report_json(Path(args.json), {"original": base, "result": res, "bits_per_weight": bpw, "size_bytes": size})
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lowbit.algorithms.gptq import GPTQConfig
-    from lowbit.eval.compare import compare, default_out_dir, parse_spec
-    from lowbit.eval.report import markdown_table, plot, summary, write_json
-    from lowbit.io.imatrix import read_imatrix
+    from lowbit.eval.compare import default_out_dir, parse_spec
+    from lowbit.io.outputs import REPORT, check_output
+    from lowbit.model.actquant import parse_act_scheme
     from lowbit.model.calibrate import CalibConfig
-    from lowbit.model.load import load_model
-
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    for f in formats:
-        parse_spec(f)
-    imatrix = read_imatrix(args.imatrix).values() if args.imatrix else None
-    text, text_name = _text(args)
-    calib_text = None
-    if args.calib_text:
-        from lowbit.eval.data import read_text_file
-
-        calib_text = read_text_file(args.calib_text)
-    loaded = load_model(args.model, progress=not args.quiet)
     from lowbit.model.qat import QATConfig
 
-    calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, gptq=GPTQConfig(damp=args.damp),
-                        smooth_alpha=args.alpha,
-                        qat=QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch))
-    cmp = compare(loaded, formats, text=text, text_name=text_name, n_ctx=args.ctx,
-                  max_chunks=args.chunks, progress=not args.quiet, imatrix=imatrix, calib=calib,
-                  calib_text=calib_text)
-    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(loaded.name)
+    _check_ranges(args)
+    facts = _inspect(args.model)
+    _check_ctx(facts, args.ctx, "--ctx")
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if not formats:
+        raise LowbitError("--formats: give at least one format")
+    specs = [parse_spec(f) for f in formats]
+    for s in specs:  # what a file type needs on this model (Q2_K_S: an importance matrix ...)
+        _check_plan(facts, s.scheme, s.imatrix)
+    if any(s.method != "rtn" or s.imatrix for s in specs) or any(
+            (a := parse_act_scheme(s.scheme)) is not None and a.static for s in specs):
+        _check_ctx(facts, args.calib_ctx, "--calib-ctx")
+    imatrix = _check_imatrix(args.imatrix)
+    text = _text(args.text, "--text", "eval", args.ctx)
+    calib = _text(args.calib_text, "--calib-text", "calib", args.calib_ctx)
+    out_dir = Path(args.out) if args.out else default_out_dir(facts.path.name)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LowbitError(f"--out {out_dir}: is a file; compare writes compare.md, .json and .png into a directory")
+    for name in ("compare.md", "compare.json", "compare.png"):
+        check_output(out_dir / name, REPORT, False, "--out", replace_own=True)
+    if args.dry_run:
+        return _dry(args, f"compare {len(specs)} formats of {facts.path.name} on {args.chunks} chunks of {args.ctx} "
+                          f"tokens of {text.name} and write {out_dir}/compare.md, .json and .png")
+    from lowbit.eval.compare import compare
+    from lowbit.eval.report import markdown_table, plot, summary, write_json, write_markdown
+
+    texts = [(text, args.ctx), (calib, args.calib_ctx)]
+    loaded = _load(facts.path, args.quiet, texts)
+    cfg = CalibConfig(n_samples=args.calib_chunks, seq_len=args.calib_ctx, gptq=GPTQConfig(damp=args.damp),
+                      smooth_alpha=args.alpha,
+                      qat=QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch))
+    cmp = compare(loaded, formats, text=text.read(), text_name=text.name, n_ctx=args.ctx, max_chunks=args.chunks,
+                  progress=not args.quiet, imatrix=imatrix, calib=cfg, calib_text=calib.text)
     print(summary(cmp))
     for n in cmp.notes:
         print(f"note: {n}")
     print(markdown_table(cmp, times=True))
     write_json(cmp, out_dir / "compare.json")
     plot(cmp, out_dir / "compare.png")
-    (out_dir / "compare.md").write_text(summary(cmp) + "\n\n" + markdown_table(cmp, times=True) + "\n")
+    write_markdown(out_dir / "compare.md", summary(cmp) + "\n\n" + markdown_table(cmp, times=True) + "\n")
     print(f"wrote {out_dir / 'compare.md'}, {out_dir / 'compare.json'}, {out_dir / 'compare.png'}")
     return 0
 
 
+# ---- the parser ------------------------------------------------------------------------------
+def _alpha(value: str) -> float | None:
+    from lowbit.eval.compare import parse_alpha
+
+    try:
+        return parse_alpha(value)
+    except LowbitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: ``lowbit: error: ...`` and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        m = re.match(r"argument (\S+): invalid choice: '([^']*)'", message)
+        if m:
+            from lowbit.errors import did_you_mean
+
+            choices = re.findall(r"'([^']*)'", message.split("choose from", 1)[-1])
+            message += did_you_mean(m.group(2), choices)
+        print(f"lowbit: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option's default in its help line."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        h = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or action.option_strings == [] or "default" in h:
+            return h
+        return f"{h} (default: %(default)s)"
+
+
+def _alias(sp: argparse.ArgumentParser, old: str, dest: str, **kw: object) -> None:
+    """An old spelling of an option, still accepted, not shown in --help."""
+    sp.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)  # type: ignore[arg-type]
+
+
+def _calib_options(sp: argparse.ArgumentParser, chunks: int) -> None:
+    sp.add_argument("--calib-text", metavar="FILE", help="calibration text, UTF-8 (default: the bundled Wikipedia "
+                                                         "calibration split, disjoint from the evaluation text)")
+    sp.add_argument("--calib-chunks", type=int, default=chunks, metavar="N",
+                    help="calibration chunks" + (" (default: every chunk of the text)" if chunks is None else ""))
+    sp.add_argument("--calib-ctx", type=int, default=512, metavar="TOKENS", help="tokens per calibration chunk")
+    _alias(sp, "--calib-samples", "calib_chunks", type=int)
+    _alias(sp, "--calib-len", "calib_ctx", type=int)
+
+
+def _eval_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--text", metavar="FILE", help="UTF-8 text to evaluate on (default: the bundled Wikipedia "
+                                                   "evaluation split)")
+    sp.add_argument("--ctx", type=int, default=512, metavar="TOKENS", help="tokens per evaluation chunk")
+    sp.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS, metavar="N",
+                    help="evaluation chunks (the first N of the text; llama-perplexity scores the second half of each)")
+
+
+def _common(sp: argparse.ArgumentParser, force: bool = True) -> None:
+    if force:
+        sp.add_argument("--force", action="store_true", help="replace an earlier output of lowbit's (never a file "
+                                                             "lowbit did not write)")
+    sp.add_argument("--dry-run", action="store_true", help="check every argument, say what would be done, stop")
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars or warnings: stderr holds errors only")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what each format costs.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="lowbit", description="Quantize LLMs, write files other engines load, and measure what each "
+                                           "format costs.", formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def common_eval(sp: argparse.ArgumentParser, chunks: int | None) -> None:
-        sp.add_argument("--text", help="UTF-8 text file to evaluate on (default: the bundled Wikipedia split)")
-        sp.add_argument("--ctx", type=int, default=512, help="context length per chunk (default 512)")
-        sp.add_argument("--chunks", type=int, default=chunks, help="evaluate only the first N chunks")
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    def cmd(name: str, help: str, func) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+        sp = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+        sp.set_defaults(func=func)
+        return sp
 
-    sp = sub.add_parser("import", help="a GGUF file as a Hugging Face model directory (weights dequantized)")
-    sp.add_argument("model", help="a .gguf file or 'smollm2'")
-    sp.add_argument("--out", "-o", required=True, help="output directory")
-    sp.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    sp.add_argument("--force", action="store_true", help="overwrite an existing output")
-    sp.add_argument("--quiet", action="store_true")
-    sp.set_defaults(func=cmd_import)
+    cmd("formats", "list the tensor formats, llama.cpp file types, activation schemes, methods and output layouts",
+        cmd_formats)
 
-    sp = sub.add_parser("formats", help="list the formats and their bits per weight")
-    sp.set_defaults(func=cmd_formats)
-
-    sp = sub.add_parser("quantize", help="quantize a model: a GGUF file, or a lowbit checkpoint directory")
-    sp.add_argument("model", help="a .gguf file, a Hugging Face directory, or 'smollm2'")
-    sp.add_argument("--format", "-f",
-                    help="llama.cpp file type (q4_k_m, q3_k_s, iq4_xs, ...) or lowbit format (int4-asym-g128, nf4, e8p, ...)")
-    sp.add_argument("--method", "-m", default="rtn",
-                    choices=("rtn", "gptq", "awq", "quip", "spqr", "smoothquant", "qat"),
-                    help="how codes are chosen: round-to-nearest, a calibration method, SmoothQuant (with an "
-                         "activation scheme such as w8a8) or quantization-aware training (default rtn)")
+    sp = cmd("quantize", "quantize a model into a GGUF file, a lowbit checkpoint or another engine's layout",
+             cmd_quantize)
+    sp.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face directory, or 'smollm2'")
+    sp.add_argument("rest", nargs="*", metavar="OUT TYPE", help="as llama-quantize takes them: output and type "
+                                                                 "(the same as --out and --format)")
+    sp.add_argument("--format", "-f", metavar="TYPE",
+                    help="llama.cpp file type (q4_k_m, q3_k_s, iq4_xs ...), lowbit format (int4-asym-g128, nf4, e8p "
+                         "...) or activation scheme (w8a8 ...); `lowbit formats` lists them")
+    sp.add_argument("--out", "-o", metavar="PATH", help="a .gguf file (llama.cpp types), or a directory (a lowbit "
+                                                        "checkpoint, or --out-format's layout)")
+    sp.add_argument("--method", "-m", default="rtn", choices=METHOD_CHOICES,
+                    help="how codes are chosen: round to nearest, a calibration method, SmoothQuant (with an "
+                         "activation scheme) or quantization-aware training")
+    sp.add_argument("--out-format", choices=("gguf", "lowbit", "compressed-tensors", "bitsandbytes", "gptq", "awq"),
+                    help="the output's layout (default: gguf for a .gguf --out, lowbit's checkpoint for a directory); "
+                         "compressed-tensors (transformers, vLLM): 4/8-bit integer formats; bitsandbytes: nf4/fp4; "
+                         "gptq: 2/3/4/8-bit integer formats; awq: 4-bit zero-point; groups must divide every row")
+    sp.add_argument("--pure", action="store_true", help="with a llama.cpp file type: its default type on every "
+                                                        "tensor that fits, as llama-quantize --pure")
+    sp.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp's GGUF or legacy .dat, or lowbit's)")
     sp.add_argument("--bits", type=int, help="with --method: integer bits (builds int<bits>[-asym]-g<group>, or spqr<bits>)")
-    sp.add_argument("--group-size", type=int, default=None,
-                    help="with --bits: columns per scale (default 128; SpQR 16; 0: per channel)")
+    sp.add_argument("--group-size", type=int, metavar="N", help="with --bits: columns per scale (128; SpQR 16; 0: "
+                                                                "one per channel)")
     sp.add_argument("--sym", action="store_true", help="with --bits: symmetric (absmax) instead of zero-point")
     sp.add_argument("--no-act-order", dest="act_order", action="store_false",
                     help="GPTQ/QuIP: quantize columns left to right instead of by decreasing importance")
     sp.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal")
     sp.add_argument("--outliers", type=float, default=0.01, help="SpQR: fraction of weights kept as FP16 outliers")
     sp.add_argument("--alpha", type=_alpha, default=0.5,
-                    help="SmoothQuant's migration strength in [0, 1] (default 0.5), or 'auto': searched per group of "
-                         "layers by the error of their quantized outputs on the calibration text")
-    sp.add_argument("--out-format", choices=("lowbit", *EXPORTS),
-                    default="lowbit",
-                    help="for a directory --out: lowbit's checkpoint; compressed-tensors' pack-quantized layout "
-                         "(transformers and vLLM load it; 4/8-bit integer formats whose groups divide every row); "
-                         "bitsandbytes' 4-bit serialization (nf4, nf4-dq, fp4, fp4-dq); the GPTQ checkpoint "
-                         "layout (2/3/4/8-bit integer formats per channel or with groups that divide every row); or "
-                         "AWQ's GEMM layout (4-bit zero-point formats whose groups divide every row)")
-    sp.add_argument("--target-bpw", type=float, help="choose every tensor's format to fit this many bits per weight "
-                                                     "with the least predicted KL divergence: llama.cpp types for a "
-                                                     ".gguf --out, any lowbit format for a checkpoint directory")
-    sp.add_argument("--target-size", help="the same for a file size, e.g. 90MB or 1.2GB")
-    sp.add_argument("--sens-chunks", type=int, default=8,
-                    help="with a target: calibration chunks for the per-tensor sensitivities (default 8)")
-    sp.add_argument("--types", help="with a target: the candidate formats, comma-separated (default: every llama.cpp "
-                                    "type lowbit writes for a .gguf; for a checkpoint int2..int8 per group or channel, "
+                    help="SmoothQuant's migration strength in [0, 1], or 'auto': searched per group of layers")
+    _calib_options(sp, 128)
+    sp.add_argument("--target-bpw", type=float, metavar="BITS",
+                    help="choose every tensor's format to fit this many bits per weight with the least predicted KL "
+                         "divergence: llama.cpp types for a .gguf --out, any lowbit format for a directory")
+    sp.add_argument("--target-size", metavar="SIZE", help="the same for a size of the weights, e.g. 90MB or 1.2GB")
+    sp.add_argument("--sens-chunks", type=int, metavar="N", help="with a target: calibration chunks for the "
+                                                                 "importance matrix and the sensitivities (8)")
+    sp.add_argument("--types", help="with a target: the candidate formats, comma-separated (for a .gguf every "
+                                    "llama.cpp type lowbit writes; for a checkpoint int2..int8 per group or channel, "
                                     "nf4, nf4-dq, fp8-e4m3-ch, fp16)")
     sp.add_argument("--exclude-types", help="with a target: formats the search must not use (e.g. q4_1, the type a "
                                             "model was distributed in, which reproduces it for free)")
-    sp.add_argument("--qat-steps", type=int, default=100, help="QAT: optimizer steps (default 100)")
-    sp.add_argument("--qat-lr", type=float, default=5e-5, help="QAT: peak learning rate (default 5e-5)")
-    sp.add_argument("--qat-batch", type=int, default=2, help="QAT: calibration chunks per step (default 2)")
-    sp.add_argument("--calib-text", help="calibration text file (default: the bundled Wikipedia calibration split)")
-    sp.add_argument("--calib-samples", type=int, default=128, help="calibration chunks (default 128)")
-    sp.add_argument("--calib-len", type=int, default=512, help="tokens per calibration chunk (default 512)")
-    sp.add_argument("--out", "-o", required=True,
-                    help="output: a .gguf file (llama.cpp types), or a directory (lowbit checkpoint, any format)")
-    sp.add_argument("--imatrix", help="importance matrix file (llama.cpp's GGUF or legacy .dat format, or lowbit's)")
-    sp.add_argument("--device", default="cpu",
-                    help="round-to-nearest GGUF output: where the quantizers run (cpu, cuda, cuda:N), or 'auto': each "
-                         "layer's tensors on the GPU accelerate's device map gives that layer (cpu without GPUs)")
-    sp.add_argument("--force", action="store_true", help="overwrite an existing output")
-    sp.add_argument("--quiet", action="store_true")
-    sp.set_defaults(func=cmd_quantize)
+    sp.add_argument("--qat-steps", type=int, default=100, help="QAT: optimizer steps")
+    sp.add_argument("--qat-lr", type=float, default=5e-5, help="QAT: peak learning rate")
+    sp.add_argument("--qat-batch", type=int, default=2, help="QAT: calibration chunks per step")
+    sp.add_argument("--device", default="cpu", help="GGUF output by round to nearest: where the quantizers run (cpu, "
+                                                    "cuda, cuda:N), or 'auto': each layer on the GPU accelerate's "
+                                                    "device map gives it")
+    _common(sp)
 
-    sp = sub.add_parser("imatrix", help="compute an importance matrix from calibration text (llama-imatrix's file)")
-    sp.add_argument("model", help="a .gguf file, a Hugging Face directory, or 'smollm2'")
-    sp.add_argument("--out", "-o", required=True, help="output file: .gguf (llama.cpp's format) or .dat (legacy)")
-    sp.add_argument("--text", help="UTF-8 calibration text (default: the bundled Wikipedia calibration split)")
-    sp.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512, as llama-imatrix)")
-    sp.add_argument("--chunks", type=int, default=None, help="use only the first N chunks")
-    sp.add_argument("--output-format", choices=("gguf", "dat"), default=None,
-                    help="file format (default: from the file name; GGUF unless it ends in .dat)")
-    sp.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    sp.add_argument("--quiet", action="store_true")
-    sp.set_defaults(func=cmd_imatrix)
+    sp = cmd("imatrix", "compute an importance matrix from calibration text (llama-imatrix's file)", cmd_imatrix)
+    sp.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face directory, or 'smollm2'")
+    sp.add_argument("--out", "-o", required=True, metavar="FILE", help="output: .gguf (llama.cpp's format) or .dat (legacy)")
+    sp.add_argument("--out-format", choices=("gguf", "dat"), help="file format (default: from the name; GGUF "
+                                                                  "unless it ends in .dat)")
+    _alias(sp, "--output-format", "out_format", choices=("gguf", "dat"))
+    _calib_options(sp, None)  # type: ignore[arg-type]
+    _alias(sp, "--text", "calib_text")
+    _alias(sp, "--chunks", "calib_chunks", type=int)
+    _alias(sp, "--ctx", "calib_ctx", type=int)
+    _common(sp)
 
-    sp = sub.add_parser("eval", help="perplexity, and KLD / same-top-token against the original")
-    sp.add_argument("model", help="model to evaluate (a .gguf file, a directory, or 'smollm2')")
-    sp.add_argument("--format", "-f", help="quantize the model in memory with this format first")
-    sp.add_argument("--reference", help="original model to compare with (default: MODEL itself)")
+    sp = cmd("eval", "perplexity, and KLD / same-top-token against the original", cmd_eval)
+    sp.add_argument("model", metavar="MODEL", help="the model to evaluate (a .gguf file, a directory, or 'smollm2')")
+    sp.add_argument("--format", "-f", help="quantize MODEL in memory with this format first (MODEL is then the original)")
+    sp.add_argument("--reference", metavar="ORIGINAL", help="the original to compare with (without it and without "
+                                                            "--format: perplexity only)")
     sp.add_argument("--engine", choices=("torch", "llama.cpp"), default="torch",
-                    help="run MODEL with lowbit's PyTorch path or with llama.cpp (GGUF only)")
-    sp.add_argument("--json", help="also write the results to this JSON file")
-    common_eval(sp, None)
-    sp.set_defaults(func=cmd_eval)
+                    help="run MODEL with lowbit's PyTorch path or with llama.cpp (GGUF files)")
+    sp.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
+    _eval_options(sp)
+    _common(sp, force=False)
 
-    sp = sub.add_parser("compare", help="quantize into several formats and tabulate the loss of each")
-    sp.add_argument("model", nargs="?", default="smollm2", help="model (default: the bundled SmolLM2-135M)")
+    sp = cmd("compare", "quantize into several formats and tabulate the loss of each, with a plot", cmd_compare)
+    sp.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
+                    help="the model (default: the bundled SmolLM2-135M)")
     sp.add_argument("--formats", default=DEFAULT_FORMATS,
-                    help="comma-separated formats or llama.cpp file types (q4_k_m, ...); a '+imatrix' suffix "
-                         "quantizes with the importance matrix, '+gptq', '+awq', '+quip', '+spqr' with a "
-                         "calibration method (e.g. int4-asym-g128+gptq, q3_k_m+gptq, spqr3-g16+spqr); activation "
-                         "schemes w8a8, w4a4, w8a8-static[-pct|-mse], w8a8-fp8, llm-int8, with '+smoothquant'; "
-                         "'+qat' fine-tunes any of them through fake quantization")
-    sp.add_argument("--imatrix", help="importance matrix file for the '+imatrix' entries "
-                                      "(default: computed from the bundled calibration text)")
-    sp.add_argument("--calib-text", help="calibration text for '+gptq' etc. (default: the bundled calibration split)")
-    sp.add_argument("--calib-samples", type=int, default=128, help="calibration chunks for methods (default 128)")
-    sp.add_argument("--calib-len", type=int, default=512, help="tokens per calibration chunk (default 512)")
-    sp.add_argument("--damp", type=float, default=0.01, help="GPTQ/QuIP/SpQR damping (fraction of mean diag H)")
+                    help="comma-separated formats or llama.cpp file types; '+imatrix' quantizes with the importance "
+                         "matrix, '+gptq', '+awq', '+quip', '+spqr' with a calibration method (int4-asym-g128+gptq, "
+                         "q3_k_m+gptq, spqr3-g16+spqr); activation schemes (w8a8, w4a4, w8a8-static[-pct|-mse], "
+                         "w8a8-fp8, llm-int8) with '+smoothquant'; '+qat' fine-tunes any of them")
+    sp.add_argument("--imatrix", metavar="FILE", help="importance matrix for the '+imatrix' entries (default: computed "
+                                                      "from the calibration text)")
+    _calib_options(sp, 128)
+    sp.add_argument("--damp", type=float, default=0.01, help="GPTQ/QuIP/SpQR damping (fraction of the mean Hessian "
+                                                             "diagonal)")
     sp.add_argument("--alpha", type=_alpha, default=0.5,
-                    help="SmoothQuant's migration strength for '+smoothquant' (number or 'auto'; an entry may set its "
-                         "own: 'w8a8+smoothquant=auto')")
-    sp.add_argument("--qat-steps", type=int, default=100, help="QAT steps for '+qat' entries (default 100)")
-    sp.add_argument("--qat-lr", type=float, default=5e-5, help="QAT peak learning rate (default 5e-5)")
-    sp.add_argument("--qat-batch", type=int, default=2, help="QAT calibration chunks per step (default 2)")
-    sp.add_argument("--out-dir", help="where compare.md/.json/.png go (default runs/<model>)")
-    common_eval(sp, 20)
-    sp.set_defaults(func=cmd_compare)
+                    help="SmoothQuant's migration strength for '+smoothquant' (a number or 'auto'; an entry may set "
+                         "its own: 'w8a8+smoothquant=auto')")
+    sp.add_argument("--qat-steps", type=int, default=100, help="QAT steps for '+qat' entries")
+    sp.add_argument("--qat-lr", type=float, default=5e-5, help="QAT peak learning rate")
+    sp.add_argument("--qat-batch", type=int, default=2, help="QAT calibration chunks per step")
+    sp.add_argument("--out", "-o", metavar="DIR", help="where compare.md, .json and .png go (default: runs/<model>)")
+    _alias(sp, "--out-dir", "out")
+    _eval_options(sp)
+    _common(sp, force=False)
+
+    sp = cmd("import", "a GGUF file as a Hugging Face model directory (weights dequantized)", cmd_import)
+    sp.add_argument("model", metavar="MODEL", help="a .gguf file or 'smollm2'")
+    sp.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
+    sp.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="weights' type")
+    _common(sp)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # quantize's OUT and TYPE words among its options; anything else is refused
+        if getattr(args, "cmd", None) == "quantize" and not any(e.startswith("-") for e in extra):
+            args.rest = [*(args.rest or []), *extra]
+        else:
+            bad = [e for e in extra if e.startswith("-")] or extra
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    from lowbit.model.load import silence_libraries
+
+    silence_libraries(import_transformers=False, environment=True)  # the rest when transformers is imported
     try:
         return int(args.func(args))
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a disk that fills up, a file that vanishes during the work
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"lowbit: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130

@@ -162,7 +162,10 @@ def parse_spec(spec: str) -> Spec:
         elif p in known:
             method = p
         else:
-            raise LowbitError(f"'{spec}': unknown suffix '+{p}' (use +imatrix or a method: {', '.join(known)})")
+            from lowbit.errors import did_you_mean
+
+            raise LowbitError(f"'{spec}': unknown suffix '+{p}'{did_you_mean(p, ('imatrix', *known))} "
+                              f"(use +imatrix or a method: {', '.join(known)})")
     act = parse_act_scheme(scheme)
     if act is None:
         check_scheme(scheme)

@@ -95,5 +95,52 @@ def read_text_file(path: str | os.PathLike[str]) -> str:
     return text
 
 
+def check_text_length(path: str | os.PathLike[str], text: str, n_ctx: int, option: str = "--text") -> None:
+    """Refuse, before any model is loaded, a text too short for one context of ``n_ctx`` tokens: a
+    token of a byte-level or byte-fallback tokenizer covers at least one byte, so a text of fewer
+    bytes than ``n_ctx`` - 1 (a BOS token may be added) has fewer tokens than a context."""
+    n_bytes = len(text.encode("utf-8"))
+    if n_bytes + 1 < n_ctx:
+        raise LowbitError(f"{option} {path}: {n_bytes} bytes, so at most {n_bytes + 1} tokens: fewer than one "
+                          f"context of {n_ctx} tokens (give a longer text or a smaller context)")
+
+
+def too_short(source: str, n_tokens: int, n_ctx: int, what: str = "context") -> LowbitError:
+    """The error for a text of ``n_tokens`` tokens that holds no whole ``what`` of ``n_ctx`` tokens."""
+    return LowbitError(f"{source}: {n_tokens} tokens, fewer than one {what} of {n_ctx} tokens "
+                       "(give a longer text or a smaller context)")
+
+
 def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def files_digest(paths: list[Path]) -> str:
+    """SHA-256 over the contents of ``paths`` (a model's files), remembered in lowbit's cache by each
+    file's path, size and modification time so that a file is read only once."""
+    import json
+
+    memo_file = cache_dir() / "digests.json"
+    try:
+        memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256()
+    changed = False
+    for p in sorted(Path(x).resolve() for x in paths):
+        st = p.stat()
+        key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+        d = memo.get(key)
+        if d is None:
+            fh_hash = hashlib.sha256()
+            with open(p, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):  # noqa: B023
+                    fh_hash.update(block)
+            d = memo[key] = fh_hash.hexdigest()
+            changed = True
+        h.update(d.encode())
+    if changed:
+        tmp = memo_file.with_name(f".{memo_file.name}.part-{os.getpid()}")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_file)
+    return h.hexdigest()

@@ -23,8 +23,11 @@ class LlamaCppModel:
         except ImportError:
             raise LowbitError("llama.cpp evaluation needs llama-cpp-python (see the README's install step)") from None
         self.n_ctx = n_ctx
-        self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                         n_threads=n_threads or os.cpu_count() or 1, verbose=False)
+        try:
+            self.llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                             n_threads=n_threads or os.cpu_count() or 1, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise LowbitError(f"{path}: llama.cpp could not load this file ({str(exc).strip() or type(exc).__name__})") from None
 
     def logits_fn(self) -> LogitsFn:
         keep = self.n_ctx - self.n_ctx // 2

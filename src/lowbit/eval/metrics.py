@@ -24,14 +24,18 @@ import numpy as np
 import torch
 
 
-def make_chunks(tokens: list[int] | torch.Tensor, n_ctx: int, bos_id: int | None, max_chunks: int | None = None) -> torch.Tensor:
-    """``[n_chunks, n_ctx]`` token windows; first token replaced by ``bos_id`` when given."""
+def make_chunks(tokens: list[int] | torch.Tensor, n_ctx: int, bos_id: int | None, max_chunks: int | None = None,
+                source: str = "the evaluation text") -> torch.Tensor:
+    """``[n_chunks, n_ctx]`` token windows; first token replaced by ``bos_id`` when given.  ``source``
+    names the text in the error for one too short."""
     t = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     n = t.numel() // n_ctx
     if max_chunks is not None:
         n = min(n, max_chunks)
     if n < 1:
-        raise ValueError(f"the text has {t.numel()} tokens, fewer than one context of {n_ctx}")
+        from lowbit.eval.data import too_short
+
+        raise too_short(source, t.numel(), n_ctx)
     chunks = t[: n * n_ctx].reshape(n, n_ctx).clone()
     if bos_id is not None:
         chunks[:, 0] = bos_id

@@ -313,36 +313,63 @@ def _layer_index(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def searched_tensors(model: nn.Module, target: str = "gguf") -> tuple[list[tuple[str, str, nn.Parameter]], int, int]:
-    """The tensors a search chooses formats for, as (parameter name, mix key, parameter); the bits of
-    the others at their storage precision; and the number of weights (tied tensors once)."""
+def searched_shapes(params: list[tuple[str, tuple[int, ...]]], tied: bool, target: str = "gguf"
+                    ) -> tuple[list[tuple[str, str, tuple[int, ...]]], int, int]:
+    """The tensors a search chooses formats for, from the model's (name, shape) list (Hugging Face or
+    GGUF names, each tensor once): (name, mix key, shape) of each; the bits of the others at their
+    storage precision; and the number of weights.  ``tied``: the output head is the embedding."""
     from lowbit.model.policy import LINEAR_ROLES, role_of
 
     default_types(target)
-    params = _params(model)
-    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     todo, fixed, n_params = [], 0, 0
-    for n, p in params:
-        n_params += p.numel()
+    for n, shape in params:
+        numel = int(torch.Size(shape).numel())
+        n_params += numel
         if target == "lowbit":
-            if p.dim() == 2 and role_of(n) in LINEAR_ROLES and ".layers." in n:
-                todo.append((n, n, p))
+            if len(shape) == 2 and role_of(n) in LINEAR_ROLES and (".layers." in n or n.startswith("blk.")):
+                todo.append((n, n, tuple(shape)))
             elif not (n == "lm_head.weight" and tied):
-                fixed += 16 * p.numel()  # embedding, head and norms stay FP16
+                fixed += 16 * numel  # embedding, head and norms stay FP16
             continue
-        g = gguf_name(n)
+        g = n if n.startswith("blk.") or n in ("token_embd.weight", "output.weight", "output_norm.weight") else gguf_name(n)
         if g is None:
             if n == "lm_head.weight" and tied:
                 continue
-            if p.dim() == 1:  # a norm llama's names do not cover (Gemma's pre/post norms, q/k norms): F32
-                fixed += 32 * p.numel()
+            if len(shape) == 1:  # a norm llama's names do not cover (Gemma's pre/post norms, q/k norms): F32
+                fixed += 32 * numel
                 continue
             raise LowbitError(f"tensor {n} has no GGUF name; the search writes GGUF files")
-        if allows_quantization(g, p.dim()):
-            todo.append((n, g, p))
+        if allows_quantization(g, len(shape)):
+            todo.append((n, g, tuple(shape)))
         else:
-            fixed += 32 * p.numel()
+            fixed += 32 * numel
     return todo, fixed, n_params
+
+
+def searched_tensors(model: nn.Module, target: str = "gguf") -> tuple[list[tuple[str, str, nn.Parameter]], int, int]:
+    """The tensors a search chooses formats for, as (parameter name, mix key, parameter); the bits of
+    the others at their storage precision; and the number of weights (tied tensors once)."""
+    params = dict(_params(model))
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    todo, fixed, n_params = searched_shapes([(n, tuple(p.shape)) for n, p in params.items()], tied, target)
+    return [(n, k, params[n]) for n, k, _ in todo], fixed, n_params
+
+
+def size_bounds(params: list[tuple[str, tuple[int, ...]]], tied: bool, target: str,
+                allowed: tuple[str, ...]) -> tuple[int, int]:
+    """The fewest and most bits a search over ``allowed`` can give the model of ``params``
+    (name, shape): every searched tensor in its smallest, or its largest, candidate that fits."""
+    todo, fixed, _ = searched_shapes(params, tied, target)
+    lo = hi = fixed
+    for _n, key, shape in todo:
+        rows, cols = int(shape[0]), int(torch.Size(shape[1:]).numel())
+        types = candidate_types(cols, allowed)
+        if not types:
+            raise LowbitError(f"{key}: no allowed type fits rows of {cols} values")
+        bits = [get_format(t).storage_bits((rows, cols)) for t in types]
+        lo += min(bits)
+        hi += max(bits)
+    return lo, hi
 
 
 def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.ndarray] | None = None,
@@ -422,6 +449,45 @@ def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.nda
     tokens = len(chunks) * len(cache.ref[0]) if cache is not None else (previous.tokens if previous is not None else 0)
     seconds = time.perf_counter() - t0 + (previous.seconds if previous is not None else 0.0)  # the whole effort
     return Sensitivities(out, fixed, n_params, len(chunks), tokens, seconds, notes, target)
+
+
+def model_files(src: Path) -> list[Path]:
+    """The files that hold a model's weights and settings (what its sensitivities depend on)."""
+    src = Path(src)
+    if src.is_file():
+        return [src]
+    names = ("*.safetensors", "*.bin", "*.gguf", "config.json", "lowbit.json")
+    return sorted({f for pat in names for f in src.glob(pat) if f.is_file()})
+
+
+def cached_measure(loaded: LoadedModel, src: Path, chunks: torch.Tensor, imatrix: dict[str, np.ndarray] | None,
+                   target: str, allowed: tuple[str, ...], progress: bool = True,
+                   key_extra: dict[str, object] | None = None) -> tuple[Sensitivities, Path | None]:
+    """:func:`measure`, remembered: sensitivities are kept in lowbit's cache under a key of the model's
+    files (their SHA-256), the calibration chunks, the importance matrix, the target and lowbit's
+    version, and a later run with the same key reuses them (measuring only candidate types it lacks,
+    without running the model).  Returns the sensitivities restricted to ``allowed``, and the cache
+    file when they were reused whole."""
+    import hashlib
+
+    from lowbit import __version__
+    from lowbit.eval.data import cache_dir, files_digest
+    from lowbit.io.gguf_out import array_digest
+
+    key = {"model_sha256": files_digest(model_files(src)),
+           "chunks_sha256": hashlib.sha256(chunks.numpy().tobytes()).hexdigest(), "chunks_shape": list(chunks.shape),
+           "imatrix": array_digest(imatrix), "target": target, "lowbit": __version__, **(key_extra or {})}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = cache_dir() / "sensitivities" / f"{name}.json"
+    prev = load_sensitivities(path, key) if path.is_file() else None
+    pool = tuple(dict.fromkeys([*allowed, *sorted({t for s in (prev.tensors.values() if prev else []) for t in s.bits})]))
+    sens = measure(loaded, chunks, imatrix, allowed=pool, progress=progress, target=target, previous=prev)
+    reused = prev is not None and set(sens.tensors) <= set(prev.tensors) and all(
+        set(sens.tensors[n].bits) <= set(prev.tensors[n].bits) for n in sens.tensors)
+    if not reused:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_sensitivities(sens, path, key)
+    return sens.restricted(allowed), (path if reused else None)
 
 
 def search(sens: Sensitivities, budget_bits: int) -> tuple[dict[str, str], Solution]:

@@ -46,11 +46,17 @@ class Evaluation:
     """Chunks of a text for one tokenizer, and the reference log-probabilities once computed."""
 
     def __init__(self, loaded: LoadedModel, text: str, n_ctx: int = 512, max_chunks: int | None = None,
-                 progress: bool = True, workdir: Path | None = None) -> None:
+                 progress: bool = True, workdir: Path | None = None, source: str = "the evaluation text") -> None:
+        from lowbit.errors import LowbitError
+
+        if n_ctx < 4:
+            raise LowbitError(f"evaluation contexts of {n_ctx} tokens: give at least 4")
+        if max_chunks is not None and max_chunks < 1:
+            raise LowbitError(f"{max_chunks} evaluation chunks: give at least 1")
         self.n_ctx = n_ctx
         self.progress = progress
         bos = loaded.bos_id if loaded.add_bos else None
-        self.chunks = make_chunks(tokenize(loaded, text), n_ctx, bos, max_chunks)
+        self.chunks = make_chunks(tokenize(loaded, text), n_ctx, bos, max_chunks, source)
         self._tmp = tempfile.TemporaryDirectory(prefix="lowbit-ref-", dir=workdir)
         self.ref: np.ndarray | None = None
 
