@@ -125,11 +125,21 @@ def test_imatrix_then_quantize_and_compare_with_it(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"cmp", im.name, out.name}
 
 
+def _shows_an_eta(stderr: str, bar: str) -> None:
+    """The long step's bar shows its remaining time once its first step is done ([elapsed<remaining]),
+    and stderr holds nothing but lowbit's bars."""
+    lines = [ln.strip() for ln in re.split(r"[\r\n]", stderr) if ln.strip()]
+    assert any(ln.startswith(bar) and re.search(r"\[\d\d:\d\d<\d\d:\d\d", ln) for ln in lines), lines[-20:]
+    own = ("load ", "quantize ", "eval ", "imatrix", "sensitivity", "gptq ", "calibrate")
+    assert all(ln.startswith(own) for ln in lines), [ln for ln in lines if not ln.startswith(own)][:5]
+
+
 def test_quantize_with_a_method_writes_a_checkpoint_that_evaluates(tmp_path):
     out = tmp_path / "smol-gptq-int4"
     r = lowbit("quantize", "smollm2", "--method", "gptq", "--bits", "4", "--group-size", "128", "--calib-samples", "4",
-               "--calib-len", "256", "-o", str(out), "--quiet")
-    assert r.returncode == 0 and r.stderr == "", r.stderr
+               "--calib-len", "256", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    _shows_an_eta(r.stderr, "gptq ")
     assert "gptq: 4 x 256 calibration tokens" in r.stdout and "int4-asym-g128 210" in r.stdout, r.stdout
     manifest = json.loads((out / "lowbit.json").read_text())
     assert manifest["method"] == "gptq" and manifest["scheme"] == "int4-asym-g128"
@@ -196,8 +206,9 @@ def test_activation_scheme_arguments_are_checked(tmp_path):
 def test_target_bpw_writes_a_searched_gguf(tmp_path):
     out = tmp_path / "smol-4.5.gguf"
     r = lowbit("quantize", "smollm2", "--target-bpw", "6.0", "--sens-chunks", "1", "--calib-len", "64", "--calib-samples", "4",
-               "--exclude-types", "q4_1", "-o", str(out), "--quiet")
+               "--exclude-types", "q4_1", "-o", str(out))
     assert r.returncode == 0, r.stderr
+    _shows_an_eta(r.stderr, "sensitivity")
     m = re.search(r"chose ([0-9.]+) MB \(([0-9.]+) bits/weight\); predicted KLD ([0-9.]+), measured ([0-9.]+)", r.stdout)
     assert m, r.stdout
     assert float(m.group(2)) <= 6.0 and float(m.group(3)) > 0 and float(m.group(4)) > 0
