@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lowbit.formats import Format, QTensor, get_format
+from lowbit.kernels import Kernel, build_kernel
 from lowbit.model.policy import TensorChoice, check_scheme, plan_model
 
 #: the attribute of a model quantized by lowbit that holds the codes of its quantized parameters other
@@ -57,32 +58,81 @@ def mark_quantized(module: nn.Module) -> None:
 
 
 class QuantLinear(nn.Module):
-    """A linear layer whose weight is stored quantized and dequantized at every call."""
+    """A linear layer whose weight stays quantized: its format's parts are its buffers (what is
+    saved), and its product runs on a kernel of :mod:`lowbit.kernels`, built on first use for the
+    device the layer is on.  ``backend`` (None: the best that takes the format) names the kernel
+    backend; :func:`set_backend` sets it for a whole model."""
 
-    def __init__(self, qt: QTensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, qt: QTensor, bias: torch.Tensor | None, backend: str | None = None) -> None:
         super().__init__()
         mark_quantized(self)
         self.fmt: Format = get_format(qt.format)
         self.shape = qt.shape
         self.meta = qt.meta
-        self.in_features, self.out_features = qt.shape[1], qt.shape[0]
+        self.out_features, self.in_features = qt.shape
         self._parts = list(qt.parts)
         for k, v in qt.parts.items():
             self.register_buffer(f"q_{k}", v)
         self.bias = bias  # shared with the replaced layer, so later in-place rounding reaches it
+        self.backend = backend
+        self._kernel: Kernel | None = None
+        self._kernel_key: tuple = ()
 
     @property
     def qtensor(self) -> QTensor:
         return QTensor(self.fmt.name, self.shape, {k: getattr(self, f"q_{k}") for k in self._parts}, self.meta)
 
     def dequantized_weight(self) -> torch.Tensor:
+        """The layer's effective float weight."""
         return self.fmt.dequantize(self.qtensor)
 
+    def stored_weight(self) -> torch.Tensor:
+        """The float weight the kernel multiplies by (the dequantized stored codes)."""
+        return self.fmt.dequantize(self.qtensor)
+
+    def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the kernel multiplies by the stored weight (a subclass may transform the input)."""
+        return x
+
+    def kernel_output(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    @property
+    def kernel(self) -> Kernel:
+        """The kernel for the layer's current parts, device and backend (rebuilt when any changed)."""
+        key = (self.backend, *((getattr(self, f"q_{k}").data_ptr(), getattr(self, f"q_{k}").device) for k in self._parts))
+        if self._kernel is None or key != self._kernel_key:
+            self._kernel = build_kernel(self.fmt, self.qtensor, self.backend)
+            self._kernel_key = key
+        return self._kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        x = self.kernel_input(x)
+        if torch.is_grad_enabled() and x.requires_grad:  # gradients flow through the float product only
+            y = F.linear(x, self.stored_weight().to(x.dtype))
+        else:
+            y = self.kernel(x)
+        y = self.kernel_output(y)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.fmt.name}"
+
+
+def set_backend(model: object, backend: str | None) -> int:
+    """Run every quantized linear layer of ``model`` on the kernel backend ``backend``: a name of
+    :func:`lowbit.kernels.backends`, "exact" or None (the best exact backend for each layer's format
+    and device) or "fast" (the best of all, also those that round).  Returns the
+    number of layers set; an unknown name is refused before any is changed."""
+    from lowbit.kernels import check_backend
+
+    check_backend(backend)
+    n = 0
+    for m in as_module(model).modules():
+        if isinstance(m, QuantLinear):
+            m.backend = backend
+            n += 1
+    return n
 
 
 @dataclass

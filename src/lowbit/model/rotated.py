@@ -8,46 +8,37 @@ identity this is exactly ``x W^T + b``: rotations are orthogonal.
 from __future__ import annotations
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rotation import Rotation, rotate_hessian, rotate_weight
-from lowbit.formats import Format, QTensor, get_format
-from lowbit.model.quantize import mark_quantized
+from lowbit.formats import Format, QTensor
+from lowbit.model.quantize import QuantLinear
 
 
-class RotatedQuantLinear(nn.Module):
-    def __init__(self, qt: QTensor, bias: torch.Tensor | None, seed_in: int, seed_out: int) -> None:
-        super().__init__()
-        mark_quantized(self)
-        self.fmt: Format = get_format(qt.format)
-        self.shape = qt.shape
+class RotatedQuantLinear(QuantLinear):
+    """A :class:`QuantLinear` whose stored weight is in a rotated basis: the input is rotated before
+    the kernel's product and the output rotated back."""
+
+    def __init__(self, qt: QTensor, bias: torch.Tensor | None, seed_in: int, seed_out: int,
+                 backend: str | None = None) -> None:
+        super().__init__(qt, bias, backend)
         self.meta = dict(qt.meta, rotation_seeds=(seed_in, seed_out))
-        self.out_features, self.in_features = qt.shape
-        self._parts = list(qt.parts)
-        for k, v in qt.parts.items():
-            self.register_buffer(f"q_{k}", v)
-        self.bias = bias
         self.r_in = Rotation(self.in_features, seed_in)
         self.r_out = Rotation(self.out_features, seed_out)
 
-    @property
-    def qtensor(self) -> QTensor:
-        return QTensor(self.fmt.name, self.shape, {k: getattr(self, f"q_{k}") for k in self._parts}, self.meta)
-
     def rotated_weight(self) -> torch.Tensor:
-        return self.fmt.dequantize(self.qtensor)
+        return self.stored_weight()
 
     def dequantized_weight(self) -> torch.Tensor:
         """The effective weight ``R_out^T Q(W') R_in`` in the original basis."""
         wq = self.rotated_weight().to(torch.float64)
         return self.r_out.apply_inverse(self.r_in.apply_inverse(wq).t()).t().to(torch.float32)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(self.r_in.apply(x), self.rotated_weight().to(x.dtype))
-        y = self.r_out.apply_inverse(y)
-        return y if self.bias is None else y + self.bias
+    def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.r_in.apply(x)
+
+    def kernel_output(self, y: torch.Tensor) -> torch.Tensor:
+        return self.r_out.apply_inverse(y)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, format={self.fmt.name}, "

@@ -1,0 +1,87 @@
+"""A quantized tensor as affine integer groups: ``W[r, c] = scale[r, g] * u[r, c] + base[r, g]``
+with integer codes ``u`` in ``[0, levels)`` and ``g = c // group``.
+
+Every format whose grid has integer codes (integer formats, Q4_0..Q8_0, the K-quants' sub-blocks)
+can be written this way where its scales are constant over aligned runs of ``group`` columns; the
+integer kernels (CPU and GPU) take it.  A row may be cut into column segments of different group
+sizes (576 columns of int4-g128: 512 in groups of 128 and 64 in one group of 64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.formats import Format, QTensor
+from lowbit.formats.base import FormatError
+
+
+@dataclass
+class AffineSegment:
+    start: int
+    end: int
+    group: int
+    codes: torch.Tensor  # uint8 [rows, end - start]
+    scale: torch.Tensor  # float32 [rows, (end - start) // group]
+    base: torch.Tensor  # float32 [rows, (end - start) // group]
+
+
+@dataclass
+class AffineGroups:
+    rows: int
+    cols: int
+    levels: int
+    segments: list[AffineSegment]
+
+
+def _constant_over(t: torch.Tensor, group: int) -> bool:
+    rows, cols = t.shape
+    v = t.reshape(rows, cols // group, group)
+    return bool((v == v[:, :, :1]).all())
+
+
+def _split(u: torch.Tensor, s: torch.Tensor, b: torch.Tensor, start: int, groups: tuple[int, ...]
+           ) -> list[AffineSegment] | None:
+    cols = s.shape[1]
+    for g in groups:
+        main = cols - cols % g
+        if main == 0 or not (_constant_over(s[:, :main], g) and _constant_over(b[:, :main], g)):
+            continue
+        seg = AffineSegment(start, start + main, g, u[:, :main].to(torch.uint8),
+                            s[:, :main:g].contiguous(), b[:, :main:g].contiguous())
+        if main == cols:
+            return [seg]
+        rest = _split(u[:, main:], s[:, main:], b[:, main:], start + main, tuple(x for x in groups if x < g))
+        if rest is not None:
+            return [seg, *rest]
+    return None
+
+
+def affine_groups(fmt: Format, qt: QTensor, max_levels: int = 256,
+                  groups: tuple[int, ...] = (256, 128, 64, 32)) -> AffineGroups | None:
+    """``qt`` as affine integer groups of one of ``groups`` columns, or None where its format has no
+    integer grid, more than ``max_levels`` codes, or scales that vary inside such groups.  The codes
+    are checked to decode to exactly the format's dequantized weight."""
+    if not getattr(fmt, "has_grid", False) or len(qt.shape) != 2:
+        return None
+    try:
+        grid = fmt.grid(qt)
+    except FormatError:
+        return None
+    levels = grid.qmax - grid.qmin + 1
+    if grid.levels is not None or levels > max_levels:
+        return None
+    w = fmt.dequantize(qt).reshape(qt.shape).to(torch.float32)
+    codes = grid.nearest(w)
+    if not torch.equal(grid.values(codes), w):
+        return None
+    scale = grid.scale.to(torch.float32)
+    base = scale * (grid.qmin - (grid.zero if grid.zero is not None else 0.0))
+    if grid.offset is not None:
+        base = base + grid.offset
+    base = torch.broadcast_to(base, scale.shape)
+    segs = _split((codes - grid.qmin), scale, base, 0, groups)
+    if segs is None:
+        return None
+    return AffineGroups(qt.shape[0], qt.shape[1], levels, segs)

@@ -1,0 +1,140 @@
+"""Kernels against a float64 reference: every backend, on every format it takes, with fresh random
+weights and inputs, multiplies within the bound it states; quantized layers run on them."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats import get_format, list_formats
+from lowbit.kernels import backends, build_kernel, get_backend
+
+# rows not a multiple of 16 (the int4 kernel pads them); 576 columns = 512 in groups of 128 + 64
+ROWS, COLS = 40, 576
+BATCHES = (1, 3, 17)
+
+
+def _takes(fmt_name: str):
+    fmt = get_format(fmt_name)
+    try:
+        w = torch.randn(ROWS, COLS) * torch.rand(ROWS, 1)  # rows of different ranges
+        qt = fmt.quantize(w)
+    except Exception:  # a format that does not take this shape (its block size) is not a kernel case
+        return None
+    return fmt, qt
+
+
+def _relative(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+# the fixed formats, and instances of the families (integer, SpQR)
+FORMATS = [n for n in list_formats() if "<" not in n] + [
+    "int4-g128", "int4-asym-g128", "int4-g64", "int4-ch", "int3-asym-g64", "int2-g32", "int5-asym-g32",
+    "int8-ch", "int8-t", "int8-g128", "int6-g64-clip", "int4-g100"]
+
+
+def _cases():
+    out = []
+    for name in FORMATS:
+        got = _takes(name)
+        if got is None:
+            continue
+        for b in backends().values():
+            if b.device in ("cpu", "any") and b.build(*got) is not None:
+                out.append((b.name, name))
+    return out
+
+
+CASES = _cases()
+
+
+def test_every_cpu_backend_is_exercised():
+    used = {b for b, _ in CASES}
+    assert used == {b.name for b in backends().values() if b.device in ("cpu", "any")}, used
+
+
+@pytest.mark.parametrize(("backend", "name"), CASES, ids=[f"{b}-{n}" for b, n in CASES])
+def test_kernel_matches_float64_reference(backend, name):
+    torch.manual_seed(hash((backend, name)) % 2**31)
+    fmt, qt = _takes(name)
+    b = get_backend(backend)
+    k = b.build(fmt, qt)
+    assert k is not None and k.backend.startswith(backend.split("-2")[0])
+    w = fmt.dequantize(qt).reshape(ROWS, COLS).double()
+    for n in BATCHES:
+        x = torch.randn(n, COLS) * 3
+        ref = x.double() @ w.t()
+        y = k(x)
+        assert y.shape == (n, ROWS) and y.dtype == torch.float32
+        assert torch.isfinite(y).all()
+        assert _relative(y, ref) <= b.tolerance, (backend, name, n, _relative(y, ref))
+    x3 = torch.randn(2, 5, COLS)  # leading dimensions are kept
+    assert _relative(k(x3), x3.double() @ w.t()) <= b.tolerance
+
+
+def test_the_fastest_backend_that_takes_a_format_is_chosen():
+    """"fast" picks the fastest backend that takes a format; by default only exact ones are chosen."""
+    want = {"int4-g128": "cpu-int4pack", "int4-asym-g64": "cpu-int4pack", "q4_0": "cpu-int4pack",
+            "q4_1": "cpu-int4pack", "q4_k": "cpu-int4pack", "int3-asym-g64": "cpu-int4pack",
+            "int8-ch": "cpu-int8pack", "q8_0": "cpu-int4pack-2", "q5_k": "cpu-int4pack-2",
+            "nf4": "dequant", "q6_k": "dequant", "int4-g100": "dequant"}
+    for name, backend in want.items():
+        fmt = get_format(name)
+        qt = fmt.quantize(torch.randn(32, 1024))
+        assert build_kernel(fmt, qt, "fast").backend == backend, name
+        assert get_backend(build_kernel(fmt, qt).backend).exact, name
+
+
+def test_an_unknown_or_unfit_backend_is_one_clear_error():
+    fmt = get_format("nf4")
+    qt = fmt.quantize(torch.randn(32, 256))
+    with pytest.raises(LowbitError, match="did you mean 'cpu-int4pack'"):
+        build_kernel(fmt, qt, "cpu-int4pak")
+    with pytest.raises(LowbitError, match="cpu-int4pack does not take nf4"):
+        build_kernel(fmt, qt, "cpu-int4pack")
+
+
+def test_quantized_layers_run_on_kernels_and_follow_their_parts(small):
+    import lowbit
+    from lowbit.model.quantize import QuantLinear, set_backend
+
+    work = dataclasses.replace(small, model=copy.deepcopy(small.model))
+    lowbit.quantize_model(work, "int4-g64", progress=False)
+    layers = [m for m in work.model.modules() if isinstance(m, QuantLinear)]
+    set_backend(work, "fast")
+    x = torch.randint(0, 1000, (1, 24))
+    with torch.inference_mode():
+        fast = work.model(x).logits
+        assert {m.kernel.backend for m in layers} == {"cpu-int4pack"}
+        assert set_backend(work, "dequant") == len(layers)
+        exact = work.model(x).logits
+        assert {m.kernel.backend for m in layers} == {"dequant"}
+    assert _relative(fast, exact.double()) < 2e-2
+    assert (fast.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+    with pytest.raises(LowbitError, match="unknown kernel backend"):
+        set_backend(work, "nope")
+    # new codes (what calibration methods write) reach the kernel: it is rebuilt for them
+    m = layers[0]
+    m.backend = "fast"
+    xin = torch.randn(2, m.in_features)
+    before = m(xin)
+    m.q_codes = torch.zeros_like(m.q_codes)
+    assert not torch.allclose(m(xin), before)
+
+
+def test_gradients_flow_through_the_float_product(small):
+    import lowbit
+    from lowbit.model.quantize import QuantLinear
+
+    work = dataclasses.replace(small, model=copy.deepcopy(small.model))
+    lowbit.quantize_model(work, "q4_0", progress=False)
+    m = next(x for x in work.model.modules() if isinstance(x, QuantLinear))
+    x = torch.randn(3, m.in_features, requires_grad=True)
+    m(x).sum().backward()
+    ref = m.stored_weight().double().sum(0)
+    assert torch.allclose(x.grad.double()[0], ref, rtol=1e-5, atol=1e-6)
