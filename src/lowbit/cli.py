@@ -1,4 +1,4 @@
-"""The ``lowbit`` command: quantize, imatrix, eval, compare, import, formats.
+"""The ``lowbit`` command: quantize, imatrix, eval, compare, generate, import, formats.
 
 Every command checks all of its arguments before it loads a model: option ranges, format names
 (with a "did you mean"), that the files it reads exist and that a text holds at least one context,
@@ -245,6 +245,14 @@ def cmd_formats(args: argparse.Namespace) -> int:
     print(f"  {'lowbit':<28} {'':>8}  lowbit's checkpoint: any format and method; lowbit eval/compare load it")
     for name in export_names():
         print(f"  {name:<28} {'':>8}  {get_export(name).description}")
+    print()
+    print("Kernel backends (generate --backend; the quantized layers' products)")
+    from lowbit.kernels import POLICIES, backends
+
+    for name, text in POLICIES.items():
+        print(f"  {name:<28} {'':>8}  {text}")
+    for name, b in backends().items():
+        print(f"  {name:<28} {b.device:>8}  {b.description}; {'exact' if b.exact else 'rounds'}: {b.bound}")
     return 0
 
 
@@ -831,6 +839,105 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lowbit.kernels import check_backend
+    from lowbit.model.load import resolve_model_path
+    from lowbit.model.schemes import resolve_scheme
+
+    path = resolve_model_path(args.model)
+    facts = _inspect(args.model)
+    if args.n_predict < 1:
+        raise LowbitError(f"-n {args.n_predict}: give at least 1 token")
+    if args.temperature < 0:
+        raise LowbitError(f"--temperature {args.temperature}: give 0 (greedy) or more")
+    if not 0.0 < args.top_p <= 1.0:
+        raise LowbitError(f"--top-p {args.top_p}: give a number in (0, 1]")
+    if args.threads is not None and args.threads < 1:
+        raise LowbitError(f"--threads {args.threads}: give at least 1")
+    device = check_device(args.device)
+    try:
+        check_backend(args.backend)
+    except LowbitError as exc:
+        raise LowbitError(f"--backend {exc}") from None
+    scheme = resolve_scheme(args.format) if args.format else None
+    if scheme is not None and scheme.act is not None and scheme.act.static:
+        raise LowbitError(f"--format {scheme.name}: static activation ranges need calibration; quantize with "
+                          f"lowbit quantize -f {scheme.name} -o DIR, then generate from DIR")
+    if scheme is not None and scheme.act is None:
+        _check_plan(facts, scheme.name, False)
+    if args.engine == "llama.cpp":
+        import importlib.util
+
+        if facts.kind != "gguf":
+            raise LowbitError(f"{path}: --engine llama.cpp runs a GGUF file")
+        if scheme is not None:
+            raise LowbitError("--engine llama.cpp runs the file as it is; drop --format")
+        if device != "cpu":
+            raise LowbitError("--engine llama.cpp: this build of llama.cpp runs on the CPU; drop --device")
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise LowbitError("--engine llama.cpp needs llama-cpp-python (bash scripts/install.sh builds it)")
+    if args.json:
+        from lowbit.io.outputs import REPORT, check_output
+
+        check_output(args.json, REPORT, False, "--json", replace_own=True)
+    if args.dry_run:
+        what = f"quantize {path.name} to {scheme.name} in memory and " if scheme is not None else ""
+        return _dry(args, f"{what}generate {args.n_predict} tokens with {args.engine}")
+    import torch
+
+    from lowbit.eval.generate import generate_llamacpp, generate_torch, prompt_ids
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if args.engine == "llama.cpp":
+        from lowbit.model.load import load_tokenizer
+
+        tok = load_tokenizer(args.model)
+        ids = prompt_ids(tok, args.prompt, args.chat)
+        gen = generate_llamacpp(path, ids, args.n_predict, args.temperature, args.top_p, args.seed, args.threads,
+                                tok.tokenizer, show)
+        backends = "llama.cpp"
+    else:
+        loaded = _load(args.model, args.quiet)
+        ids = prompt_ids(loaded, args.prompt, args.chat)
+        label = path.name
+        if scheme is not None:
+            if scheme.act is not None:
+                from lowbit.model.actquant import quantize_act_model
+
+                quantize_act_model(loaded.model, scheme.act, progress=not args.quiet)
+            else:
+                from lowbit.model.quantize import quantize_model
+
+                quantize_model(loaded.model, scheme.name, progress=not args.quiet)
+            label = scheme.name
+        from lowbit.model.quantize import QuantLinear, set_backend
+
+        set_backend(loaded, args.backend)
+        if device != "cpu":
+            loaded.model.to(_auto_device(device))
+        used = sorted({m.kernel.backend for m in loaded.model.modules() if isinstance(m, QuantLinear)})
+        backends = ", ".join(used) if used else "float"
+        gen = generate_torch(loaded, ids, args.n_predict, args.temperature, args.top_p, args.seed, show, label)
+    print()
+    print(f"prefill {len(gen.prompt_ids)} tokens at {gen.prefill_tokens_per_s:.1f} tokens/s; decode "
+          f"{gen.n_new_tokens} tokens at {gen.decode_tokens_per_s:.2f} tokens/s; peak RSS {gen.peak_rss_mb:.0f} MB "
+          f"({gen.engine}: {backends})")
+    if args.json:
+        from lowbit.eval.report import write_report_json
+
+        doc = {k: v for k, v in gen.summary().items() if k not in ("prompt_ids", "new_ids")}
+        doc["format"] = gen.format
+        doc["backends"] = backends
+        write_report_json(Path(args.json), doc)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from lowbit.algorithms.gptq import GPTQConfig
     from lowbit.eval.compare import default_out_dir, parse_spec
@@ -1057,6 +1164,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", "-o", metavar="DIR", help="where compare.md, .json and .png go (default: runs/<model>)")
     _alias(sp, "--out-dir", "out")
     _eval_options(sp)
+    _common(sp, force=False)
+
+    sp = cmd("generate", "generate text, streamed as it comes, and time it: prefill and decode tokens/s, peak "
+                         "memory", cmd_generate)
+    sp.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face directory, a lowbit checkpoint, or "
+                                                   "'smollm2'")
+    sp.add_argument("--format", "-f", metavar="TYPE", help="quantize MODEL in memory with this format first")
+    sp.add_argument("--prompt", "-p", default="The three primary colors are", help="the text to continue")
+    sp.add_argument("--n-predict", "-n", type=int, default=128, metavar="N", help="new tokens at most")
+    sp.add_argument("--chat", action="store_true", help="send the prompt through the model's chat template")
+    sp.add_argument("--temperature", type=float, default=0.0, help="0: greedy; more: sampled")
+    sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's probability mass")
+    sp.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    sp.add_argument("--engine", choices=("torch", "llama.cpp"), default="torch",
+                    help="lowbit's PyTorch runtime, or llama.cpp (GGUF files)")
+    sp.add_argument("--backend", default=None, metavar="NAME",
+                    help="kernels for the quantized layers: 'exact' (the fastest whose product is exact up to float32 "
+                         "rounding), 'fast' (also those that round to bfloat16), or a backend's name (`lowbit "
+                         "formats` lists them); default exact")
+    sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the torch engine)")
+    sp.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's / all cores)")
+    sp.add_argument("--json", metavar="FILE", help="also write the timings and the text to this JSON file")
     _common(sp, force=False)
 
     sp = cmd("import", "a GGUF file as a Hugging Face model directory (weights dequantized)", cmd_import)

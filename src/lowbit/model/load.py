@@ -192,6 +192,25 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype 
         return _load_model(spec, dtype, progress, before_weights)
 
 
+class _TokenizerOnly(Exception):
+    pass
+
+
+def load_tokenizer(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> LoadedModel:
+    """What :func:`load_model` returns, with the tokenizer and ``model`` None: no weights are read."""
+    got: list[LoadedModel] = []
+
+    def stop(loaded: LoadedModel) -> None:
+        got.append(loaded)
+        raise _TokenizerOnly
+
+    try:
+        load_model(spec, progress=False, before_weights=stop)
+    except _TokenizerOnly:
+        return got[0]
+    raise ModelLoadError(f"{spec}: no tokenizer was loaded")  # load_model calls the hook before any weights
+
+
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Within the block, transformers' warnings and progress bars and the warnings of the libraries it
