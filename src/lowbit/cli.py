@@ -746,31 +746,40 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
 
 
 # ---- eval, compare ---------------------------------------------------------------------------
-def cmd_eval(args: argparse.Namespace) -> int:
-    from lowbit.io.outputs import REPORT, check_output
-    from lowbit.model.load import resolve_model_path
+def _in_memory_scheme(args: argparse.Namespace, facts, path: Path, static_hint: str, verb: str):  # type: ignore[no-untyped-def]
+    """eval's and generate's --format (quantized in memory, so no static activation ranges) and
+    --engine (llama.cpp runs a GGUF file as it is) checked on the model's shapes."""
     from lowbit.model.schemes import resolve_scheme
 
-    _check_ranges(args)
-    path = resolve_model_path(args.model)
-    facts = _inspect(args.model)
-    _check_ctx(facts, args.ctx, "--ctx")
-    ref_facts = _inspect(args.reference, "--reference") if args.reference else None
     scheme = resolve_scheme(args.format) if args.format else None
     if scheme is not None and scheme.act is not None and scheme.act.static:
-        raise LowbitError(f"--format {scheme.name}: static activation ranges need calibration; measure it with "
-                          f"lowbit compare --formats {scheme.name}")
+        raise LowbitError(f"--format {scheme.name}: static activation ranges need calibration; "
+                          + static_hint.format(name=scheme.name))
     if scheme is not None and scheme.act is None:
         _check_plan(facts, scheme.name, False)
     if args.engine == "llama.cpp":
         import importlib.util
 
         if facts.kind != "gguf":
-            raise LowbitError(f"{path}: --engine llama.cpp evaluates a GGUF file")
+            raise LowbitError(f"{path}: --engine llama.cpp {verb} a GGUF file")
         if scheme is not None:
             raise LowbitError("--engine llama.cpp runs the file as it is; drop --format")
         if importlib.util.find_spec("llama_cpp") is None:
             raise LowbitError("--engine llama.cpp needs llama-cpp-python (bash scripts/install.sh builds it)")
+    return scheme
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.io.outputs import REPORT, check_output
+    from lowbit.model.load import resolve_model_path
+
+    _check_ranges(args)
+    path = resolve_model_path(args.model)
+    facts = _inspect(args.model)
+    _check_ctx(facts, args.ctx, "--ctx")
+    ref_facts = _inspect(args.reference, "--reference") if args.reference else None
+    scheme = _in_memory_scheme(args, facts, path, "measure it with lowbit compare --formats {name}",
+                               "evaluates")
     text = _text(args.text, "--text", "eval", args.ctx)
     if args.json:
         check_output(args.json, REPORT, False, "--json", replace_own=True)
@@ -842,7 +851,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lowbit.kernels import check_backend
     from lowbit.model.load import resolve_model_path
-    from lowbit.model.schemes import resolve_scheme
 
     path = resolve_model_path(args.model)
     facts = _inspect(args.model)
@@ -859,23 +867,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_backend(args.backend)
     except LowbitError as exc:
         raise LowbitError(f"--backend {exc}") from None
-    scheme = resolve_scheme(args.format) if args.format else None
-    if scheme is not None and scheme.act is not None and scheme.act.static:
-        raise LowbitError(f"--format {scheme.name}: static activation ranges need calibration; quantize with "
-                          f"lowbit quantize -f {scheme.name} -o DIR, then generate from DIR")
-    if scheme is not None and scheme.act is None:
-        _check_plan(facts, scheme.name, False)
-    if args.engine == "llama.cpp":
-        import importlib.util
-
-        if facts.kind != "gguf":
-            raise LowbitError(f"{path}: --engine llama.cpp runs a GGUF file")
-        if scheme is not None:
-            raise LowbitError("--engine llama.cpp runs the file as it is; drop --format")
-        if device != "cpu":
-            raise LowbitError("--engine llama.cpp: this build of llama.cpp runs on the CPU; drop --device")
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise LowbitError("--engine llama.cpp needs llama-cpp-python (bash scripts/install.sh builds it)")
+    scheme = _in_memory_scheme(args, facts, path, "quantize with lowbit quantize -f {name} -o DIR, then "
+                               "generate from DIR", "runs")
+    if args.engine == "llama.cpp" and device != "cpu":
+        raise LowbitError("--engine llama.cpp: this build of llama.cpp runs on the CPU; drop --device")
     if args.json:
         from lowbit.io.outputs import REPORT, check_output
 
