@@ -40,7 +40,8 @@ def quantized_params(model: nn.Module) -> dict[str, QTensor]:
 
 
 def _placeholder_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: object) -> None:
-    state_dict[prefix + "weight"] = torch.empty(0, dtype=torch.float16)
+    if not getattr(module, "loading", False):  # while a loader fills the layer, its state is its parts only
+        state_dict[prefix + "weight"] = torch.empty(0, dtype=torch.float16)
 
 
 def _drop_placeholder_hook(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
