@@ -62,9 +62,12 @@ def test_rotated_layer_is_the_original_layer_in_full_precision():
     fmt = get_format("f32")
     qt = fmt.quantize(wr.float())
     mod = RotatedQuantLinear(qt, b, 1, 2)
-    mod.rotated_weight = lambda: wr  # type: ignore[method-assign]  # the exact rotated weight, float64
     x = torch.randn(5, 576, dtype=torch.float64)
-    assert torch.allclose(mod(x), x @ w.t() + b, atol=1e-10)
+    # the layer's own input and output rotations around the exact rotated weight (float64)
+    y = mod.kernel_output(mod.kernel_input(x) @ wr.t()) + b
+    assert torch.allclose(y, x @ w.t() + b, atol=1e-10)
+    # and its forward pass, on its kernel with the weight stored in FP32
+    assert torch.allclose(mod(x.float()).double(), x @ w.t() + b, atol=1e-3)
     h = x.t() @ x
     hr = rotate_hessian(h, r_in)
     xr = r_in.apply(x)

@@ -84,7 +84,7 @@ def test_the_usage_block_is_runnable_as_written(tmp_path, monkeypatch, capsys):
     assert {p.name for p in tmp_path.iterdir()} == {"smol-q4_0.gguf", "smol.imatrix.gguf", "smol-gptq-w4g128"}
 
 
-@pytest.mark.parametrize("line", [" ".join(a) for a in usage_lines()])
+@pytest.mark.parametrize("line", [shlex.join(a) for a in usage_lines()])
 def test_each_usage_line_parses(line):
     """Every option of every line exists (argparse would refuse an unknown one)."""
     from lowbit.cli import build_parser
