@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.formats import Format, QTensor
-from lowbit.formats.base import FormatError
+from lowbit.formats.base import FormatError, Grid
 
 
 @dataclass
@@ -58,23 +58,35 @@ def _split(u: torch.Tensor, s: torch.Tensor, b: torch.Tensor, start: int, groups
     return None
 
 
-def affine_groups(fmt: Format, qt: QTensor, max_levels: int = 256,
-                  groups: tuple[int, ...] = (256, 128, 64, 32)) -> AffineGroups | None:
-    """``qt`` as affine integer groups of one of ``groups`` columns, or None where its format has no
-    integer grid, more than ``max_levels`` codes, or scales that vary inside such groups.  The codes
-    are checked to decode to exactly the format's dequantized weight."""
+def integer_grid(fmt: Format, qt: QTensor) -> Grid | None:
+    """The grid of a 2-D ``qt`` whose format has integer codes (no code book), or None."""
     if not getattr(fmt, "has_grid", False) or len(qt.shape) != 2:
         return None
     try:
         grid = fmt.grid(qt)
     except FormatError:
         return None
-    levels = grid.qmax - grid.qmin + 1
-    if grid.levels is not None or levels > max_levels:
-        return None
+    return None if grid.levels is not None else grid
+
+
+def exact_codes(fmt: Format, qt: QTensor, grid: Grid) -> torch.Tensor | None:
+    """The codes of ``qt`` on ``grid``, or None unless they decode to exactly its dequantized weight."""
     w = fmt.dequantize(qt).reshape(qt.shape).to(torch.float32)
     codes = grid.nearest(w)
-    if not torch.equal(grid.values(codes), w):
+    return codes if torch.equal(grid.values(codes), w) else None
+
+
+def affine_groups(fmt: Format, qt: QTensor, max_levels: int = 256,
+                  groups: tuple[int, ...] = (256, 128, 64, 32)) -> AffineGroups | None:
+    """``qt`` as affine integer groups of one of ``groups`` columns, or None where its format has no
+    integer grid, more than ``max_levels`` codes, or scales that vary inside such groups.  The codes
+    are checked to decode to exactly the format's dequantized weight."""
+    grid = integer_grid(fmt, qt)
+    if grid is None or grid.qmax - grid.qmin + 1 > max_levels:
+        return None
+    levels = grid.qmax - grid.qmin + 1
+    codes = exact_codes(fmt, qt, grid)
+    if codes is None:
         return None
     scale = grid.scale.to(torch.float32)
     base = scale * (grid.qmin - (grid.zero if grid.zero is not None else 0.0))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats import Format, QTensor
-from lowbit.formats.base import FormatError
 from lowbit.kernels import Backend, Kernel, register_backend
+from lowbit.kernels.affine import exact_codes, integer_grid
 
 
 class Int8PackKernel(Kernel):
@@ -31,13 +31,10 @@ class Int8PackKernel(Kernel):
 def _build(fmt: Format, qt: QTensor) -> Kernel | None:
     if not hasattr(torch.ops.aten, "_weight_int8pack_mm") or len(qt.shape) != 2:
         return None
-    if any(t.device.type != "cpu" for t in qt.parts.values()) or not getattr(fmt, "has_grid", False):
+    if any(t.device.type != "cpu" for t in qt.parts.values()):
         return None
-    try:
-        grid = fmt.grid(qt)
-    except FormatError:
-        return None
-    if grid.levels is not None or grid.offset is not None or grid.qmin < -128 or grid.qmax > 127 \
+    grid = integer_grid(fmt, qt)
+    if grid is None or grid.offset is not None or grid.qmin < -128 or grid.qmax > 127 \
             or grid.qmax - grid.qmin < 16:  # 4-bit grids take the int4 kernel
         return None
     zero = grid.zero
@@ -46,11 +43,8 @@ def _build(fmt: Format, qt: QTensor) -> Kernel | None:
     s = grid.scale
     if not bool((s == s[:, :1]).all()):  # one scale per row
         return None
-    w = fmt.dequantize(qt).reshape(qt.shape).to(torch.float32)
-    codes = grid.nearest(w)
-    if not torch.equal(grid.values(codes), w):
-        return None
-    return Int8PackKernel(codes, s[:, 0])
+    codes = exact_codes(fmt, qt, grid)
+    return None if codes is None else Int8PackKernel(codes, s[:, 0])
 
 
 register_backend(Backend("cpu-int8pack", "cpu", "ATen's int8 matmul: symmetric integer weights with one scale per row "
