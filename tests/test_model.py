@@ -166,3 +166,19 @@ def test_quantize_model_gguf_type_follows_llama_cpp_rules(smol):
     assert fmts["model.layers.3.mlp.down_proj.weight"] == "q4_0"
     assert fmts["model.norm.weight"] == "f32"
     assert report.counts() == {"q8_0": 1, "q4_0": 210, "f32": 61}
+
+
+def test_a_gguf_is_parsed_once_while_transformers_reads_it(smol_path):
+    """The three parses transformers makes of one GGUF file (config, tokenizer, weights) share one
+    reader inside the context; outside it gguf is as it was."""
+    import gguf
+
+    from lowbit.model.load import gguf_parsed_once
+
+    cls, fn = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_parsed_once():
+        a, b = gguf.GGUFReader(smol_path), gguf.GGUFReader(str(smol_path))
+        assert a is b and len(a.tensors) == 272
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
+    assert gguf.GGUFReader is cls and gguf.get_tensor_name_map is fn
+    assert isinstance(gguf.GGUFReader(smol_path), cls)

@@ -245,17 +245,19 @@ def _load_model(spec: str | os.PathLike[str], dtype: torch.dtype, progress: bool
         arch = _gguf_arch(gf)
         if arch not in SUPPORTED_ARCHS:
             raise ModelLoadError(f"{path}: architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-        try:
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: transformers could not load this GGUF's tokenizer ({type(exc).__name__}: {exc})") from None
-        add_bos = _gguf_add_bos(gf, tok)
-        _before(before_weights, tok, path, arch, add_bos)
-        try:
-            with _gguf_bar(progress, path.name):
-                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: transformers could not load this GGUF ({type(exc).__name__}: {exc})") from None
+        with gguf_parsed_once():
+            try:
+                tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            except Exception as exc:
+                raise ModelLoadError(f"{path}: transformers could not load this GGUF's tokenizer "
+                                     f"({type(exc).__name__}: {exc})") from None
+            add_bos = _gguf_add_bos(gf, tok)
+            _before(before_weights, tok, path, arch, add_bos)
+            try:
+                with _gguf_bar(progress, path.name):
+                    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+            except Exception as exc:
+                raise ModelLoadError(f"{path}: transformers could not load this GGUF ({type(exc).__name__}: {exc})") from None
         _forget_gguf_origin(model)
         notes.append(
             f"weights dequantized to {str(dtype).replace('torch.', '')} from {path.name}; this float model is the 'original'"
@@ -320,6 +322,43 @@ def _load_model(spec: str | os.PathLike[str], dtype: torch.dtype, progress: bool
     model.eval()
     bos = getattr(tok, "bos_token_id", None)
     return LoadedModel(model, tok, path, arch, add_bos and bos is not None, bos, gguf_path, notes)
+
+
+@contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """While transformers reads a GGUF model, it parses the file three times (for the config, the
+    tokenizer and the weights: about 10 s each for a 49k-token vocabulary on 2 cores) and builds
+    gguf's tensor-name map once per module (about 12 s in all).  Inside this context each file is
+    parsed once and each map built once: the same read-only readers and maps, handed out again."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], object] = {}
+    maps: dict[tuple[object, int], object] = {}
+
+    def reader(path, mode="r"):  # type: ignore[no-untyped-def]
+        if mode != "r":
+            return reader_cls(path, mode)
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    def tensor_name_map(arch, n_blocks):  # type: ignore[no-untyped-def]
+        key = (arch, int(n_blocks))
+        if key not in maps:
+            maps[key] = name_map(arch, n_blocks)
+        return maps[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map  # type: ignore[assignment]
+        readers.clear()
 
 
 @contextmanager
