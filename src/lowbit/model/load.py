@@ -336,13 +336,13 @@ def gguf_parsed_once() -> Iterator[None]:
         yield
         return
     reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict[tuple[str, str], object] = {}
+    readers: dict[str, object] = {}  # read-only readers by the file's real path
     maps: dict[tuple[object, int], object] = {}
 
     def reader(path, mode="r"):  # type: ignore[no-untyped-def]
-        if mode != "r":
+        if mode != "r":  # a writable reader is never shared
             return reader_cls(path, mode)
-        key = (os.path.realpath(path), mode)
+        key = os.path.realpath(path)
         if key not in readers:
             readers[key] = reader_cls(path, mode)
         return readers[key]
