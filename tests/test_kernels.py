@@ -81,13 +81,32 @@ def test_the_fastest_backend_that_takes_a_format_is_chosen():
     """"fast" picks the fastest backend that takes a format; by default only exact ones are chosen."""
     want = {"int4-g128": "cpu-int4pack", "int4-asym-g64": "cpu-int4pack", "q4_0": "cpu-int4pack",
             "q4_1": "cpu-int4pack", "q4_k": "cpu-int4pack", "int3-asym-g64": "cpu-int4pack",
-            "int8-ch": "cpu-int8pack", "q8_0": "cpu-int4pack-2", "q5_k": "cpu-int4pack-2",
-            "nf4": "dequant", "q6_k": "dequant", "int4-g100": "dequant"}
+            "int8-ch": "cpu-int8pack", "q8_0": "cpu-table", "q5_k": "cpu-table",
+            "nf4": "cpu-table", "q6_k": "cpu-table", "int4-g100": "dequant"}
     for name, backend in want.items():
         fmt = get_format(name)
         qt = fmt.quantize(torch.randn(32, 1024))
         assert build_kernel(fmt, qt, "fast").backend == backend, name
-        assert get_backend(build_kernel(fmt, qt).backend).exact, name
+        exact = build_kernel(fmt, qt).backend
+        assert get_backend(exact).exact, name
+        # lowbit's compiled kernel takes every grid format whose scales hold over 16 columns or more
+        assert exact == ("dequant" if name == "int4-g100" else "cpu-table"), (name, exact)
+
+
+def test_the_compiled_kernels_are_built_and_decode_the_exact_weight():
+    """The install builds lowbit's CPU kernels; their decoder gives each format's own weight (to
+    float32 rounding of scale * value + base), for integer grids of 4 and 8 bits and code books."""
+    from lowbit.kernels.native import cpu_kernels
+
+    assert cpu_kernels() is not None, "lowbit's CPU kernels are not built: run bash scripts/install.sh"
+    for name in ("int4-asym-g128", "q4_k", "q6_k", "q8_0", "nf4", "iq4_nl", "int8-ch"):
+        fmt = get_format(name)
+        w = torch.randn(48, 512) * torch.rand(48, 1)
+        qt = fmt.quantize(w)
+        k = build_kernel(fmt, qt)
+        assert k.backend == "cpu-table", name
+        ref = fmt.dequantize(qt).reshape(48, 512)
+        assert torch.allclose(k.dequantize(), ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max())), name
 
 
 def test_an_unknown_or_unfit_backend_is_one_clear_error():

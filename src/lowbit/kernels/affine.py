@@ -97,3 +97,70 @@ def affine_groups(fmt: Format, qt: QTensor, max_levels: int = 256,
     if segs is None:
         return None
     return AffineGroups(qt.shape[0], qt.shape[1], levels, segs)
+
+
+@dataclass
+class TableWeight:
+    """``W[r, c] = scale[r, g] * table[u[r, c]] + base[r, g]`` with ``g = c // group`` (one group size
+    for the whole tensor, a multiple of 16), the form lowbit's compiled CPU kernel takes: 4-bit codes
+    (a table of 16 values: an integer grid centred on zero, or a code book) or 8-bit codes (integer
+    grids, the identity table)."""
+
+    rows: int
+    cols: int
+    group: int
+    bits: int
+    codes: torch.Tensor  # int64 [rows, cols] in [0, 2**bits)
+    table: torch.Tensor  # float32 [2**bits]
+    scale: torch.Tensor  # float32 [rows, cols // group]
+    base: torch.Tensor  # float32 [rows, cols // group]
+
+
+def _one_group(segs: list[AffineSegment]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The segments' scales and bases repeated to the smallest of their group sizes."""
+    g0 = min(s.group for s in segs)
+    scale = torch.cat([s.scale.repeat_interleave(s.group // g0, dim=1) for s in segs], dim=1)
+    base = torch.cat([s.base.repeat_interleave(s.group // g0, dim=1) for s in segs], dim=1)
+    return g0, scale.contiguous(), base.contiguous()
+
+
+def table_weight(fmt: Format, qt: QTensor) -> TableWeight | None:
+    """``qt`` as a :class:`TableWeight`, or None where its format has no grid, more than 256 integer
+    codes or a code book of more than 16 values, or scales that vary inside runs of 16 columns.  The
+    codes are checked to decode to exactly the format's dequantized weight."""
+    if not getattr(fmt, "has_grid", False) or len(qt.shape) != 2:
+        return None
+    try:
+        grid = fmt.grid(qt)
+    except FormatError:
+        return None
+    groups = (256, 128, 64, 32, 16)
+    if grid.levels is None:
+        levels = grid.qmax - grid.qmin + 1
+        if levels > 256:
+            return None
+        ag = affine_groups(fmt, qt, groups=groups)
+        if ag is None:
+            return None
+        g0, scale, base = _one_group(ag.segments)
+        u = torch.cat([s.codes for s in ag.segments], dim=1).to(torch.int64)
+        if levels <= 16:  # s * u + b = s * (u - 8) + (b + 8 s): a table centred on zero
+            table = torch.arange(16, dtype=torch.float32) - 8
+            base = (base.double() + 8 * scale.double()).float()
+            return TableWeight(ag.rows, ag.cols, g0, 4, u, table, scale, base)
+        return TableWeight(ag.rows, ag.cols, g0, 8, u, torch.arange(256, dtype=torch.float32), scale, base)
+    book = grid.levels.to(torch.float32).flatten()
+    if book.numel() > 16:
+        return None
+    w = fmt.dequantize(qt).reshape(qt.shape).to(torch.float32)
+    codes = grid.nearest(w)
+    if not torch.equal(grid.values(codes), w):
+        return None
+    offset = grid.offset if grid.offset is not None else torch.zeros(())
+    base = torch.broadcast_to(offset.to(torch.float32), grid.scale.shape)
+    segs = _split(codes, grid.scale.to(torch.float32), base, 0, groups)
+    if segs is None:
+        return None
+    g0, scale, base = _one_group(segs)
+    table = torch.cat([book, torch.zeros(16 - book.numel())])
+    return TableWeight(qt.shape[0], qt.shape[1], g0, 4, codes, table, scale, base)

@@ -1,0 +1,277 @@
+// lowbit's CPU kernel for table-coded group-wise weights.
+//
+// A weight of `rows` x `cols` is stored as codes u (4 or 8 bits each), a table T of float values and
+// one scale s and one base b per group of `group` columns of a row:
+//
+//     W[r, c] = s[r, g] * T[u[r, c]] + b[r, g],    g = c / group.
+//
+// Integer grids (int2-int8, Q4_0..Q8_0, the K-quants' sub-blocks) are T[k] = k - centre; code books
+// (NF4, FP4, IQ4_NL) are T = the book.  The product y = x W^T is computed in float32 as
+//
+//     y[m, r] = sum_g ( s[r, g] * sum_{c in g} T[u[r, c]] x[m, c]  +  b[r, g] * sum_{c in g} x[m, c] ),
+//
+// which is the float32 product of the exact weight up to float32 rounding (reassociation only).
+//
+// 4-bit codes are packed 16 columns to 8 bytes: byte j of a chunk holds column j in its low nibble
+// and column j + 8 in its high nibble.  8-bit codes are one byte per column.  `group` is a multiple
+// of 16 and divides `cols`.
+//
+// Small batches (m <= kMaxGemvRows per pass) decode each run of 16 codes once into registers and
+// multiply it with every input row; larger batches decode tiles of rows to float32 and hand them to
+// ATen's matrix multiply.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LOWBIT_AVX2 1
+#endif
+
+namespace {
+
+constexpr int kMaxGemvRows = 8;
+
+struct Weight {
+  const uint8_t* codes;  // [rows, cols / 2] (4-bit) or [rows, cols] (8-bit)
+  const float* table;    // [16] or [256]
+  const float* scale;    // [rows, ngroups]
+  const float* base;     // [rows, ngroups]
+  int64_t rows, cols, group, bits;
+  int64_t row_bytes() const { return bits == 4 ? cols / 2 : cols; }
+  int64_t ngroups() const { return cols / group; }
+};
+
+// Decode one row of W (scale and base applied) into out[cols].
+void decode_row_scalar(const Weight& w, int64_t r, float* out) {
+  const uint8_t* u = w.codes + r * w.row_bytes();
+  const float* s = w.scale + r * w.ngroups();
+  const float* b = w.base + r * w.ngroups();
+  for (int64_t g = 0; g < w.ngroups(); ++g) {
+    const float sg = s[g], bg = b[g];
+    for (int64_t c = g * w.group; c < (g + 1) * w.group; c += 16) {
+      float* o = out + c;
+      if (w.bits == 4) {
+        const uint8_t* p = u + c / 2;
+        for (int j = 0; j < 8; ++j) {
+          o[j] = sg * w.table[p[j] & 15] + bg;
+          o[j + 8] = sg * w.table[p[j] >> 4] + bg;
+        }
+      } else {
+        const uint8_t* p = u + c;
+        for (int j = 0; j < 16; ++j) o[j] = sg * w.table[p[j]] + bg;
+      }
+    }
+  }
+}
+
+#ifdef LOWBIT_AVX2
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// 16-entry table lookup of 8 indices (0..15): two 8-way permutes and a blend on bit 3.
+inline __m256 lut16(__m256i idx, __m256 t_lo, __m256 t_hi) {
+  const __m256 a = _mm256_permutevar8x32_ps(t_lo, idx);
+  const __m256 b = _mm256_permutevar8x32_ps(t_hi, idx);
+  const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));  // bit 3 -> sign bit
+  return _mm256_blendv_ps(a, b, sel);
+}
+
+// One row of W decoded to float32: as decode_row_scalar, sixteen codes at a time.
+void decode_row(const Weight& w, int64_t r, float* out) {
+  const uint8_t* u = w.codes + r * w.row_bytes();
+  const float* s = w.scale + r * w.ngroups();
+  const float* b = w.base + r * w.ngroups();
+  const __m256i nib = _mm256_set1_epi32(15);
+  __m256 t_lo = _mm256_setzero_ps(), t_hi = _mm256_setzero_ps();
+  if (w.bits == 4) {
+    t_lo = _mm256_loadu_ps(w.table);
+    t_hi = _mm256_loadu_ps(w.table + 8);
+  }
+  for (int64_t g = 0; g < w.ngroups(); ++g) {
+    const __m256 sg = _mm256_set1_ps(s[g]), bg = _mm256_set1_ps(b[g]);
+    for (int64_t c = g * w.group; c < (g + 1) * w.group; c += 16) {
+      __m256 v0, v1;
+      if (w.bits == 4) {
+        const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + c / 2)));
+        v0 = lut16(_mm256_and_si256(q, nib), t_lo, t_hi);
+        v1 = lut16(_mm256_srli_epi32(q, 4), t_lo, t_hi);
+      } else {
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + c));
+        v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+        v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
+      }
+      // s * T + b rounded once per product, as the scalar decoder's float expression is
+      _mm256_storeu_ps(out + c, _mm256_add_ps(_mm256_mul_ps(sg, v0), bg));
+      _mm256_storeu_ps(out + c + 8, _mm256_add_ps(_mm256_mul_ps(sg, v1), bg));
+    }
+  }
+}
+
+// y[m, r] for rows r in [r0, r1) and NM input rows (x, xsum: [NM, cols], [NM, ngroups]).
+template <int NM>
+void gemv_rows(const Weight& w, const float* x, const float* xsum, float* y, int64_t ldy,
+               int64_t r0, int64_t r1) {
+  const bool identity = w.bits == 8;  // 8-bit tables are the identity (integer grids only)
+  __m256 t_lo = _mm256_setzero_ps(), t_hi = _mm256_setzero_ps();
+  if (w.bits == 4) {
+    t_lo = _mm256_loadu_ps(w.table);
+    t_hi = _mm256_loadu_ps(w.table + 8);
+  }
+  const __m256i nib = _mm256_set1_epi32(15);
+  const int64_t ng = w.ngroups();
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* u = w.codes + r * w.row_bytes();
+    const float* s = w.scale + r * ng;
+    const float* b = w.base + r * ng;
+    __m256 tot[NM];
+    float bsum[NM];
+    for (int m = 0; m < NM; ++m) {
+      tot[m] = _mm256_setzero_ps();
+      bsum[m] = 0.f;
+    }
+    for (int64_t g = 0; g < ng; ++g) {
+      __m256 acc[NM];
+      for (int m = 0; m < NM; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t c = g * w.group; c < (g + 1) * w.group; c += 16) {
+        __m256 v0, v1;
+        if (!identity) {
+          const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + c / 2)));
+          v0 = lut16(_mm256_and_si256(q, nib), t_lo, t_hi);
+          v1 = lut16(_mm256_srli_epi32(q, 4), t_lo, t_hi);
+        } else {
+          const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + c));
+          v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+          v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
+        }
+        for (int m = 0; m < NM; ++m) {
+          const float* xm = x + m * w.cols + c;
+          acc[m] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xm), acc[m]);
+          acc[m] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xm + 8), acc[m]);
+        }
+      }
+      const __m256 sg = _mm256_set1_ps(s[g]);
+      for (int m = 0; m < NM; ++m) {
+        tot[m] = _mm256_fmadd_ps(sg, acc[m], tot[m]);
+        bsum[m] += b[g] * xsum[m * ng + g];
+      }
+    }
+    for (int m = 0; m < NM; ++m) y[m * ldy + r] = hsum(tot[m]) + bsum[m];
+  }
+}
+#else
+void decode_row(const Weight& w, int64_t r, float* out) { decode_row_scalar(w, r, out); }
+
+template <int NM>
+void gemv_rows(const Weight& w, const float* x, const float* xsum, float* y, int64_t ldy,
+               int64_t r0, int64_t r1) {
+  std::vector<float> row(w.cols);
+  (void)xsum;
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_row(w, r, row.data());
+    for (int m = 0; m < NM; ++m) {
+      float acc = 0.f;
+      const float* xm = x + m * w.cols;
+      for (int64_t c = 0; c < w.cols; ++c) acc += row[c] * xm[c];
+      y[m * ldy + r] = acc;
+    }
+  }
+}
+#endif
+
+using GemvFn = void (*)(const Weight&, const float*, const float*, float*, int64_t, int64_t, int64_t);
+const GemvFn kGemv[kMaxGemvRows + 1] = {nullptr, gemv_rows<1>, gemv_rows<2>, gemv_rows<3>, gemv_rows<4>,
+                                        gemv_rows<5>, gemv_rows<6>, gemv_rows<7>, gemv_rows<8>};
+
+Weight make_weight(const torch::Tensor& codes, const torch::Tensor& table, const torch::Tensor& scale,
+                   const torch::Tensor& base, int64_t rows, int64_t cols, int64_t group, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(group % 16 == 0 && cols % group == 0, "group must be a multiple of 16 dividing cols");
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous(), "codes: contiguous uint8");
+  TORCH_CHECK(codes.numel() == rows * (bits == 4 ? cols / 2 : cols), "codes: wrong size");
+  TORCH_CHECK(table.dtype() == torch::kFloat32 && table.numel() == (bits == 4 ? 16 : 256), "table");
+  TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == rows * (cols / group),
+              "scale: contiguous float32 [rows, cols / group]");
+  TORCH_CHECK(base.dtype() == torch::kFloat32 && base.is_contiguous() && base.numel() == rows * (cols / group),
+              "base: contiguous float32 [rows, cols / group]");
+  return Weight{codes.data_ptr<uint8_t>(), table.data_ptr<float>(), scale.data_ptr<float>(),
+                base.data_ptr<float>(), rows, cols, group, bits};
+}
+
+}  // namespace
+
+// The whole weight decoded to float32 [rows, cols] (rows r0..r1 when given).
+torch::Tensor dequantize(torch::Tensor codes, torch::Tensor table, torch::Tensor scale, torch::Tensor base,
+                         int64_t rows, int64_t cols, int64_t group, int64_t bits) {
+  const Weight w = make_weight(codes, table, scale, base, rows, cols, group, bits);
+  auto out = torch::empty({rows, cols}, torch::kFloat32);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t a, int64_t z) {
+    for (int64_t r = a; r < z; ++r) decode_row(w, r, o + r * cols);
+  });
+  return out;
+}
+
+// y = x W^T for float32 x [m, cols]; y float32 [m, rows].
+torch::Tensor matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor table, torch::Tensor scale,
+                     torch::Tensor base, int64_t rows, int64_t cols, int64_t group, int64_t bits,
+                     int64_t gemv_max_m) {
+  const Weight w = make_weight(codes, table, scale, base, rows, cols, group, bits);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == cols, "x: float32 [m, cols]");
+  x = x.contiguous();
+  const int64_t m = x.size(0);
+  if (m == 0 || rows == 0) return torch::zeros({m, rows}, torch::kFloat32);
+  if (m <= gemv_max_m) {
+    auto y = torch::empty({m, rows}, torch::kFloat32);
+    const int64_t ng = w.ngroups();
+    auto xsum = x.view({m, ng, group}).sum(-1).contiguous();  // float32, per input row and group
+    const float* xp = x.data_ptr<float>();
+    const float* xs = xsum.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, rows / (4 * at::get_num_threads()) + 1));
+    at::parallel_for(0, rows, grain, [&](int64_t a, int64_t z) {
+      for (int64_t m0 = 0; m0 < m; m0 += kMaxGemvRows) {
+        const int nm = static_cast<int>(std::min<int64_t>(kMaxGemvRows, m - m0));
+        kGemv[nm](w, xp + m0 * cols, xs + m0 * ng, yp + m0 * rows, rows, a, z);
+      }
+    });
+    return y;
+  }
+  // Tiles of rows decoded to float32 and multiplied by ATen: yT[r0:r0+n] = tile @ x^T.
+  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(rows, (int64_t{1} << 20) / cols / 16 * 16));
+  auto yt = torch::empty({rows, m}, torch::kFloat32);
+  auto buf = torch::empty({tile, cols}, torch::kFloat32);
+  float* bp = buf.data_ptr<float>();
+  const auto xt = x.t();
+  for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+    const int64_t n = std::min(tile, rows - r0);
+    at::parallel_for(0, n, 8, [&](int64_t a, int64_t z) {
+      for (int64_t r = a; r < z; ++r) decode_row(w, r0 + r, bp + r * cols);
+    });
+    auto out = yt.narrow(0, r0, n);
+    at::mm_out(out, buf.narrow(0, 0, n), xt);
+  }
+  return yt.t().contiguous();
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("dequantize", &dequantize, "decode a table-coded group-wise weight to float32");
+  mod.def("matmul", &matmul, "x @ W^T for a table-coded group-wise weight");
+  mod.def("simd", []() {
+#ifdef LOWBIT_AVX2
+    return std::string("avx2");
+#else
+    return std::string("scalar");
+#endif
+  });
+}
