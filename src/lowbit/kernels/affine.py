@@ -103,7 +103,7 @@ def affine_groups(fmt: Format, qt: QTensor, max_levels: int = 256,
 class TableWeight:
     """``W[r, c] = scale[r, g] * table[u[r, c]] + base[r, g]`` with ``g = c // group`` (one group size
     for the whole tensor, a multiple of 16), the form lowbit's compiled CPU kernel takes: 4-bit codes
-    (a table of 16 values: an integer grid centred on zero, or a code book) or 8-bit codes (integer
+    (a table of 16 values: the identity for integer grids, or a code book) or 8-bit codes (integer
     grids, the identity table)."""
 
     rows: int
@@ -144,10 +144,8 @@ def table_weight(fmt: Format, qt: QTensor) -> TableWeight | None:
             return None
         g0, scale, base = _one_group(ag.segments)
         u = torch.cat([s.codes for s in ag.segments], dim=1).to(torch.int64)
-        if levels <= 16:  # s * u + b = s * (u - 8) + (b + 8 s): a table centred on zero
-            table = torch.arange(16, dtype=torch.float32) - 8
-            base = (base.double() + 8 * scale.double()).float()
-            return TableWeight(ag.rows, ag.cols, g0, 4, u, table, scale, base)
+        if levels <= 16:
+            return TableWeight(ag.rows, ag.cols, g0, 4, u, torch.arange(16, dtype=torch.float32), scale, base)
         return TableWeight(ag.rows, ag.cols, g0, 8, u, torch.arange(256, dtype=torch.float32), scale, base)
     book = grid.levels.to(torch.float32).flatten()
     if book.numel() > 16:

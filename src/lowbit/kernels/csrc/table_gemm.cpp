@@ -5,8 +5,8 @@
 //
 //     W[r, c] = s[r, g] * T[u[r, c]] + b[r, g],    g = c / group.
 //
-// Integer grids (int2-int8, Q4_0..Q8_0, the K-quants' sub-blocks) are T[k] = k - centre; code books
-// (NF4, FP4, IQ4_NL) are T = the book.  The product y = x W^T is computed in float32 as
+// Integer grids (int2-int8, Q4_0..Q8_0, the K-quants' sub-blocks) are the identity table T[k] = k
+// (converted without a lookup); code books (NF4, FP4, IQ4_NL) are T = the book (16 values).  The product y = x W^T is computed in float32 as
 //
 //     y[m, r] = sum_g ( s[r, g] * sum_{c in g} T[u[r, c]] x[m, c]  +  b[r, g] * sum_{c in g} x[m, c] ),
 //
@@ -43,6 +43,7 @@ struct Weight {
   const float* scale;    // [rows, ngroups]
   const float* base;     // [rows, ngroups]
   int64_t rows, cols, group, bits;
+  bool identity;  // table[k] == k: codes convert to floats without a lookup
   int64_t row_bytes() const { return bits == 4 ? cols / 2 : cols; }
   int64_t ngroups() const { return cols / group; }
 };
@@ -122,7 +123,7 @@ void decode_row(const Weight& w, int64_t r, float* out) {
 template <int NM>
 void gemv_rows(const Weight& w, const float* x, const float* xsum, float* y, int64_t ldy,
                int64_t r0, int64_t r1) {
-  const bool identity = w.bits == 8;  // 8-bit tables are the identity (integer grids only)
+  const bool identity = w.identity;
   __m256 t_lo = _mm256_setzero_ps(), t_hi = _mm256_setzero_ps();
   if (w.bits == 4) {
     t_lo = _mm256_loadu_ps(w.table);
@@ -145,7 +146,11 @@ void gemv_rows(const Weight& w, const float* x, const float* xsum, float* y, int
       for (int m = 0; m < NM; ++m) acc[m] = _mm256_setzero_ps();
       for (int64_t c = g * w.group; c < (g + 1) * w.group; c += 16) {
         __m256 v0, v1;
-        if (!identity) {
+        if (w.bits == 4 && identity) {
+          const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + c / 2)));
+          v0 = _mm256_cvtepi32_ps(_mm256_and_si256(q, nib));
+          v1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
+        } else if (w.bits == 4) {
           const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + c / 2)));
           v0 = lut16(_mm256_and_si256(q, nib), t_lo, t_hi);
           v1 = lut16(_mm256_srli_epi32(q, 4), t_lo, t_hi);
@@ -199,13 +204,18 @@ Weight make_weight(const torch::Tensor& codes, const torch::Tensor& table, const
   TORCH_CHECK(group % 16 == 0 && cols % group == 0, "group must be a multiple of 16 dividing cols");
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous(), "codes: contiguous uint8");
   TORCH_CHECK(codes.numel() == rows * (bits == 4 ? cols / 2 : cols), "codes: wrong size");
-  TORCH_CHECK(table.dtype() == torch::kFloat32 && table.numel() == (bits == 4 ? 16 : 256), "table");
+  TORCH_CHECK(table.dtype() == torch::kFloat32 && table.is_contiguous() && table.numel() == (bits == 4 ? 16 : 256),
+              "table: contiguous float32 [16] (4-bit) or [256] (8-bit)");
+  const float* t = table.data_ptr<float>();
+  bool identity = true;
+  for (int64_t k = 0; k < table.numel(); ++k) identity = identity && t[k] == static_cast<float>(k);
+  TORCH_CHECK(bits == 4 || identity, "8-bit codes take the identity table only");
   TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == rows * (cols / group),
               "scale: contiguous float32 [rows, cols / group]");
   TORCH_CHECK(base.dtype() == torch::kFloat32 && base.is_contiguous() && base.numel() == rows * (cols / group),
               "base: contiguous float32 [rows, cols / group]");
   return Weight{codes.data_ptr<uint8_t>(), table.data_ptr<float>(), scale.data_ptr<float>(),
-                base.data_ptr<float>(), rows, cols, group, bits};
+                base.data_ptr<float>(), rows, cols, group, bits, identity};
 }
 
 }  // namespace
