@@ -157,3 +157,26 @@ def test_gradients_flow_through_the_float_product(small):
     m(x).sum().backward()
     ref = m.stored_weight().double().sum(0)
     assert torch.allclose(x.grad.double()[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tied_output_head_runs_on_the_embeddings_codes(small):
+    """Under a GGUF mix the tied token embedding is quantized: the output head keeps sharing its
+    (dequantized) weight and multiplies on a kernel of its codes, within float32 rounding of the
+    float product; once the weight is changed in place it takes the float product again."""
+    import lowbit
+    from lowbit.model.quantize import TiedQuantHead
+
+    work = dataclasses.replace(small, model=copy.deepcopy(small.model))
+    lowbit.quantize_model(work, "q8_0", progress=False)
+    head, emb = work.model.get_output_embeddings(), work.model.get_input_embeddings()
+    assert isinstance(head, TiedQuantHead) and head.weight is emb.weight
+    x = torch.randn(3, head.in_features)
+    with torch.no_grad():
+        ref = x.double() @ head.weight.double().t()
+        y = head(x)
+    assert head.tied_kernel is not None and head.tied_kernel.backend == "cpu-table"
+    assert 0 < _relative(y, ref) <= 1e-5
+    assert "lm_head.weight" not in dict(work.model.named_parameters())  # still one tied parameter
+    with torch.no_grad():
+        emb.weight.mul_(2)
+        assert torch.equal(head(x), torch.nn.functional.linear(x, emb.weight))

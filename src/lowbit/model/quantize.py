@@ -120,6 +120,37 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, format={self.fmt.name}"
 
 
+class TiedQuantHead(nn.Linear):
+    """An output head tied to a quantized token embedding.  Its weight stays the embedding's
+    (dequantized values: shared, saved and exported as before); its product runs on a kernel of the
+    embedding's codes, which decode to that same weight.  The float product is taken instead where
+    no fast kernel takes the format, the input is on another device, gradients are wanted, or the
+    weight was changed in place since it was quantized."""
+
+    tied_qt: QTensor
+    tied_version: int
+    tied_kernel: Kernel | None
+
+    @classmethod
+    def adopt(cls, head: nn.Linear, qt: QTensor) -> None:
+        head.__class__ = cls
+        head.tied_qt, head.tied_version, head.tied_kernel = qt, head.weight._version, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        usable = (self.weight._version == self.tied_version and not (torch.is_grad_enabled() and x.requires_grad)
+                  and x.dtype == self.weight.dtype)
+        if usable and self.tied_kernel is None:
+            k = build_kernel(get_format(self.tied_qt.format), self.tied_qt)
+            self.tied_kernel = k if k.backend != "dequant" else None
+            if self.tied_kernel is None:
+                self.tied_version = -1  # nothing faster than the float product
+        k = self.tied_kernel
+        if usable and k is not None and k.device == x.device:
+            y = k(x)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
 def set_backend(model: object, backend: str | None) -> int:
     """Run every quantized linear layer of ``model`` on the kernel backend ``backend``: a name of
     :func:`lowbit.kernels.backends`, "exact" or None (the best exact backend for each layer's format
@@ -259,6 +290,9 @@ def quantize_rest(model: nn.Module, fmt_name: str, choices: dict[str, TensorChoi
                 record = getattr(model, QUANTIZED_PARAMS, None) or {}
                 record[name] = qt
                 setattr(model, QUANTIZED_PARAMS, record)
+                head = _tied_head(model, p)
+                if head is not None and p.dim() == 2:
+                    TiedQuantHead.adopt(head, qt)
     return report
 
 
@@ -277,6 +311,15 @@ def _shared_ids(model: nn.Module) -> set[int]:
     for _, p in model.named_parameters(remove_duplicate=False):
         count[id(p)] = count.get(id(p), 0) + 1
     return {k for k, v in count.items() if v > 1}
+
+
+def _tied_head(model: nn.Module, p: torch.Tensor) -> nn.Linear | None:
+    """The output head whose weight is ``p``, when ``p`` is the token embedding it is tied to."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if get_out is not None else None
+    if type(head) in (nn.Linear, TiedQuantHead) and _is_tied(model) and head.weight is p:
+        return head
+    return None
 
 
 def _is_tied(model: nn.Module) -> bool:
