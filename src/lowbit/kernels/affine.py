@@ -69,11 +69,32 @@ def integer_grid(fmt: Format, qt: QTensor) -> Grid | None:
     return None if grid.levels is not None else grid
 
 
-def exact_codes(fmt: Format, qt: QTensor, grid: Grid) -> torch.Tensor | None:
-    """The codes of ``qt`` on ``grid``, or None unless they decode to exactly its dequantized weight."""
+def _rows(grid: Grid, rows: int, r0: int, r1: int) -> Grid:
+    """Rows ``r0:r1`` of a grid of ``rows`` rows (fields that broadcast over rows are kept whole)."""
+
+    def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t[r0:r1] if t is not None and t.dim() == 2 and t.shape[0] == rows else t
+
+    scale = cut(grid.scale)
+    assert scale is not None
+    return Grid(scale, cut(grid.zero), cut(grid.offset), grid.qmin, grid.qmax, grid.levels)
+
+
+def exact_codes(fmt: Format, qt: QTensor, grid: Grid, chunk: int = 1 << 21) -> torch.Tensor | None:
+    """The codes (int16) of ``qt`` on ``grid``, or None unless they decode to exactly its
+    dequantized weight.  Rows are rounded about ``chunk`` weights at a time, so that a large
+    tensor (an output head) needs no full-size temporaries beyond its weight and codes."""
     w = fmt.dequantize(qt).reshape(qt.shape).to(torch.float32)
-    codes = grid.nearest(w)
-    return codes if torch.equal(grid.values(codes), w) else None
+    rows, cols = w.shape
+    step = max(1, chunk // max(cols, 1))
+    out = torch.empty(rows, cols, dtype=torch.int16)
+    for r0 in range(0, rows, step):
+        g = _rows(grid, rows, r0, min(rows, r0 + step))
+        codes = g.nearest(w[r0 : r0 + step])
+        if not torch.equal(g.values(codes), w[r0 : r0 + step]):
+            return None
+        out[r0 : r0 + step] = codes
+    return out
 
 
 def affine_groups(fmt: Format, qt: QTensor, max_levels: int = 256,
@@ -150,9 +171,8 @@ def table_weight(fmt: Format, qt: QTensor) -> TableWeight | None:
     book = grid.levels.to(torch.float32).flatten()
     if book.numel() > 16:
         return None
-    w = fmt.dequantize(qt).reshape(qt.shape).to(torch.float32)
-    codes = grid.nearest(w)
-    if not torch.equal(grid.values(codes), w):
+    codes = exact_codes(fmt, qt, grid)
+    if codes is None:
         return None
     offset = grid.offset if grid.offset is not None else torch.zeros(())
     base = torch.broadcast_to(offset.to(torch.float32), grid.scale.shape)

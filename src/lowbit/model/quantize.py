@@ -135,15 +135,20 @@ class TiedQuantHead(nn.Linear):
     def adopt(cls, head: nn.Linear, qt: QTensor) -> None:
         head.__class__ = cls
         head.tied_qt, head.tied_version, head.tied_kernel = qt, head.weight._version, None
+        if all(t.device.type == "cpu" for t in qt.parts.values()):
+            head.build_kernel()  # now, not in the first product (a generation's prefill)
+
+    def build_kernel(self) -> None:
+        k = build_kernel(get_format(self.tied_qt.format), self.tied_qt)
+        self.tied_kernel = k if k.backend != "dequant" else None
+        if self.tied_kernel is None:
+            self.tied_version = -1  # nothing faster than the float product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         usable = (self.weight._version == self.tied_version and not (torch.is_grad_enabled() and x.requires_grad)
                   and x.dtype == self.weight.dtype)
         if usable and self.tied_kernel is None:
-            k = build_kernel(get_format(self.tied_qt.format), self.tied_qt)
-            self.tied_kernel = k if k.backend != "dequant" else None
-            if self.tied_kernel is None:
-                self.tied_version = -1  # nothing faster than the float product
+            self.build_kernel()
         k = self.tied_kernel
         if usable and k is not None and k.device == x.device:
             y = k(x)
