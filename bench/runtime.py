@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--skip-models", action="store_true")
     ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--tag", default="", help="appended to the results' file name")
     args = ap.parse_args()
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -193,7 +194,7 @@ def main() -> None:
     meta = {"command": command("runtime.py"), "machine": machine("cpu"), "model": args.model, "threads": args.threads,
             "new_tokens": args.new, "prompt_tokens": args.prompt_tokens, "total_seconds": time.time() - t0}
     OUT.mkdir(parents=True, exist_ok=True)
-    stem = f"runtime-{args.model}-cpu" + ("-layers" if args.skip_models else "")
+    stem = f"runtime-{args.model}-cpu" + ("-layers" if args.skip_models else "") + (f"-{args.tag}" if args.tag else "")
     (OUT / f"{stem}.json").write_text(json.dumps({**meta, "models": models, "layers": layers}, indent=1) + "\n")
     md = markdown(meta, models, layers)
     (OUT / f"{stem}.md").write_text(md)
