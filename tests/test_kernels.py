@@ -180,3 +180,23 @@ def test_a_tied_output_head_runs_on_the_embeddings_codes(small):
     with torch.no_grad():
         emb.weight.mul_(2)
         assert torch.equal(head(x), torch.nn.functional.linear(x, emb.weight))
+
+
+def test_a_model_that_ran_on_its_kernels_deep_copies_and_pickles(small):
+    """Built kernels (the layers' and the tied head's) go along with copy.deepcopy and pickle
+    (torch.save of a whole model), and the copy computes the same logits."""
+    import io
+
+    import lowbit
+
+    work = dataclasses.replace(small, model=copy.deepcopy(small.model))
+    lowbit.quantize_model(work, "q4_0", progress=False)
+    ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = work.model(input_ids=ids).logits
+        twin = copy.deepcopy(work.model)
+        buf = io.BytesIO()
+        torch.save(work.model, buf)
+        buf.seek(0)
+        back = torch.load(buf, weights_only=False)
+        assert torch.equal(twin(input_ids=ids).logits, ref) and torch.equal(back(input_ids=ids).logits, ref)

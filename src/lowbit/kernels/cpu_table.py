@@ -31,11 +31,18 @@ def pack(tw: TableWeight) -> torch.Tensor:
     return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(tw.rows, tw.cols // 2).contiguous()
 
 
+def _lib():  # type: ignore[no-untyped-def]
+    # looked up at each call, not held: a kernel stays copyable and picklable (a model is deep-copied
+    # and saved with its layers' kernels)
+    lib = cpu_kernels()
+    assert lib is not None  # a kernel is only built where the library is
+    return lib
+
+
 class TableKernel(Kernel):
     backend = "cpu-table"
 
     def __init__(self, tw: TableWeight) -> None:
-        self.lib = cpu_kernels()
         self.rows, self.cols, self.group, self.bits = tw.rows, tw.cols, tw.group, tw.bits
         self.codes = pack(tw)
         self.table = tw.table.to(torch.float32).contiguous()
@@ -47,11 +54,11 @@ class TableKernel(Kernel):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.cols).to(torch.float32)
-        y = self.lib.matmul(x2, *self._args(), GEMV_MAX_M)
+        y = _lib().matmul(x2, *self._args(), GEMV_MAX_M)
         return y.reshape(*x.shape[:-1], self.rows).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        return self.lib.dequantize(*self._args())
+        return _lib().dequantize(*self._args())
 
     @property
     def nbytes(self) -> int:
