@@ -58,15 +58,20 @@ def _split(u: torch.Tensor, s: torch.Tensor, b: torch.Tensor, start: int, groups
     return None
 
 
-def integer_grid(fmt: Format, qt: QTensor) -> Grid | None:
-    """The grid of a 2-D ``qt`` whose format has integer codes (no code book), or None."""
+def any_grid(fmt: Format, qt: QTensor) -> Grid | None:
+    """The grid of a 2-D ``qt`` whose format has one (integer codes or a code book), or None."""
     if not getattr(fmt, "has_grid", False) or len(qt.shape) != 2:
         return None
     try:
-        grid = fmt.grid(qt)
+        return fmt.grid(qt)
     except FormatError:
         return None
-    return None if grid.levels is not None else grid
+
+
+def integer_grid(fmt: Format, qt: QTensor) -> Grid | None:
+    """The grid of a 2-D ``qt`` whose format has integer codes (no code book), or None."""
+    grid = any_grid(fmt, qt)
+    return None if grid is None or grid.levels is not None else grid
 
 
 def _rows(grid: Grid, rows: int, r0: int, r1: int) -> Grid:
@@ -98,12 +103,12 @@ def exact_codes(fmt: Format, qt: QTensor, grid: Grid, chunk: int = 1 << 21) -> t
 
 
 def affine_groups(fmt: Format, qt: QTensor, max_levels: int = 256,
-                  groups: tuple[int, ...] = (256, 128, 64, 32)) -> AffineGroups | None:
+                  groups: tuple[int, ...] = (256, 128, 64, 32), grid: Grid | None = None) -> AffineGroups | None:
     """``qt`` as affine integer groups of one of ``groups`` columns, or None where its format has no
     integer grid, more than ``max_levels`` codes, or scales that vary inside such groups.  The codes
     are checked to decode to exactly the format's dequantized weight."""
-    grid = integer_grid(fmt, qt)
-    if grid is None or grid.qmax - grid.qmin + 1 > max_levels:
+    grid = integer_grid(fmt, qt) if grid is None else grid
+    if grid is None or grid.levels is not None or grid.qmax - grid.qmin + 1 > max_levels:
         return None
     levels = grid.qmax - grid.qmin + 1
     codes = exact_codes(fmt, qt, grid)
@@ -149,18 +154,15 @@ def table_weight(fmt: Format, qt: QTensor) -> TableWeight | None:
     """``qt`` as a :class:`TableWeight`, or None where its format has no grid, more than 256 integer
     codes or a code book of more than 16 values, or scales that vary inside runs of 16 columns.  The
     codes are checked to decode to exactly the format's dequantized weight."""
-    if not getattr(fmt, "has_grid", False) or len(qt.shape) != 2:
-        return None
-    try:
-        grid = fmt.grid(qt)
-    except FormatError:
+    grid = any_grid(fmt, qt)
+    if grid is None:
         return None
     groups = (256, 128, 64, 32, 16)
     if grid.levels is None:
         levels = grid.qmax - grid.qmin + 1
         if levels > 256:
             return None
-        ag = affine_groups(fmt, qt, groups=groups)
+        ag = affine_groups(fmt, qt, groups=groups, grid=grid)
         if ag is None:
             return None
         g0, scale, base = _one_group(ag.segments)

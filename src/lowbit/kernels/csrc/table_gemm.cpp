@@ -88,6 +88,26 @@ inline __m256 lut16(__m256i idx, __m256 t_lo, __m256 t_hi) {
   return _mm256_blendv_ps(a, b, sel);
 }
 
+// Sixteen codes from column c of a row's codes u, as table values: v0 columns c..c+7, v1 c+8..c+15.
+inline void decode16(const Weight& w, const uint8_t* u, int64_t c, __m256i nib, __m256 t_lo, __m256 t_hi,
+                     __m256& v0, __m256& v1) {
+  if (w.bits == 4) {
+    const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + c / 2)));
+    const __m256i lo = _mm256_and_si256(q, nib), hi = _mm256_srli_epi32(q, 4);
+    if (w.identity) {
+      v0 = _mm256_cvtepi32_ps(lo);
+      v1 = _mm256_cvtepi32_ps(hi);
+    } else {
+      v0 = lut16(lo, t_lo, t_hi);
+      v1 = lut16(hi, t_lo, t_hi);
+    }
+  } else {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + c));
+    v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+    v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
+  }
+}
+
 // One row of W decoded to float32: as decode_row_scalar, sixteen codes at a time.
 void decode_row(const Weight& w, int64_t r, float* out) {
   const uint8_t* u = w.codes + r * w.row_bytes();
@@ -103,15 +123,7 @@ void decode_row(const Weight& w, int64_t r, float* out) {
     const __m256 sg = _mm256_set1_ps(s[g]), bg = _mm256_set1_ps(b[g]);
     for (int64_t c = g * w.group; c < (g + 1) * w.group; c += 16) {
       __m256 v0, v1;
-      if (w.bits == 4) {
-        const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + c / 2)));
-        v0 = lut16(_mm256_and_si256(q, nib), t_lo, t_hi);
-        v1 = lut16(_mm256_srli_epi32(q, 4), t_lo, t_hi);
-      } else {
-        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + c));
-        v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
-        v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
-      }
+      decode16(w, u, c, nib, t_lo, t_hi, v0, v1);
       // s * T + b rounded once per product, as the scalar decoder's float expression is
       _mm256_storeu_ps(out + c, _mm256_add_ps(_mm256_mul_ps(sg, v0), bg));
       _mm256_storeu_ps(out + c + 8, _mm256_add_ps(_mm256_mul_ps(sg, v1), bg));
@@ -123,7 +135,6 @@ void decode_row(const Weight& w, int64_t r, float* out) {
 template <int NM>
 void gemv_rows(const Weight& w, const float* x, const float* xsum, float* y, int64_t ldy,
                int64_t r0, int64_t r1) {
-  const bool identity = w.identity;
   __m256 t_lo = _mm256_setzero_ps(), t_hi = _mm256_setzero_ps();
   if (w.bits == 4) {
     t_lo = _mm256_loadu_ps(w.table);
@@ -146,19 +157,7 @@ void gemv_rows(const Weight& w, const float* x, const float* xsum, float* y, int
       for (int m = 0; m < NM; ++m) acc[m] = _mm256_setzero_ps();
       for (int64_t c = g * w.group; c < (g + 1) * w.group; c += 16) {
         __m256 v0, v1;
-        if (w.bits == 4 && identity) {
-          const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + c / 2)));
-          v0 = _mm256_cvtepi32_ps(_mm256_and_si256(q, nib));
-          v1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
-        } else if (w.bits == 4) {
-          const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + c / 2)));
-          v0 = lut16(_mm256_and_si256(q, nib), t_lo, t_hi);
-          v1 = lut16(_mm256_srli_epi32(q, 4), t_lo, t_hi);
-        } else {
-          const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + c));
-          v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
-          v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
-        }
+        decode16(w, u, c, nib, t_lo, t_hi, v0, v1);
         for (int m = 0; m < NM; ++m) {
           const float* xm = x + m * w.cols + c;
           acc[m] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xm), acc[m]);
