@@ -92,7 +92,7 @@ def exact_codes(fmt: Format, qt: QTensor, grid: Grid, chunk: int = 1 << 21) -> t
     w = fmt.dequantize(qt).reshape(qt.shape).to(torch.float32)
     rows, cols = w.shape
     step = max(1, chunk // max(cols, 1))
-    out = torch.empty(rows, cols, dtype=torch.int16)
+    out = torch.empty(rows, cols, dtype=torch.int16, device=w.device)
     for r0 in range(0, rows, step):
         g = _rows(grid, rows, r0, min(rows, r0 + step))
         codes = g.nearest(w[r0 : r0 + step])
@@ -168,19 +168,21 @@ def table_weight(fmt: Format, qt: QTensor) -> TableWeight | None:
         g0, scale, base = _one_group(ag.segments)
         u = torch.cat([s.codes for s in ag.segments], dim=1).to(torch.int64)
         if levels <= 16:
-            return TableWeight(ag.rows, ag.cols, g0, 4, u, torch.arange(16, dtype=torch.float32), scale, base)
-        return TableWeight(ag.rows, ag.cols, g0, 8, u, torch.arange(256, dtype=torch.float32), scale, base)
+            return TableWeight(ag.rows, ag.cols, g0, 4, u, torch.arange(16, dtype=torch.float32, device=u.device), scale,
+                               base)
+        return TableWeight(ag.rows, ag.cols, g0, 8, u, torch.arange(256, dtype=torch.float32, device=u.device), scale,
+                           base)
     book = grid.levels.to(torch.float32).flatten()
     if book.numel() > 16:
         return None
     codes = exact_codes(fmt, qt, grid)
     if codes is None:
         return None
-    offset = grid.offset if grid.offset is not None else torch.zeros(())
+    offset = grid.offset if grid.offset is not None else torch.zeros((), device=book.device)
     base = torch.broadcast_to(offset.to(torch.float32), grid.scale.shape)
     segs = _split(codes, grid.scale.to(torch.float32), base, 0, groups)
     if segs is None:
         return None
     g0, scale, base = _one_group(segs)
-    table = torch.cat([book, torch.zeros(16 - book.numel())])
+    table = torch.cat([book, torch.zeros(16 - book.numel(), device=book.device)])
     return TableWeight(qt.shape[0], qt.shape[1], g0, 4, codes, table, scale, base)
