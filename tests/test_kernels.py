@@ -82,7 +82,7 @@ def test_the_fastest_backend_that_takes_a_format_is_chosen():
     want = {"int4-g128": "cpu-int4pack", "int4-asym-g64": "cpu-int4pack", "q4_0": "cpu-int4pack",
             "q4_1": "cpu-int4pack", "q4_k": "cpu-int4pack", "int3-asym-g64": "cpu-int4pack",
             "int8-ch": "cpu-int8pack", "q8_0": "cpu-table", "q5_k": "cpu-table",
-            "nf4": "cpu-table", "q6_k": "cpu-table", "int4-g100": "dequant"}
+            "nf4": "cpu-table", "q6_k": "cpu-table", "int4-g100": "dequant", "e8p": "cpu-e8p"}
     for name, backend in want.items():
         fmt = get_format(name)
         qt = fmt.quantize(torch.randn(32, 1024))
@@ -90,7 +90,7 @@ def test_the_fastest_backend_that_takes_a_format_is_chosen():
         exact = build_kernel(fmt, qt).backend
         assert get_backend(exact).exact, name
         # lowbit's compiled kernel takes every grid format whose scales hold over 16 columns or more
-        assert exact == ("dequant" if name == "int4-g100" else "cpu-table"), (name, exact)
+        assert exact == {"int4-g100": "dequant", "e8p": "cpu-e8p"}.get(name, "cpu-table"), (name, exact)
 
 
 def test_the_compiled_kernels_are_built_and_decode_the_exact_weight():
@@ -107,6 +107,19 @@ def test_the_compiled_kernels_are_built_and_decode_the_exact_weight():
         assert k.backend == "cpu-table", name
         ref = fmt.dequantize(qt).reshape(48, 512)
         assert torch.allclose(k.dequantize(), ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max())), name
+
+
+def test_the_e8p_kernel_decodes_the_exact_lattice_points():
+    """E8P codes decode in the compiled kernel (patterns, sign bits, parity, shift) to exactly the
+    format's weight, one stage and two, including codes of every sign and shift pattern."""
+    for name in ("e8p", "e8p4"):
+        fmt = get_format(name)
+        qt = fmt.quantize(torch.randn(64, 512) * torch.rand(64, 1))
+        k = build_kernel(fmt, qt)
+        assert k.backend == "cpu-e8p", name
+        codes = qt.parts["codes"].to(torch.int64) & 0xFFFF
+        assert len(torch.unique(codes >> 8)) == 256  # every high byte (7 signs, the shift) occurs
+        assert torch.equal(k.dequantize(), fmt.dequantize(qt).reshape(64, 512)), name
 
 
 def test_an_unknown_or_unfit_backend_is_one_clear_error():

@@ -146,7 +146,7 @@ class E8PFormat(Format):
                             f"{stages} residual E8P stages, {stages} x 16-bit codes per 8 weights, FP16 scales per row")
 
     @staticmethod
-    def _suffix(stage: int) -> str:
+    def stage_suffix(stage: int) -> str:
         return "" if stage == 0 else str(stage + 1)
 
     def _codes(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -196,14 +196,14 @@ class E8PFormat(Format):
         for st in range(self.stages):
             scale = self._fit_scale(rest, name, last=st + 1 == self.stages)
             codes = self._codes(rest, scale)
-            parts["codes" + self._suffix(st)] = _to_int16(codes)
-            parts["scale" + self._suffix(st)] = scale.half()
+            parts["codes" + self.stage_suffix(st)] = _to_int16(codes)
+            parts["scale" + self.stage_suffix(st)] = scale.half()
             if st + 1 < self.stages:
                 rest = rest - cb[codes].reshape(w.shape) * scale
         return QTensor(self.name, tuple(w.shape), parts)
 
     def dequantize(self, qt: QTensor) -> torch.Tensor:
-        codes = torch.stack([qt.parts["codes" + self._suffix(st)].to(torch.int64) & 0xFFFF
+        codes = torch.stack([qt.parts["codes" + self.stage_suffix(st)].to(torch.int64) & 0xFFFF
                              for st in range(self.stages)], dim=2)
         return self.vector_grid(qt).values(codes)
 
@@ -212,7 +212,7 @@ class E8PFormat(Format):
 
     # ---- vector grid: GPTQ/LDLQ choose the codes, 8 columns at a time ----------------------
     def vector_grid(self, qt: QTensor) -> VectorGrid:
-        scales = torch.cat([qt.parts["scale" + self._suffix(st)].float() for st in range(self.stages)], dim=1)
+        scales = torch.cat([qt.parts["scale" + self.stage_suffix(st)].float() for st in range(self.stages)], dim=1)
         return VectorGrid(scales, DIM, _codebook_on(str(scales.device)), nearest_codes)
 
     def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
@@ -221,7 +221,7 @@ class E8PFormat(Format):
             codes = codes[..., None]
         parts = dict(qt.parts)
         for st in range(self.stages):
-            parts["codes" + self._suffix(st)] = _to_int16(codes[..., st])
+            parts["codes" + self.stage_suffix(st)] = _to_int16(codes[..., st])
         return QTensor(self.name, qt.shape, parts, dict(qt.meta))
 
 

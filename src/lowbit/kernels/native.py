@@ -23,13 +23,17 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / "table_gemm.cpp"]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.cpp"))
+#: what the build's name is a hash of: the sources and the headers they include
+HASHED = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
 
 
 def _key() -> str:
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in HASHED:
+        h.update(src.name.encode())
         h.update(src.read_bytes())
     h.update(" ".join(CFLAGS).encode())
     h.update(torch.__version__.encode())

@@ -144,6 +144,19 @@ class TiedQuantHead(nn.Linear):
         if self.tied_kernel is None:
             self.tied_version = -1  # nothing faster than the float product
 
+    def __getstate__(self) -> dict:
+        # a copy's weight (deepcopy, pickle) starts again at version 0: record whether the kernel still
+        # matches the weight, for __setstate__ to carry over
+        state = dict(self.__dict__)
+        state["tied_current"] = self.tied_version >= 0 and self.weight._version == self.tied_version
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        current = state.pop("tied_current", False)
+        super().__setstate__(state)
+        if self.tied_version >= 0:
+            self.tied_version = self.weight._version if current else -2  # -2: changed before it was copied
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         usable = (self.weight._version == self.tied_version and not (torch.is_grad_enabled() and x.requires_grad)
                   and x.dtype == self.weight.dtype)

@@ -20,19 +20,12 @@
 // multiply it with every input row; larger batches decode tiles of rows to float32 and hand them to
 // ATen's matrix multiply.
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "common.h"
 
-#include <algorithm>
-#include <cstdint>
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define LOWBIT_AVX2 1
-#endif
-
+namespace lowbit {
 namespace {
 
 constexpr int kMaxGemvRows = 8;
@@ -72,13 +65,6 @@ void decode_row_scalar(const Weight& w, int64_t r, float* out) {
 }
 
 #ifdef LOWBIT_AVX2
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
 
 // 16-entry table lookup of 8 indices (0..15): two 8-way permutes and a blend on bit 3.
 inline __m256 lut16(__m256i idx, __m256 t_lo, __m256 t_hi) {
@@ -219,9 +205,9 @@ Weight make_weight(const torch::Tensor& codes, const torch::Tensor& table, const
 
 }  // namespace
 
-// The whole weight decoded to float32 [rows, cols] (rows r0..r1 when given).
-torch::Tensor dequantize(torch::Tensor codes, torch::Tensor table, torch::Tensor scale, torch::Tensor base,
-                         int64_t rows, int64_t cols, int64_t group, int64_t bits) {
+// The whole weight decoded to float32 [rows, cols].
+torch::Tensor table_dequantize(torch::Tensor codes, torch::Tensor table, torch::Tensor scale, torch::Tensor base,
+                               int64_t rows, int64_t cols, int64_t group, int64_t bits) {
   const Weight w = make_weight(codes, table, scale, base, rows, cols, group, bits);
   auto out = torch::empty({rows, cols}, torch::kFloat32);
   float* o = out.data_ptr<float>();
@@ -232,9 +218,9 @@ torch::Tensor dequantize(torch::Tensor codes, torch::Tensor table, torch::Tensor
 }
 
 // y = x W^T for float32 x [m, cols]; y float32 [m, rows].
-torch::Tensor matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor table, torch::Tensor scale,
-                     torch::Tensor base, int64_t rows, int64_t cols, int64_t group, int64_t bits,
-                     int64_t gemv_max_m) {
+torch::Tensor table_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor table, torch::Tensor scale,
+                           torch::Tensor base, int64_t rows, int64_t cols, int64_t group, int64_t bits,
+                           int64_t gemv_max_m) {
   const Weight w = make_weight(codes, table, scale, base, rows, cols, group, bits);
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == cols, "x: float32 [m, cols]");
   x = x.contiguous();
@@ -247,7 +233,7 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor table, 
     const float* xp = x.data_ptr<float>();
     const float* xs = xsum.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, rows / (4 * at::get_num_threads()) + 1));
+    const int64_t grain = gemv_grain(rows);
     at::parallel_for(0, rows, grain, [&](int64_t a, int64_t z) {
       for (int64_t m0 = 0; m0 < m; m0 += kMaxGemvRows) {
         const int nm = static_cast<int>(std::min<int64_t>(kMaxGemvRows, m - m0));
@@ -256,31 +242,8 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor table, 
     });
     return y;
   }
-  // Tiles of rows decoded to float32 and multiplied by ATen: yT[r0:r0+n] = tile @ x^T.
-  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(rows, (int64_t{1} << 20) / cols / 16 * 16));
-  auto yt = torch::empty({rows, m}, torch::kFloat32);
-  auto buf = torch::empty({tile, cols}, torch::kFloat32);
-  float* bp = buf.data_ptr<float>();
-  const auto xt = x.t();
-  for (int64_t r0 = 0; r0 < rows; r0 += tile) {
-    const int64_t n = std::min(tile, rows - r0);
-    at::parallel_for(0, n, 8, [&](int64_t a, int64_t z) {
-      for (int64_t r = a; r < z; ++r) decode_row(w, r0 + r, bp + r * cols);
-    });
-    auto out = yt.narrow(0, r0, n);
-    at::mm_out(out, buf.narrow(0, 0, n), xt);
-  }
-  return yt.t().contiguous();
+  // Tiles of rows decoded to float32 and multiplied by ATen.
+  return tiled_matmul(x, rows, cols, [&](int64_t r, float* out) { decode_row(w, r, out); });
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("dequantize", &dequantize, "decode a table-coded group-wise weight to float32");
-  mod.def("matmul", &matmul, "x @ W^T for a table-coded group-wise weight");
-  mod.def("simd", []() {
-#ifdef LOWBIT_AVX2
-    return std::string("avx2");
-#else
-    return std::string("scalar");
-#endif
-  });
-}
+}  // namespace lowbit

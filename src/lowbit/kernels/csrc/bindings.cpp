@@ -1,0 +1,16 @@
+// The Python module of lowbit's CPU kernels.
+#include "common.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("dequantize", &lowbit::table_dequantize, "decode a table-coded group-wise weight to float32");
+  mod.def("matmul", &lowbit::table_matmul, "x @ W^T for a table-coded group-wise weight");
+  mod.def("e8p_dequantize", &lowbit::e8p_dequantize, "decode an E8P (E8 lattice) weight to float32");
+  mod.def("e8p_matmul", &lowbit::e8p_matmul, "x @ W^T for an E8P (E8 lattice) weight");
+  mod.def("simd", []() {
+#ifdef LOWBIT_AVX2
+    return std::string("avx2");
+#else
+    return std::string("scalar");
+#endif
+  });
+}

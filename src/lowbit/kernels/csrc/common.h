@@ -1,0 +1,66 @@
+// Pieces lowbit's CPU kernels share: SIMD detection, a horizontal sum, and the large-batch path
+// (tiles of rows decoded to float32 and multiplied by ATen).
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LOWBIT_AVX2 1
+#endif
+
+namespace lowbit {
+
+#ifdef LOWBIT_AVX2
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+#endif
+
+// y = x W^T (float32 [m, rows]) for a weight of `rows` x `cols` whose row r decode_row(r, out) writes
+// to out[cols]: tiles of about 1 MB of rows are decoded (in parallel) and multiplied by ATen.
+inline torch::Tensor tiled_matmul(const torch::Tensor& x, int64_t rows, int64_t cols,
+                                  const std::function<void(int64_t, float*)>& decode_row) {
+  const int64_t m = x.size(0);
+  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(rows, (int64_t{1} << 20) / cols / 16 * 16));
+  auto yt = torch::empty({rows, m}, torch::kFloat32);
+  auto buf = torch::empty({std::min(tile, rows), cols}, torch::kFloat32);
+  float* bp = buf.data_ptr<float>();
+  const auto xt = x.t();
+  for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+    const int64_t n = std::min(tile, rows - r0);
+    at::parallel_for(0, n, 8, [&](int64_t a, int64_t z) {
+      for (int64_t r = a; r < z; ++r) decode_row(r0 + r, bp + r * cols);
+    });
+    auto out = yt.narrow(0, r0, n);
+    at::mm_out(out, buf.narrow(0, 0, n), xt);
+  }
+  return yt.t().contiguous();
+}
+
+// Rows per task of a GEMV over `rows` outputs: a few tasks per thread, at most 64 rows each.
+inline int64_t gemv_grain(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(64, rows / (4 * at::get_num_threads()) + 1));
+}
+
+// table_gemm.cpp
+torch::Tensor table_dequantize(torch::Tensor codes, torch::Tensor table, torch::Tensor scale, torch::Tensor base,
+                               int64_t rows, int64_t cols, int64_t group, int64_t bits);
+torch::Tensor table_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor table, torch::Tensor scale,
+                           torch::Tensor base, int64_t rows, int64_t cols, int64_t group, int64_t bits,
+                           int64_t gemv_max_m);
+// e8p_gemm.cpp
+torch::Tensor e8p_dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor patterns, torch::Tensor parity);
+torch::Tensor e8p_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor patterns,
+                         torch::Tensor parity, int64_t gemv_max_m);
+
+}  // namespace lowbit
