@@ -27,7 +27,11 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = sorted(CSRC.glob("*.cpp"))
 #: what the build's name is a hash of: the sources and the headers they include
 HASHED = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+#: -fopenmp: at::parallel_for is inline and runs on OpenMP in torch's CPU builds; without the flag its
+#: pragma is ignored and every kernel runs on one thread.  The module links the libgomp torch has
+#: loaded (same soname), so torch.set_num_threads governs it.
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def _key() -> str:
@@ -35,7 +39,7 @@ def _key() -> str:
     for src in HASHED:
         h.update(src.name.encode())
         h.update(src.read_bytes())
-    h.update(" ".join(CFLAGS).encode())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
     return h.hexdigest()[:12]
@@ -79,7 +83,7 @@ def build(verbose: bool = False) -> ModuleType:
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink if not verbose else sys.stdout):
         warnings.simplefilter("ignore")
-        return cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=CFLAGS, build_directory=str(d),
+        return cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(d),
                                   verbose=verbose)
 
 
