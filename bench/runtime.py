@@ -46,13 +46,16 @@ def _prompt(model: str, n: int) -> str:
     return tok.decode(ids)
 
 
-def _generate(args: argparse.Namespace, model: str, fmt: str | None, engine: str, prompt: str) -> dict:
+def _generate(args: argparse.Namespace, model: str, fmt: str | None, engine: str, prompt: str,
+              backend: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         js = Path(d) / "g.json"
         cmd = [*LOWBIT, "generate", model, "-n", str(args.new), "--prompt", prompt, "--threads", str(args.threads),
                "--engine", engine, "--json", str(js), "--quiet"]
         if fmt is not None:
             cmd += ["-f", fmt]
+        if backend is not None:
+            cmd += ["--backend", backend]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if r.returncode != 0:
             raise SystemExit(f"{' '.join(cmd[:6])} ... failed: {r.stderr.strip()[-400:]}")
@@ -72,28 +75,30 @@ def models_table(args: argparse.Namespace) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="lowbit-runtime-"))
     for fmt in args.formats:
         runs = [("lowbit", None if fmt == "float32" else fmt, args.model)]
+        if fmt in args.fast:
+            runs.append(("lowbit fast", fmt, args.model))
         if fmt in GGUF and not args.no_llamacpp:
             path = work / f"{fmt}.gguf"
             _write_gguf(args.model, fmt, path)
             runs.append(("llama.cpp", None, str(path)))
         for engine, f, model in runs:
-            g = _generate(args, model, f, "torch" if engine == "lowbit" else "llama.cpp", prompt)
+            g = _generate(args, model, f, "llama.cpp" if engine == "llama.cpp" else "torch", prompt,
+                          "fast" if engine == "lowbit fast" else None)
             row = {"format": fmt, "engine": engine, "decode_tokens_per_s": g["decode_tokens_per_s"],
                    "prefill_tokens_per_s": g["prefill_tokens_per_s"], "peak_rss_mb": g["peak_rss_mb"],
                    "n_new_tokens": g["n_new_tokens"]}
             rows.append(row)
-            print(f"{fmt:>15} {engine:>9}  decode {row['decode_tokens_per_s']:7.2f} tok/s  prefill "
+            print(f"{fmt:>15} {engine:>11}  decode {row['decode_tokens_per_s']:7.2f} tok/s  prefill "
                   f"{row['prefill_tokens_per_s']:8.1f} tok/s  peak {row['peak_rss_mb']:7.0f} MB", flush=True)
     base = next((r for r in rows if r["format"] == "float32"), None)
     for r in rows:
         if base is not None:
             r["decode_vs_float32"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
             r["prefill_vs_float32"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
-    for f in GGUF:
-        ours = next((r for r in rows if r["format"] == f and r["engine"] == "lowbit"), None)
-        ref = next((r for r in rows if r["format"] == f and r["engine"] == "llama.cpp"), None)
-        if ours and ref:
-            ours["decode_vs_llamacpp"] = ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+    for r in rows:
+        ref = next((x for x in rows if x["format"] == r["format"] and x["engine"] == "llama.cpp"), None)
+        if ref is not None and r["engine"] != "llama.cpp":
+            r["decode_vs_llamacpp"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
     for p in work.iterdir():  # the GGUF files this run wrote
         p.unlink()
     work.rmdir()
@@ -155,11 +160,12 @@ def markdown(meta: dict, models: list[dict], layers: list[dict]) -> str:
     out = [f"`{meta['command']}` on {meta['machine']['device']} ({meta['threads']} threads), {meta['model']}: "
            f"{meta['new_tokens']} new tokens after {meta['prompt_tokens']}, greedy\n"]
     if models:
-        out += ["| format | engine | decode tok/s | × float32 | prefill tok/s | × float32 | peak RSS MB |",
-                "|---|---|---:|---:|---:|---:|---:|"]
+        out += ["| format | engine | decode tok/s | × float32 | × llama.cpp | prefill tok/s | × float32 | peak RSS MB |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in models:
+            vs = f"{r['decode_vs_llamacpp']:.2f}" if "decode_vs_llamacpp" in r else ""
             out.append(f"| {r['format']} | {r['engine']} | {r['decode_tokens_per_s']:.2f} | "
-                       f"{r.get('decode_vs_float32', float('nan')):.2f} | {r['prefill_tokens_per_s']:.1f} | "
+                       f"{r.get('decode_vs_float32', float('nan')):.2f} | {vs} | {r['prefill_tokens_per_s']:.1f} | "
                        f"{r.get('prefill_vs_float32', float('nan')):.2f} | {r['peak_rss_mb']:.0f} |")
     if layers:
         out += ["", "Layer products, ms per call (weights rotated through more than 256 MB of float32 copies):", "",
@@ -179,6 +185,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--fast", default="", help="formats also run with --backend fast (kernels that round)")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--skip-models", action="store_true")
     ap.add_argument("--skip-layers", action="store_true")
@@ -186,6 +193,7 @@ def main() -> None:
     args = ap.parse_args()
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.fast = [f.strip() for f in args.fast.split(",") if f.strip()]
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.time()

@@ -81,7 +81,7 @@ def test_the_fastest_backend_that_takes_a_format_is_chosen():
     """"fast" picks the fastest backend that takes a format; by default only exact ones are chosen."""
     want = {"int4-g128": "cpu-int4pack", "int4-asym-g64": "cpu-int4pack", "q4_0": "cpu-int4pack",
             "q4_1": "cpu-int4pack", "q4_k": "cpu-int4pack", "int3-asym-g64": "cpu-int4pack",
-            "int8-ch": "cpu-int8pack", "q8_0": "cpu-table", "q5_k": "cpu-table",
+            "int8-ch": "cpu-q8dot", "q8_0": "cpu-q8dot", "q5_k": "cpu-q8dot",
             "nf4": "cpu-table", "q6_k": "cpu-table", "int4-g100": "dequant", "e8p": "cpu-e8p"}
     for name, backend in want.items():
         fmt = get_format(name)
@@ -112,6 +112,7 @@ def test_the_compiled_kernels_are_built_and_decode_the_exact_weight():
 def test_the_e8p_kernel_decodes_the_exact_lattice_points():
     """E8P codes decode in the compiled kernel (patterns, sign bits, parity, shift) to exactly the
     format's weight, one stage and two, including codes of every sign and shift pattern."""
+    torch.manual_seed(0)
     for name in ("e8p", "e8p4"):
         fmt = get_format(name)
         qt = fmt.quantize(torch.randn(64, 512) * torch.rand(64, 1))
@@ -120,6 +121,37 @@ def test_the_e8p_kernel_decodes_the_exact_lattice_points():
         codes = qt.parts["codes"].to(torch.int64) & 0xFFFF
         assert len(torch.unique(codes >> 8)) == 256  # every high byte (7 signs, the shift) occurs
         assert torch.equal(k.dequantize(), fmt.dequantize(qt).reshape(64, 512)), name
+
+
+def test_the_integer_kernel_is_the_exact_product_of_the_input_rounded_to_int8():
+    """cpu-q8dot's only approximation is the input rounded to int8 per 32 columns (scale max|x|/127):
+    its product equals, to float32 rounding, the float64 product of the weight's centred codes
+    ``u - levels/2`` with that rounded input plus the bases' term (shifted to match) on the exact sums,
+    for 4-bit and 8-bit codes; batches above 8 rows are the exact product."""
+    from lowbit.kernels.affine import table_weight
+
+    for name in ("int4-asym-g128", "q4_k", "q5_k", "q8_0", "int8-ch", "int3-asym-g64"):
+        fmt = get_format(name)
+        qt = fmt.quantize(torch.randn(48, 512) * torch.rand(48, 1))
+        k = get_backend("cpu-q8dot").build(fmt, qt)
+        assert k is not None, name
+        tw = table_weight(fmt, qt)
+        w = fmt.dequantize(qt).reshape(48, 512).double()
+        assert torch.allclose(k.dequantize().double(), w, rtol=1e-6, atol=1e-6 * float(w.abs().max())), name
+        x = torch.randn(3, 512) * 3
+        xb = x.reshape(3, 16, 32)
+        d = xb.abs().amax(-1, keepdim=True) / 127
+        q = torch.round(xb * torch.where(d > 0, 1 / d, torch.zeros_like(d)))
+        xh = (q * d).reshape(3, 512).double()
+        o = tw.levels // 2
+        u, sc, bs = tw.codes.double() - o, tw.scale.double(), tw.base.double() + o * tw.scale.double()
+        g = tw.group
+        ref = (torch.einsum("mgc,rgc,rg->mr", xh.reshape(3, -1, g), u.reshape(48, -1, g), sc)
+               + torch.einsum("mg,rg->mr", x.double().reshape(3, -1, g).sum(-1), bs))
+        assert _relative(k(x), ref) < 1e-5, (name, _relative(k(x), ref))
+        assert _relative(k(x), x.double() @ w.t()) > 1e-5  # it does round the input
+        x17 = torch.randn(17, 512)
+        assert _relative(k(x17), x17.double() @ w.t()) < 1e-5, name
 
 
 def test_an_unknown_or_unfit_backend_is_one_clear_error():

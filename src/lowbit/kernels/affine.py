@@ -140,6 +140,8 @@ class TableWeight:
     table: torch.Tensor  # float32 [2**bits]
     scale: torch.Tensor  # float32 [rows, cols // group]
     base: torch.Tensor  # float32 [rows, cols // group]
+    #: the number of integer codes of an integer grid (None: a code book)
+    levels: int | None = None
 
 
 def _one_group(segs: list[AffineSegment]) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -169,9 +171,9 @@ def table_weight(fmt: Format, qt: QTensor) -> TableWeight | None:
         u = torch.cat([s.codes for s in ag.segments], dim=1).to(torch.int64)
         if levels <= 16:
             return TableWeight(ag.rows, ag.cols, g0, 4, u, torch.arange(16, dtype=torch.float32, device=u.device), scale,
-                               base)
+                               base, levels)
         return TableWeight(ag.rows, ag.cols, g0, 8, u, torch.arange(256, dtype=torch.float32, device=u.device), scale,
-                           base)
+                           base, levels)
     book = grid.levels.to(torch.float32).flatten()
     if book.numel() > 16:
         return None

@@ -48,5 +48,5 @@ def _build(fmt: Format, qt: QTensor) -> Kernel | None:
 
 
 register_backend(Backend("cpu-int8pack", "cpu", "ATen's int8 matmul: symmetric integer weights with one scale per row "
-                         "(int8-ch, int8-t)", "bfloat16 rounding of the input, the scales and the output", _build, rank=5,
+                         "(int8-ch, int8-t)", "bfloat16 rounding of the input, the scales and the output", _build, rank=14,
                          tolerance=1e-2, exact=False))

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from lowbit.errors import LowbitError
 from lowbit.formats import Format, QTensor, get_format
 from lowbit.kernels import Kernel, build_kernel
 from lowbit.model.policy import TensorChoice, check_scheme, plan_model
@@ -130,6 +131,8 @@ class TiedQuantHead(nn.Linear):
     tied_qt: QTensor
     tied_version: int
     tied_kernel: Kernel | None
+    #: the kernel policy or backend (None: the best exact one); see :func:`set_backend`
+    tied_backend: str | None = None
 
     @classmethod
     def adopt(cls, head: nn.Linear, qt: QTensor) -> None:
@@ -139,7 +142,11 @@ class TiedQuantHead(nn.Linear):
             head.build_kernel()  # now, not in the first product (a generation's prefill)
 
     def build_kernel(self) -> None:
-        k = build_kernel(get_format(self.tied_qt.format), self.tied_qt)
+        fmt = get_format(self.tied_qt.format)
+        try:
+            k = build_kernel(fmt, self.tied_qt, self.tied_backend)
+        except LowbitError:  # a backend named for the layers that does not take the embedding's format
+            k = build_kernel(fmt, self.tied_qt)
         self.tied_kernel = k if k.backend != "dequant" else None
         if self.tied_kernel is None:
             self.tied_version = -1  # nothing faster than the float product
@@ -182,6 +189,10 @@ def set_backend(model: object, backend: str | None) -> int:
         if isinstance(m, QuantLinear):
             m.backend = backend
             n += 1
+        elif isinstance(m, TiedQuantHead) and m.tied_backend != backend:
+            m.tied_backend = backend
+            if m.tied_version >= 0:
+                m.tied_kernel = None  # built again for the new backend at the next product
     return n
 
 

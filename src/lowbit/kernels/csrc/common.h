@@ -63,4 +63,10 @@ torch::Tensor e8p_dequantize(torch::Tensor codes, torch::Tensor scale, torch::Te
 torch::Tensor e8p_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor patterns,
                          torch::Tensor parity, int64_t gemv_max_m);
 
+// q8dot.cpp
+torch::Tensor q8_dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor base, int64_t rows, int64_t cols,
+                            int64_t group, int64_t bits, int64_t center);
+torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor base, int64_t rows,
+                        int64_t cols, int64_t group, int64_t bits, int64_t center, int64_t gemv_max_m);
+
 }  // namespace lowbit
