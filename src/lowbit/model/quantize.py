@@ -191,8 +191,10 @@ def set_backend(model: object, backend: str | None) -> int:
             n += 1
         elif isinstance(m, TiedQuantHead) and m.tied_backend != backend:
             m.tied_backend = backend
-            if m.tied_version >= 0:
-                m.tied_kernel = None  # built again for the new backend at the next product
+            if m.tied_version >= 0:  # built again for the new backend now, not in the next product (a prefill)
+                m.tied_kernel = None
+                if m.weight._version == m.tied_version and all(t.device.type == "cpu" for t in m.tied_qt.parts.values()):
+                    m.build_kernel()
     return n
 
 
