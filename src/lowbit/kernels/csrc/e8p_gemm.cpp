@@ -124,6 +124,7 @@ void gemv_rows(const E8P& w, const Decoder& k, const float* x, float* y, int64_t
         for (int m = 0; m < NM; ++m) acc[a][m] = _mm256_setzero_ps();
       int64_t j = 0;
       for (; j + U <= w.nblk(); j += U) {
+        if ((j & 31) < U) _mm_prefetch(reinterpret_cast<const char*>(u + j) + 2048, _MM_HINT_T0);  // codes ahead
         for (int a = 0; a < U; ++a) {
           const __m256 v = k.point(u[j + a]);
           for (int m = 0; m < NM; ++m)

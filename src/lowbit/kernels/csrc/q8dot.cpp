@@ -109,6 +109,8 @@ void gemv_rows(const QWeight& w, const int8_t* q, const float* d, const float* x
       __m256 acc[NM];
       for (int m = 0; m < NM; ++m) acc[m] = _mm256_setzero_ps();
       for (int64_t k = g * bpg; k < (g + 1) * bpg; ++k) {
+        const int64_t at = k * 32 * w.bits / 8;  // byte of the row's codes
+        if ((at & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(u) + at + 2048, _MM_HINT_T0);  // ahead
         if (w.bits == 4) {
           const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + k * 16));
           const __m256i qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);

@@ -117,47 +117,68 @@ void decode_row(const Weight& w, int64_t r, float* out) {
   }
 }
 
-// y[m, r] for rows r in [r0, r1) and NM input rows (x, xsum: [NM, cols], [NM, ngroups]).
+// y[m, r] for the R rows r0..r0+R-1 and NM input rows (x, xsum: [NM, cols], [NM, ngroups]).  The R
+// rows advance together: R streams of codes in flight (one stream alone leaves the GEMV waiting on
+// memory once the weights are not in the cache), each input vector loaded once for R rows.
+constexpr int64_t kAhead = 2048;  // bytes
+
+template <int NM, int R>
+inline void gemv_block(const Weight& w, const float* x, const float* xsum, float* y, int64_t ldy, int64_t r0,
+                       __m256i nib, __m256 t_lo, __m256 t_hi) {
+  const int64_t ng = w.ngroups();
+  const uint8_t* u[R];
+  for (int i = 0; i < R; ++i) u[i] = w.codes + (r0 + i) * w.row_bytes();
+  __m256 tot[R][NM];
+  float bsum[R][NM];
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < NM; ++m) {
+      tot[i][m] = _mm256_setzero_ps();
+      bsum[i][m] = 0.f;
+    }
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 acc[R][NM];
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < NM; ++m) acc[i][m] = _mm256_setzero_ps();
+    for (int64_t c = g * w.group; c < (g + 1) * w.group; c += 16) {
+      __m256 v0[R], v1[R];
+      if (((c * w.bits / 8) & 63) == 0)  // each row's codes some way ahead (the hardware prefetcher alone falls behind)
+        for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(u[i]) + c * w.bits / 8 + kAhead, _MM_HINT_T0);
+      for (int i = 0; i < R; ++i) decode16(w, u[i], c, nib, t_lo, t_hi, v0[i], v1[i]);
+      for (int m = 0; m < NM; ++m) {
+        const __m256 x0 = _mm256_loadu_ps(x + m * w.cols + c), x1 = _mm256_loadu_ps(x + m * w.cols + c + 8);
+        for (int i = 0; i < R; ++i) {
+          acc[i][m] = _mm256_fmadd_ps(v0[i], x0, acc[i][m]);
+          acc[i][m] = _mm256_fmadd_ps(v1[i], x1, acc[i][m]);
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      const float sg = w.scale[(r0 + i) * ng + g], bg = w.base[(r0 + i) * ng + g];
+      for (int m = 0; m < NM; ++m) {
+        tot[i][m] = _mm256_fmadd_ps(_mm256_set1_ps(sg), acc[i][m], tot[i][m]);
+        bsum[i][m] += bg * xsum[m * ng + g];
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < NM; ++m) y[m * ldy + r0 + i] = hsum(tot[i][m]) + bsum[i][m];
+}
+
+// y[m, r] for rows r in [r0, r1) and NM input rows: blocks of R rows (as many as the registers hold),
+// then the rest one by one.
 template <int NM>
 void gemv_rows(const Weight& w, const float* x, const float* xsum, float* y, int64_t ldy,
                int64_t r0, int64_t r1) {
+  constexpr int R = NM <= 2 ? 4 : NM <= 4 ? 2 : 1;
   __m256 t_lo = _mm256_setzero_ps(), t_hi = _mm256_setzero_ps();
   if (w.bits == 4) {
     t_lo = _mm256_loadu_ps(w.table);
     t_hi = _mm256_loadu_ps(w.table + 8);
   }
   const __m256i nib = _mm256_set1_epi32(15);
-  const int64_t ng = w.ngroups();
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* u = w.codes + r * w.row_bytes();
-    const float* s = w.scale + r * ng;
-    const float* b = w.base + r * ng;
-    __m256 tot[NM];
-    float bsum[NM];
-    for (int m = 0; m < NM; ++m) {
-      tot[m] = _mm256_setzero_ps();
-      bsum[m] = 0.f;
-    }
-    for (int64_t g = 0; g < ng; ++g) {
-      __m256 acc[NM];
-      for (int m = 0; m < NM; ++m) acc[m] = _mm256_setzero_ps();
-      for (int64_t c = g * w.group; c < (g + 1) * w.group; c += 16) {
-        __m256 v0, v1;
-        decode16(w, u, c, nib, t_lo, t_hi, v0, v1);
-        for (int m = 0; m < NM; ++m) {
-          const float* xm = x + m * w.cols + c;
-          acc[m] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xm), acc[m]);
-          acc[m] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xm + 8), acc[m]);
-        }
-      }
-      const __m256 sg = _mm256_set1_ps(s[g]);
-      for (int m = 0; m < NM; ++m) {
-        tot[m] = _mm256_fmadd_ps(sg, acc[m], tot[m]);
-        bsum[m] += b[g] * xsum[m * ng + g];
-      }
-    }
-    for (int m = 0; m < NM; ++m) y[m * ldy + r] = hsum(tot[m]) + bsum[m];
-  }
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) gemv_block<NM, R>(w, x, xsum, y, ldy, r, nib, t_lo, t_hi);
+  for (; r < r1; ++r) gemv_block<NM, 1>(w, x, xsum, y, ldy, r, nib, t_lo, t_hi);
 }
 #else
 void decode_row(const Weight& w, int64_t r, float* out) { decode_row_scalar(w, r, out); }
