@@ -1176,7 +1176,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lowbit's PyTorch runtime, or llama.cpp (GGUF files)")
     sp.add_argument("--backend", default=None, metavar="NAME",
                     help="kernels for the quantized layers: 'exact' (the fastest whose product is exact up to float32 "
-                         "rounding), 'fast' (also those that round to bfloat16), or a backend's name (`lowbit "
+                         "rounding), 'fast' (also those that round the input to int8 or bfloat16), or a backend's name (`lowbit "
                          "formats` lists them); default exact")
     sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the torch engine)")
     sp.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's / all cores)")

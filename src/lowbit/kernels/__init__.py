@@ -89,7 +89,8 @@ def get_backend(name: str) -> Backend:
 
 #: what ``backend`` may be besides a backend's name: the best exact backend, or the best of all
 POLICIES = {"exact": "the fastest backend whose product is exact up to float32 rounding (the default)",
-            "fast": "the fastest backend, also those that round the input or the scales to bfloat16"}
+            "fast": "the fastest backend, also those that round the input (to int8, as llama.cpp does, or bfloat16) "
+                    "or the scales (bfloat16)"}
 
 
 def check_backend(name: str | None) -> None:

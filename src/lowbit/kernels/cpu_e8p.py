@@ -64,6 +64,6 @@ def _build(fmt: Format, qt: QTensor) -> Kernel | None:
 
 
 register_backend(Backend(
-    "cpu-e8p", "cpu", "lowbit's compiled kernel for E8P (E8 lattice) codes: decoded in registers from 256 "
-    "patterns, sign bits and a shift", "float32 rounding (the exact weight's sums, reassociated)", _build,
+    "cpu-e8p", "cpu", "lowbit's compiled kernel for E8P (E8 lattice) codes: decoded in registers from 24 KB of "
+    "tables (patterns, sign masks, shifts)", "float32 rounding (the exact weight's sums, reassociated)", _build,
     rank=20, tolerance=1e-5, exact=True))

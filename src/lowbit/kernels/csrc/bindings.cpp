@@ -8,6 +8,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("e8p_matmul", &lowbit::e8p_matmul, "x @ W^T for an E8P (E8 lattice) weight");
   mod.def("q8_dequantize", &lowbit::q8_dequantize, "decode an integer-coded group-wise weight (q8dot layout)");
   mod.def("q8_matmul", &lowbit::q8_matmul, "x @ W^T with x rounded to int8 per 32 columns (llama.cpp's way)");
+  mod.def("half_matmul", &lowbit::half_matmul, "x @ W^T for a weight stored in float16 or bfloat16");
   mod.def("simd", []() {
 #ifdef LOWBIT_AVX2
     return std::string("avx2");

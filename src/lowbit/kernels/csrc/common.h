@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -68,5 +69,8 @@ torch::Tensor q8_dequantize(torch::Tensor codes, torch::Tensor scale, torch::Ten
                             int64_t group, int64_t bits, int64_t center);
 torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor base, int64_t rows,
                         int64_t cols, int64_t group, int64_t bits, int64_t center, int64_t gemv_max_m);
+
+// half_gemm.cpp
+torch::Tensor half_matmul(torch::Tensor x, torch::Tensor w16, int64_t gemv_max_m);
 
 }  // namespace lowbit
