@@ -15,16 +15,11 @@ import torch
 from lowbit.formats import Format, QTensor
 from lowbit.formats.lattice import DIM, E8PFormat, abs_patterns
 from lowbit.kernels import Backend, Kernel, register_backend
-from lowbit.kernels.native import cpu_kernels
+from lowbit.kernels.native import cpu_kernels, loaded_kernels
 
 #: batches up to this many rows take the register path
 GEMV_MAX_M = 8
 
-
-def _lib():  # type: ignore[no-untyped-def]
-    lib = cpu_kernels()  # looked up at each call, not held: a kernel stays picklable
-    assert lib is not None
-    return lib
 
 
 class E8PKernel(Kernel):
@@ -44,11 +39,11 @@ class E8PKernel(Kernel):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.cols).to(torch.float32)
-        y = _lib().e8p_matmul(x2, *self._args(), GEMV_MAX_M)
+        y = loaded_kernels().e8p_matmul(x2, *self._args(), GEMV_MAX_M)
         return y.reshape(*x.shape[:-1], self.rows).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        return _lib().e8p_dequantize(*self._args())
+        return loaded_kernels().e8p_dequantize(*self._args())
 
     @property
     def nbytes(self) -> int:

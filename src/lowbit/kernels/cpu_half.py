@@ -13,17 +13,12 @@ import torch
 
 from lowbit.formats import Format, QTensor
 from lowbit.kernels import Backend, Kernel, register_backend
-from lowbit.kernels.native import cpu_kernels
+from lowbit.kernels.native import cpu_kernels, loaded_kernels
 
 #: batches up to this many rows take the GEMV
 GEMV_MAX_M = 8
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
-
-def _lib():  # type: ignore[no-untyped-def]
-    lib = cpu_kernels()  # looked up at each call, not held: a kernel stays picklable
-    assert lib is not None
-    return lib
 
 
 class HalfKernel(Kernel):
@@ -35,7 +30,7 @@ class HalfKernel(Kernel):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.cols).to(torch.float32)
-        y = _lib().half_matmul(x2, self.w16, GEMV_MAX_M)
+        y = loaded_kernels().half_matmul(x2, self.w16, GEMV_MAX_M)
         return y.reshape(*x.shape[:-1], self.rows).to(x.dtype)
 
     @property

@@ -16,7 +16,7 @@ import torch
 from lowbit.formats import Format, QTensor
 from lowbit.kernels import Backend, Kernel, register_backend
 from lowbit.kernels.affine import TableWeight, integer_grid, table_weight
-from lowbit.kernels.native import cpu_kernels
+from lowbit.kernels.native import cpu_kernels, loaded_kernels
 
 #: batches up to this many rows take the integer path
 GEMV_MAX_M = 8
@@ -30,11 +30,6 @@ def pack(tw: TableWeight) -> torch.Tensor:
         return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(tw.rows, tw.cols // 2).contiguous()
     return (tw.codes - 128).to(torch.int8).contiguous()
 
-
-def _lib():  # type: ignore[no-untyped-def]
-    lib = cpu_kernels()  # looked up at each call, not held: a kernel stays picklable
-    assert lib is not None
-    return lib
 
 
 class Q8DotKernel(Kernel):
@@ -54,11 +49,11 @@ class Q8DotKernel(Kernel):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.cols).to(torch.float32)
-        y = _lib().q8_matmul(x2, *self._args(), GEMV_MAX_M)
+        y = loaded_kernels().q8_matmul(x2, *self._args(), GEMV_MAX_M)
         return y.reshape(*x.shape[:-1], self.rows).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        return _lib().q8_dequantize(*self._args())
+        return loaded_kernels().q8_dequantize(*self._args())
 
     @property
     def nbytes(self) -> int:

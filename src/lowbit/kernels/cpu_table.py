@@ -15,7 +15,7 @@ import torch
 from lowbit.formats import Format, QTensor
 from lowbit.kernels import Backend, Kernel, register_backend
 from lowbit.kernels.affine import TableWeight, table_weight
-from lowbit.kernels.native import cpu_kernels
+from lowbit.kernels.native import cpu_kernels, loaded_kernels
 
 #: batches up to this many rows take the register path (measured: above it, tiles and ATen are faster)
 GEMV_MAX_M = 8
@@ -30,13 +30,6 @@ def pack(tw: TableWeight) -> torch.Tensor:
     v = u.reshape(tw.rows, tw.cols // 16, 2, 8)
     return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(tw.rows, tw.cols // 2).contiguous()
 
-
-def _lib():  # type: ignore[no-untyped-def]
-    # looked up at each call, not held: a kernel stays copyable and picklable (a model is deep-copied
-    # and saved with its layers' kernels)
-    lib = cpu_kernels()
-    assert lib is not None  # a kernel is only built where the library is
-    return lib
 
 
 class TableKernel(Kernel):
@@ -54,11 +47,11 @@ class TableKernel(Kernel):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.cols).to(torch.float32)
-        y = _lib().matmul(x2, *self._args(), GEMV_MAX_M)
+        y = loaded_kernels().matmul(x2, *self._args(), GEMV_MAX_M)
         return y.reshape(*x.shape[:-1], self.rows).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        return _lib().dequantize(*self._args())
+        return loaded_kernels().dequantize(*self._args())
 
     @property
     def nbytes(self) -> int:

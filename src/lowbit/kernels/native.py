@@ -96,6 +96,15 @@ def cpu_kernels() -> ModuleType | None:
         return None
 
 
+def loaded_kernels() -> ModuleType:
+    """The compiled CPU kernels, for a kernel object built where they were available.  Kernels look
+    them up at each call instead of holding the module, so that a model that ran on its kernels stays
+    copyable and picklable (a model is deep-copied and saved with its layers' kernels)."""
+    lib = cpu_kernels()
+    assert lib is not None  # a kernel is only built where the library is
+    return lib
+
+
 if __name__ == "__main__":
     mod = build(verbose="-v" in sys.argv)
     print(f"lowbit CPU kernels: {mod.__file__} ({mod.simd()})")
