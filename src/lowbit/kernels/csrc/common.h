@@ -53,6 +53,23 @@ inline int64_t gemv_grain(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(64, rows / (4 * at::get_num_threads()) + 1));
 }
 
+// Input rows per GEMV pass: each kernel has a GEMV specialised for 1..kMaxGemvRows of them.
+constexpr int kMaxGemvRows = 8;
+
+// y = x W^T (float32 [m, rows]) by GEMV passes: pass(m0, nm, y_m0, a, z) computes input rows
+// m0..m0+nm-1 (nm <= kMaxGemvRows) for weight rows a..z-1 into y_m0 = y + m0 * rows; the weight's rows
+// are split among the threads.
+template <class Pass>
+inline torch::Tensor run_gemv(int64_t m, int64_t rows, const Pass& pass) {
+  auto y = torch::empty({m, rows}, torch::kFloat32);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, gemv_grain(rows), [&](int64_t a, int64_t z) {
+    for (int64_t m0 = 0; m0 < m; m0 += kMaxGemvRows)
+      pass(m0, static_cast<int>(std::min<int64_t>(kMaxGemvRows, m - m0)), yp + m0 * rows, a, z);
+  });
+  return y;
+}
+
 // table_gemm.cpp
 torch::Tensor table_dequantize(torch::Tensor codes, torch::Tensor table, torch::Tensor scale, torch::Tensor base,
                                int64_t rows, int64_t cols, int64_t group, int64_t bits);

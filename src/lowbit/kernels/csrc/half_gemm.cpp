@@ -10,8 +10,6 @@
 namespace lowbit {
 namespace {
 
-constexpr int kMaxGemvRows = 8;
-
 struct Half16 {
   const uint16_t* w;  // [rows, cols]
   int64_t rows, cols;
@@ -103,16 +101,10 @@ torch::Tensor half_matmul(torch::Tensor x, torch::Tensor w16, int64_t gemv_max_m
   const int64_t m = x.size(0), rows = w.rows, cols = w.cols;
   if (m == 0 || rows == 0) return torch::zeros({m, rows}, torch::kFloat32);
   if (m > gemv_max_m) return tiled_matmul(x, rows, cols, [&](int64_t r, float* out) { decode_row(w, r, out); });
-  auto y = torch::empty({m, rows}, torch::kFloat32);
   const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, gemv_grain(rows), [&](int64_t a, int64_t z) {
-    for (int64_t m0 = 0; m0 < m; m0 += kMaxGemvRows) {
-      const int nm = static_cast<int>(std::min<int64_t>(kMaxGemvRows, m - m0));
-      kGemv[nm](w, xp + m0 * cols, yp + m0 * rows, rows, a, z);
-    }
+  return run_gemv(m, rows, [&](int64_t m0, int nm, float* y, int64_t a, int64_t z) {
+    kGemv[nm](w, xp + m0 * cols, y, rows, a, z);
   });
-  return y;
 }
 
 }  // namespace lowbit

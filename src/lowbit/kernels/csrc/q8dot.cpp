@@ -25,8 +25,6 @@
 namespace lowbit {
 namespace {
 
-constexpr int kMaxGemvRows = 8;
-
 struct QWeight {
   const uint8_t* codes;  // [rows, cols / 2] (4-bit) or [rows, cols] (8-bit, int8 bytes)
   const float* scale;    // [rows, ngroups]
@@ -214,16 +212,10 @@ torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   std::vector<int8_t> q(m * cols);
   std::vector<float> d(m * nb), xsum(m * ng), xhsum(m * ng);
   quantize_input(x.data_ptr<float>(), m, cols, group, q.data(), d.data(), xsum.data(), xhsum.data());
-  auto y = torch::empty({m, rows}, torch::kFloat32);
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, gemv_grain(rows), [&](int64_t a, int64_t z) {
-    for (int64_t m0 = 0; m0 < m; m0 += kMaxGemvRows) {
-      const int nm = static_cast<int>(std::min<int64_t>(kMaxGemvRows, m - m0));
-      kGemv[nm](w, q.data() + m0 * cols, d.data() + m0 * nb, xsum.data() + m0 * ng, xhsum.data() + m0 * ng,
-                yp + m0 * rows, rows, a, z);
-    }
+  return run_gemv(m, rows, [&](int64_t m0, int nm, float* y, int64_t a, int64_t z) {
+    kGemv[nm](w, q.data() + m0 * cols, d.data() + m0 * nb, xsum.data() + m0 * ng, xhsum.data() + m0 * ng, y, rows,
+              a, z);
   });
-  return y;
 }
 
 }  // namespace lowbit

@@ -28,8 +28,6 @@
 namespace lowbit {
 namespace {
 
-constexpr int kMaxGemvRows = 8;
-
 struct Weight {
   const uint8_t* codes;  // [rows, cols / 2] (4-bit) or [rows, cols] (8-bit)
   const float* table;    // [16] or [256]
@@ -248,20 +246,13 @@ torch::Tensor table_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor t
   const int64_t m = x.size(0);
   if (m == 0 || rows == 0) return torch::zeros({m, rows}, torch::kFloat32);
   if (m <= gemv_max_m) {
-    auto y = torch::empty({m, rows}, torch::kFloat32);
     const int64_t ng = w.ngroups();
     auto xsum = x.view({m, ng, group}).sum(-1).contiguous();  // float32, per input row and group
     const float* xp = x.data_ptr<float>();
     const float* xs = xsum.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    const int64_t grain = gemv_grain(rows);
-    at::parallel_for(0, rows, grain, [&](int64_t a, int64_t z) {
-      for (int64_t m0 = 0; m0 < m; m0 += kMaxGemvRows) {
-        const int nm = static_cast<int>(std::min<int64_t>(kMaxGemvRows, m - m0));
-        kGemv[nm](w, xp + m0 * cols, xs + m0 * ng, yp + m0 * rows, rows, a, z);
-      }
+    return run_gemv(m, rows, [&](int64_t m0, int nm, float* y, int64_t a, int64_t z) {
+      kGemv[nm](w, xp + m0 * cols, xs + m0 * ng, y, rows, a, z);
     });
-    return y;
   }
   // Tiles of rows decoded to float32 and multiplied by ATen.
   return tiled_matmul(x, rows, cols, [&](int64_t r, float* out) { decode_row(w, r, out); });

@@ -41,6 +41,26 @@ def _decode(u, t_ptr, IDENTITY: tl.constexpr):
 
 
 @triton.jit
+def _weight4(q_ptr, t_ptr, s_ptr, b_ptr, rn, j, wm, K, NG, GROUP: tl.constexpr, IDENTITY: tl.constexpr):
+    """Columns 2j and 2j + 1 of rows rn of the weight (float32), from the packed 4-bit codes."""
+    q = tl.load(q_ptr + rn[:, None] * (K // 2) + j[None, :], mask=wm, other=0)
+    g = (2 * j) // GROUP
+    s = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=wm, other=0.0)
+    b = tl.load(b_ptr + rn[:, None] * NG + g[None, :], mask=wm, other=0.0)
+    return _decode(q & 15, t_ptr, IDENTITY) * s + b, _decode(q >> 4, t_ptr, IDENTITY) * s + b
+
+
+@triton.jit
+def _weight8(q_ptr, t_ptr, s_ptr, b_ptr, rn, k, wm, K, NG, GROUP: tl.constexpr, IDENTITY: tl.constexpr):
+    """Columns k of rows rn of the weight (float32), from the 8-bit codes."""
+    q = tl.load(q_ptr + rn[:, None] * K + k[None, :], mask=wm, other=0)
+    g = k // GROUP
+    s = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=wm, other=0.0)
+    b = tl.load(b_ptr + rn[:, None] * NG + g[None, :], mask=wm, other=0.0)
+    return _decode(q, t_ptr, IDENTITY) * s + b
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, q_ptr, t_ptr, s_ptr, b_ptr, y_ptr, M, N, K, NG, stride_xm, stride_ym,
                  GROUP: tl.constexpr, BITS: tl.constexpr, IDENTITY: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
@@ -57,12 +77,7 @@ def _gemv_kernel(x_ptr, q_ptr, t_ptr, s_ptr, b_ptr, y_ptr, M, N, K, NG, stride_x
             j = k0 // 2 + tl.arange(0, HK)  # byte index: columns 2j, 2j + 1
             j_ok = j < K // 2
             wm = n_ok[:, None] & j_ok[None, :]
-            q = tl.load(q_ptr + rn[:, None] * (K // 2) + j[None, :], mask=wm, other=0)
-            g = (2 * j) // GROUP
-            s = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=wm, other=0.0)
-            b = tl.load(b_ptr + rn[:, None] * NG + g[None, :], mask=wm, other=0.0)
-            w_lo = _decode(q & 15, t_ptr, IDENTITY) * s + b
-            w_hi = _decode(q >> 4, t_ptr, IDENTITY) * s + b
+            w_lo, w_hi = _weight4(q_ptr, t_ptr, s_ptr, b_ptr, rn, j, wm, K, NG, GROUP, IDENTITY)
             xm = m_ok[:, None] & j_ok[None, :]
             xe = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :], mask=xm, other=0.0).to(tl.float32)
             xo = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :] + 1, mask=xm, other=0.0).to(tl.float32)
@@ -73,11 +88,7 @@ def _gemv_kernel(x_ptr, q_ptr, t_ptr, s_ptr, b_ptr, y_ptr, M, N, K, NG, stride_x
             k = k0 + tl.arange(0, BK)
             k_ok = k < K
             wm = n_ok[:, None] & k_ok[None, :]
-            q = tl.load(q_ptr + rn[:, None] * K + k[None, :], mask=wm, other=0)
-            g = k // GROUP
-            s = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=wm, other=0.0)
-            b = tl.load(b_ptr + rn[:, None] * NG + g[None, :], mask=wm, other=0.0)
-            w = _decode(q, t_ptr, IDENTITY) * s + b
+            w = _weight8(q_ptr, t_ptr, s_ptr, b_ptr, rn, k, wm, K, NG, GROUP, IDENTITY)
             xv = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                          other=0.0).to(tl.float32)
             acc += tl.sum(xv[:, None, :] * w[None, :, :], axis=2)
@@ -107,12 +118,8 @@ def _gemm_kernel(x_ptr, q_ptr, t_ptr, s_ptr, b_ptr, y_ptr, M, N, K, NG, stride_x
             j = k0 // 2 + tl.arange(0, HK)
             j_ok = j < K // 2
             wm = n_ok[:, None] & j_ok[None, :]
-            q = tl.load(q_ptr + rn[:, None] * (K // 2) + j[None, :], mask=wm, other=0)
-            g = (2 * j) // GROUP
-            s = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=wm, other=0.0)
-            b = tl.load(b_ptr + rn[:, None] * NG + g[None, :], mask=wm, other=0.0)
-            w_lo = (_decode(q & 15, t_ptr, IDENTITY) * s + b).to(dt)
-            w_hi = (_decode(q >> 4, t_ptr, IDENTITY) * s + b).to(dt)
+            w_lo, w_hi = _weight4(q_ptr, t_ptr, s_ptr, b_ptr, rn, j, wm, K, NG, GROUP, IDENTITY)
+            w_lo, w_hi = w_lo.to(dt), w_hi.to(dt)
             xm = m_ok[:, None] & j_ok[None, :]
             xe = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :], mask=xm, other=0.0)
             xo = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :] + 1, mask=xm, other=0.0)
@@ -127,11 +134,7 @@ def _gemm_kernel(x_ptr, q_ptr, t_ptr, s_ptr, b_ptr, y_ptr, M, N, K, NG, stride_x
             k = k0 + tl.arange(0, BK)
             k_ok = k < K
             wm = n_ok[:, None] & k_ok[None, :]
-            q = tl.load(q_ptr + rn[:, None] * K + k[None, :], mask=wm, other=0)
-            g = k // GROUP
-            s = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=wm, other=0.0)
-            b = tl.load(b_ptr + rn[:, None] * NG + g[None, :], mask=wm, other=0.0)
-            w = (_decode(q, t_ptr, IDENTITY) * s + b).to(dt)
+            w = _weight8(q_ptr, t_ptr, s_ptr, b_ptr, rn, k, wm, K, NG, GROUP, IDENTITY).to(dt)
             xv = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if IEEE:
                 acc = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
