@@ -10,7 +10,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("q8_matmul", &lowbit::q8_matmul, "x @ W^T with x rounded to int8 per 32 columns (llama.cpp's way)");
   mod.def("half_matmul", &lowbit::half_matmul, "x @ W^T for a weight stored in float16 or bfloat16");
   mod.def("simd", []() {
-#ifdef LOWBIT_AVX2
+#if defined(LOWBIT_AVX512)
+    return std::string("avx512 (table GEMV), avx2");
+#elif defined(LOWBIT_AVX2)
     return std::string("avx2");
 #else
     return std::string("scalar");

@@ -13,6 +13,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LOWBIT_AVX2 1
+#if defined(__AVX512F__)
+#define LOWBIT_AVX512 1
+#endif
 #endif
 
 namespace lowbit {

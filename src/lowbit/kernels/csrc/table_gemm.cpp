@@ -178,7 +178,114 @@ void gemv_rows(const Weight& w, const float* x, const float* xsum, float* y, int
   for (; r + R <= r1; r += R) gemv_block<NM, R>(w, x, xsum, y, ldy, r, nib, t_lo, t_hi);
   for (; r < r1; ++r) gemv_block<NM, 1>(w, x, xsum, y, ldy, r, nib, t_lo, t_hi);
 }
-#else
+#endif
+
+#ifdef LOWBIT_AVX512
+// The GEMV in 512-bit registers: twice the columns per instruction, and a 4-bit code book is one
+// register, so a lookup is one permute (AVX2 needs two and a blend).  4-bit codes take 32 columns
+// (two 16-column chunks, 16 bytes) per step and need groups of a multiple of 32 columns; their
+// nibbles come out as columns c..c+7, c+16..c+23 (low) and c+8..c+15, c+24..c+31 (high), so the
+// input is given in that order (permuted_input below).  8-bit codes take 16 columns per step, in order.
+template <int NM, int R, int BITS>
+inline void gemv_block512(const Weight& w, const float* x, const float* xsum, float* y, int64_t ldy, int64_t r0,
+                          __m512 t) {
+  const int64_t ng = w.ngroups();
+  constexpr int64_t kStep = BITS == 4 ? 32 : 16;  // columns per step: 16 bytes of codes either way
+  const __m512i nib = _mm512_set1_epi32(15);
+  const uint8_t* u[R];
+  for (int i = 0; i < R; ++i) u[i] = w.codes + (r0 + i) * w.row_bytes();
+  __m512 tot[R][NM];
+  float bsum[R][NM];
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < NM; ++m) {
+      tot[i][m] = _mm512_setzero_ps();
+      bsum[i][m] = 0.f;
+    }
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 acc[R][NM];
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < NM; ++m) acc[i][m] = _mm512_setzero_ps();
+    for (int64_t c = g * w.group; c < (g + 1) * w.group; c += kStep) {
+      const int64_t byte = c * BITS / 8;
+      if ((byte & 63) == 0)
+        for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(u[i]) + byte + kAhead, _MM_HINT_T0);
+      if constexpr (BITS == 4) {
+        __m512 v0[R], v1[R];
+        for (int i = 0; i < R; ++i) {
+          const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u[i] + byte)));
+          const __m512i lo = _mm512_and_si512(q, nib), hi = _mm512_srli_epi32(q, 4);
+          if (w.identity) {
+            v0[i] = _mm512_cvtepi32_ps(lo);
+            v1[i] = _mm512_cvtepi32_ps(hi);
+          } else {
+            v0[i] = _mm512_permutexvar_ps(lo, t);
+            v1[i] = _mm512_permutexvar_ps(hi, t);
+          }
+        }
+        for (int m = 0; m < NM; ++m) {
+          const __m512 x0 = _mm512_loadu_ps(x + m * w.cols + c), x1 = _mm512_loadu_ps(x + m * w.cols + c + 16);
+          for (int i = 0; i < R; ++i) {
+            acc[i][m] = _mm512_fmadd_ps(v0[i], x0, acc[i][m]);
+            acc[i][m] = _mm512_fmadd_ps(v1[i], x1, acc[i][m]);
+          }
+        }
+      } else {
+        __m512 v[R];
+        for (int i = 0; i < R; ++i)
+          v[i] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u[i] + byte))));
+        for (int m = 0; m < NM; ++m) {
+          const __m512 x0 = _mm512_loadu_ps(x + m * w.cols + c);
+          for (int i = 0; i < R; ++i) acc[i][m] = _mm512_fmadd_ps(v[i], x0, acc[i][m]);
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      const float sg = w.scale[(r0 + i) * ng + g], bg = w.base[(r0 + i) * ng + g];
+      for (int m = 0; m < NM; ++m) {
+        tot[i][m] = _mm512_fmadd_ps(_mm512_set1_ps(sg), acc[i][m], tot[i][m]);
+        bsum[i][m] += bg * xsum[m * ng + g];
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < NM; ++m) y[m * ldy + r0 + i] = _mm512_reduce_add_ps(tot[i][m]) + bsum[i][m];
+}
+
+template <int NM, int BITS>
+void gemv_rows512_bits(const Weight& w, const float* x, const float* xsum, float* y, int64_t ldy, int64_t r0,
+                       int64_t r1) {
+  constexpr int R = NM <= 2 ? 4 : NM <= 4 ? 2 : 1;
+  const __m512 t = BITS == 4 ? _mm512_loadu_ps(w.table) : _mm512_setzero_ps();
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) gemv_block512<NM, R, BITS>(w, x, xsum, y, ldy, r, t);
+  for (; r < r1; ++r) gemv_block512<NM, 1, BITS>(w, x, xsum, y, ldy, r, t);
+}
+
+template <int NM>
+void gemv_rows512(const Weight& w, const float* x, const float* xsum, float* y, int64_t ldy, int64_t r0,
+                  int64_t r1) {
+  if (w.bits == 4)
+    gemv_rows512_bits<NM, 4>(w, x, xsum, y, ldy, r0, r1);
+  else
+    gemv_rows512_bits<NM, 8>(w, x, xsum, y, ldy, r0, r1);
+}
+
+// Whether a weight takes the 512-bit GEMV.
+bool takes_512(const Weight& w) { return w.bits == 8 || w.group % 32 == 0; }
+
+// x [n floats, n a multiple of 32] in the order of the 512-bit GEMV's 4-bit nibbles: in each run of
+// 32 columns, the second and third runs of 8 swapped.
+void permute_input(const float* x, int64_t n, float* out) {
+  for (int64_t c = 0; c < n; c += 32) {
+    std::memcpy(out + c, x + c, 8 * sizeof(float));
+    std::memcpy(out + c + 8, x + c + 16, 8 * sizeof(float));
+    std::memcpy(out + c + 16, x + c + 8, 8 * sizeof(float));
+    std::memcpy(out + c + 24, x + c + 24, 8 * sizeof(float));
+  }
+}
+#endif
+
+#ifndef LOWBIT_AVX2
 void decode_row(const Weight& w, int64_t r, float* out) { decode_row_scalar(w, r, out); }
 
 template <int NM>
@@ -201,6 +308,11 @@ void gemv_rows(const Weight& w, const float* x, const float* xsum, float* y, int
 using GemvFn = void (*)(const Weight&, const float*, const float*, float*, int64_t, int64_t, int64_t);
 const GemvFn kGemv[kMaxGemvRows + 1] = {nullptr, gemv_rows<1>, gemv_rows<2>, gemv_rows<3>, gemv_rows<4>,
                                         gemv_rows<5>, gemv_rows<6>, gemv_rows<7>, gemv_rows<8>};
+#ifdef LOWBIT_AVX512
+const GemvFn kGemv512[kMaxGemvRows + 1] = {nullptr, gemv_rows512<1>, gemv_rows512<2>, gemv_rows512<3>,
+                                           gemv_rows512<4>, gemv_rows512<5>, gemv_rows512<6>, gemv_rows512<7>,
+                                           gemv_rows512<8>};
+#endif
 
 Weight make_weight(const torch::Tensor& codes, const torch::Tensor& table, const torch::Tensor& scale,
                    const torch::Tensor& base, int64_t rows, int64_t cols, int64_t group, int64_t bits) {
@@ -247,9 +359,27 @@ torch::Tensor table_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor t
   if (m == 0 || rows == 0) return torch::zeros({m, rows}, torch::kFloat32);
   if (m <= gemv_max_m) {
     const int64_t ng = w.ngroups();
-    auto xsum = x.view({m, ng, group}).sum(-1).contiguous();  // float32, per input row and group
     const float* xp = x.data_ptr<float>();
-    const float* xs = xsum.data_ptr<float>();
+    std::vector<float> xsum(m * ng);  // per input row and group (plain loops: no ATen call per product)
+    for (int64_t i = 0; i < m * ng; ++i) {
+      float acc = 0.f;
+      for (int64_t c = 0; c < group; ++c) acc += xp[i * group + c];
+      xsum[i] = acc;
+    }
+    const float* xs = xsum.data();
+#ifdef LOWBIT_AVX512
+    if (takes_512(w)) {
+      std::vector<float> xq;
+      if (w.bits == 4) {
+        xq.resize(m * cols);
+        permute_input(xp, m * cols, xq.data());
+      }
+      const float* xin = w.bits == 4 ? xq.data() : xp;
+      return run_gemv(m, rows, [&](int64_t m0, int nm, float* y, int64_t a, int64_t z) {
+        kGemv512[nm](w, xin + m0 * cols, xs + m0 * ng, y, rows, a, z);
+      });
+    }
+#endif
     return run_gemv(m, rows, [&](int64_t m0, int nm, float* y, int64_t a, int64_t z) {
       kGemv[nm](w, xp + m0 * cols, xs + m0 * ng, y, rows, a, z);
     });
