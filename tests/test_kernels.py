@@ -15,7 +15,7 @@ from lowbit.kernels import backends, build_kernel, get_backend
 
 # rows not a multiple of 16 (the int4 kernel pads them); 576 columns = 512 in groups of 128 + 64
 ROWS, COLS = 40, 576
-BATCHES = (1, 3, 17)
+BATCHES = (1, 3, 8, 17)  # the GEMV with 4, 2 and 1 weight rows per block, and the tiles
 
 
 def _takes(fmt_name: str):
@@ -225,6 +225,32 @@ def test_a_tied_output_head_runs_on_the_embeddings_codes(small):
     with torch.no_grad():
         emb.weight.mul_(2)
         assert torch.equal(head(x), torch.nn.functional.linear(x, emb.weight))
+
+
+def test_a_head_tied_to_a_kept_fp16_embedding_reads_its_16_bits(small, tmp_path):
+    """Under an integer format the tied embedding is kept, rounded to FP16: the head multiplies on the
+    cpu-half kernel of those 16 bits (exact: float32 rounding of the float product), and a saved
+    checkpoint loads with the same head, so both give the same logits."""
+    import lowbit
+    from lowbit.model.quantize import TiedQuantHead
+
+    work = dataclasses.replace(small, model=copy.deepcopy(small.model))
+    lowbit.quantize_model(work, "int4-g32", progress=False)
+    head, emb = work.model.get_output_embeddings(), work.model.get_input_embeddings()
+    assert isinstance(head, TiedQuantHead) and head.weight is emb.weight
+    assert head.tied_kernel is not None and head.tied_kernel.backend == "cpu-half"
+    x = torch.randn(3, head.in_features)
+    with torch.no_grad():
+        ref = x.double() @ head.weight.double().t()
+        y = head(x)
+    assert 0 < _relative(y, ref) <= 1e-5
+    lowbit.save(work, tmp_path / "ck")
+    loaded = lowbit.load_model(tmp_path / "ck")
+    lhead = loaded.model.get_output_embeddings()
+    assert isinstance(lhead, TiedQuantHead) and lhead.tied_kernel.backend == "cpu-half"
+    ids = torch.randint(0, head.out_features, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, work.model(ids).logits)
 
 
 def test_a_model_that_ran_on_its_kernels_deep_copies_and_pickles(small):

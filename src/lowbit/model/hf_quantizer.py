@@ -87,6 +87,8 @@ def register() -> None:
         def _process_model_after_weight_loading(self, model, **kwargs):  # type: ignore[no-untyped-def]
             import torch
 
+            from lowbit.model.quantize import run_tied_head
+
             for m in model.modules():
                 if getattr(m, "loading", False):
                     m.loading = False
@@ -97,6 +99,7 @@ def register() -> None:
             if self._params and getattr(model.config, "tie_word_embeddings", False):
                 model.tie_weights()
             self._params = {}
+            run_tied_head(model)  # the head on the same kernel as lowbit.load_model's
             return model
 
         def update_dtype(self, dtype):  # type: ignore[no-untyped-def]

@@ -122,9 +122,9 @@ class QuantLinear(nn.Module):
 
 
 class TiedQuantHead(nn.Linear):
-    """An output head tied to a quantized token embedding.  Its weight stays the embedding's
-    (dequantized values: shared, saved and exported as before); its product runs on a kernel of the
-    embedding's codes, which decode to that same weight.  The float product is taken instead where
+    """An output head tied to a token embedding stored in a format (quantized, or kept in FP16).  Its
+    weight stays the embedding's (dequantized values: shared, saved and exported as before); its
+    product runs on a kernel of the embedding's codes, which decode to that same weight.  The float product is taken instead where
     no fast kernel takes the format, the input is on another device, gradients are wanted, or the
     weight was changed in place since it was quantized."""
 
@@ -321,10 +321,38 @@ def quantize_rest(model: nn.Module, fmt_name: str, choices: dict[str, TensorChoi
                 record = getattr(model, QUANTIZED_PARAMS, None) or {}
                 record[name] = qt
                 setattr(model, QUANTIZED_PARAMS, record)
-                head = _tied_head(model, p)
-                if head is not None and p.dim() == 2:
-                    TiedQuantHead.adopt(head, qt)
+            head = _tied_head(model, p)
+            if head is not None and p.dim() == 2:  # also a kept FP16 embedding: the head reads its 16 bits
+                TiedQuantHead.adopt(head, qt)
     return report
+
+
+def run_tied_head(model: nn.Module) -> bool:
+    """Give the output head tied to ``model``'s token embedding a kernel of the embedding's stored
+    form: its codes where it is quantized (:data:`QUANTIZED_PARAMS`), else FP16 or BF16 where its
+    values are exactly those (a kept embedding is rounded to FP16).  Both decode to the weight
+    itself, so the logits are those of the float product.  Returns whether the head has one;
+    :func:`quantize_model` does this as it quantizes, a loader calls it on the model it built."""
+    model = as_module(model)
+    get_in = getattr(model, "get_input_embeddings", None)
+    if get_in is None or not _is_tied(model):
+        return False
+    p = get_in().weight
+    head = _tied_head(model, p)
+    if head is None or p.dim() != 2 or p.is_meta:
+        return False
+    name = next((n for n, q in model.named_parameters() if q is p), None)
+    qt = (getattr(model, QUANTIZED_PARAMS, None) or {}).get(name)
+    if qt is None:
+        w = p.detach()
+        for fmt_name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            if w.dtype == dt or (w.is_floating_point() and torch.equal(w.to(dt).to(w.dtype), w)):
+                qt = get_format(fmt_name).quantize(w)
+                break
+    if qt is None:
+        return False
+    TiedQuantHead.adopt(head, qt)
+    return True
 
 
 def _unique_params(model: nn.Module):
