@@ -81,16 +81,21 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.
 
 
 def _build(path: Path, st_file: Path, manifest: dict, dtype: torch.dtype) -> tuple[nn.Module, dict]:
+    from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.model.quantize import QUANTIZED_PARAMS, QuantLinear, stamp
+    from lowbit.model.quantize import QUANTIZED_PARAMS, QuantLinear, run_tied_head, stamp
     from lowbit.model.rotated import RotatedQuantLinear
 
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):  # lowbit's own marker for other loaders; the model below is float
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # parameters on the meta device: every one is replaced below by what the file holds (a quantized
+    # module, or a tensor assigned by load_state_dict), so the float model is never allocated;
+    # buffers (rotary frequencies) are computed as usual
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     params = manifest.get("params", {}) or {}
     with safe_open(str(st_file), framework="pt") as f:
         names = set(f.keys())
@@ -135,9 +140,13 @@ def _build(path: Path, st_file: Path, manifest: dict, dtype: torch.dtype) -> tup
     missing = [m for m in missing if m not in buffers]  # quantized modules' parts were set above
     if missing or unexpected:
         raise ModelLoadError(f"{path}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:  # never a model with weights the file did not give
+        raise ModelLoadError(f"{path}: checkpoint gives no values for {empty[:3]}")
     model.eval()
     # what lowbit knows of a model it quantized, so that saving it again stores the same
     stamp(model, str(manifest.get("scheme", "mix")), str(manifest.get("method", "unknown")))
     if codes:
         setattr(model, QUANTIZED_PARAMS, codes)
+    run_tied_head(model)
     return model, manifest
