@@ -93,8 +93,9 @@ def _build(path: Path, st_file: Path, manifest: dict, dtype: torch.dtype) -> tup
         del config.quantization_config
     # parameters on the meta device: every one is replaced below by what the file holds (a quantized
     # module, or a tensor assigned by load_state_dict), so the float model is never allocated;
-    # buffers (rotary frequencies) are computed as usual
-    with init_empty_weights(include_buffers=False):
+    # buffers (rotary frequencies) are computed as usual, on the CPU even where the caller builds on
+    # the meta device (transformers' from_pretrained: see hf_quantizer)
+    with torch.device("cpu"), init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     params = manifest.get("params", {}) or {}
     with safe_open(str(st_file), framework="pt") as f:
@@ -134,7 +135,9 @@ def _build(path: Path, st_file: Path, manifest: dict, dtype: torch.dtype) -> tup
     state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}  # FP16 on disk where lossless
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+        # tied here, not by model.tie_weights(): transformers' from_pretrained turns that off while it builds
+        if model.get_output_embeddings() is not None:
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
         missing = [m for m in missing if m != "lm_head.weight"]
     buffers = {n for n, _ in model.named_buffers()}
     missing = [m for m in missing if m not in buffers]  # quantized modules' parts were set above
