@@ -38,9 +38,8 @@ class E8PKernel(Kernel):
         return (self.codes, self.scale, self.patterns, self.parity)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.cols).to(torch.float32)
-        y = loaded_kernels().e8p_matmul(x2, *self._args(), GEMV_MAX_M)
-        return y.reshape(*x.shape[:-1], self.rows).to(x.dtype)
+        # [..., cols] in x's dtype in and out: the compiled module flattens and converts
+        return loaded_kernels().e8p_matmul(x, *self._args(), GEMV_MAX_M)
 
     def dequantize(self) -> torch.Tensor:
         return loaded_kernels().e8p_dequantize(*self._args())

@@ -46,9 +46,8 @@ class TableKernel(Kernel):
         return (self.codes, self.table, self.scale, self.base, self.rows, self.cols, self.group, self.bits)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.cols).to(torch.float32)
-        y = loaded_kernels().matmul(x2, *self._args(), GEMV_MAX_M)
-        return y.reshape(*x.shape[:-1], self.rows).to(x.dtype)
+        # [..., cols] in x's dtype in and out: the compiled module flattens and converts
+        return loaded_kernels().matmul(x, *self._args(), GEMV_MAX_M)
 
     def dequantize(self) -> torch.Tensor:
         return loaded_kernels().dequantize(*self._args())

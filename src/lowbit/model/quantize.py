@@ -102,7 +102,8 @@ class QuantLinear(nn.Module):
     @property
     def kernel(self) -> Kernel:
         """The kernel for the layer's current parts, device and backend (rebuilt when any changed)."""
-        key = (self.backend, *((getattr(self, f"q_{k}").data_ptr(), getattr(self, f"q_{k}").device) for k in self._parts))
+        bufs = self._buffers  # not getattr: this runs at every product, a few hundred times per token
+        key = (self.backend, *[(t.data_ptr(), t.device) for t in (bufs[f"q_{k}"] for k in self._parts)])
         if self._kernel is None or key != self._kernel_key:
             self._kernel = build_kernel(self.fmt, self.qtensor, self.backend)
             self._kernel_key = key
