@@ -58,8 +58,20 @@ class PartialRows:
         return row
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's machine: ratios against float32 depend
+    on it (a BLAS's float32 path differs between vendors more than lowbit's kernels do)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(device: str) -> dict[str, object]:
-    dev = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or platform.machine())
+    dev = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
     return {"platform": platform.platform(), "device": dev, "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
