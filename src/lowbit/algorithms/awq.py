@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats.base import Format, QTensor
+from lowbit.formats.base import Format
 from lowbit.formats.integer import IntFormat
 
 
@@ -35,12 +35,6 @@ class AWQConfig:
 
 def _err(dw: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return ((dw @ h) * dw).sum()
-
-
-def _quantize(fmt: Format, w: torch.Tensor, imatrix: torch.Tensor | None) -> QTensor:
-    if imatrix is not None and fmt.uses_imatrix:
-        return fmt.quantize(w, imatrix=imatrix)
-    return fmt.quantize(w)
 
 
 def _w_mean(ws: list[torch.Tensor], group: int) -> torch.Tensor:
@@ -67,9 +61,9 @@ def search_scales(ws: list[torch.Tensor], fmts: list[Format], x_mean_abs: torch.
         total = 0.0
         for w, f in zip(ws, fmts, strict=True):
             if s is None:
-                dq = f.dequantize(_quantize(f, w, imatrix))
+                dq = f.dequantize(f.quantize(w, imatrix=imatrix))
             else:
-                dq = f.dequantize(_quantize(f, w * s, imatrix / (s * s))) / s
+                dq = f.dequantize(f.quantize(w * s, imatrix=imatrix / (s * s))) / s
             total += float(_err(dq - w, h))
         return total
 
@@ -92,8 +86,8 @@ def search_clip(w: torch.Tensor, fmt: IntFormat, h: torch.Tensor, cfg: AWQConfig
     cfg = cfg or AWQConfig()
     h = h.to(torch.float32)
     rows, cols = w.shape
-    segs = fmt._segments(cols)
-    ngr = sum((b - a) // gs for a, b, gs in segs)
+    segs = fmt.segments(cols)
+    ngr = fmt.groups_per_row(cols)
     best = torch.full((rows, ngr), float("inf"), device=w.device)
     ratio = torch.ones(rows, ngr, device=w.device)
     steps = int(cfg.max_shrink * cfg.n_clip_grid)

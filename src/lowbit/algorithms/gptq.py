@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.algorithms.hessian import relative_output_error
 from lowbit.errors import FormatError, LowbitError
 from lowbit.formats.base import Format, Grid, QTensor
 
@@ -129,20 +130,6 @@ def run_vector_columns(W: torch.Tensor, hinv: torch.Tensor, block: int, dim: int
         W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
 
 
-def _output_error(w: torch.Tensor, hh: torch.Tensor) -> Callable[[torch.Tensor], float]:
-    """``dq -> tr(dW H dW^T) / tr(W H W^T)`` with ``dW = dq - w``: the relative output error, in
-    float32 with float64 sums (a diagnostic; for a 4096 x 11008 layer float64 products took longer
-    than GPTQ itself)."""
-    w32 = w.to(torch.float32)
-    den = float(((w32 @ hh) * w32).sum(dtype=torch.float64)) or 1.0
-
-    def rel(dq: torch.Tensor) -> float:
-        dw = dq.to(torch.float32) - w32
-        return float(((dw @ hh) * dw).sum(dtype=torch.float64)) / den
-
-    return rel
-
-
 def _gptq_vectors(w0: torch.Tensor, h: torch.Tensor, W: torch.Tensor, fmt: Format, cfg: GPTQConfig,
                   dead: torch.Tensor, name: str) -> GPTQResult:
     """GPTQ for a vector format: scales from plain rounding of the whole weight, codes by block
@@ -165,7 +152,7 @@ def _gptq_vectors(w0: torch.Tensor, h: torch.Tensor, W: torch.Tensor, fmt: Forma
     run_vector_columns(W, hinv, block, dim, quantize_vectors)
     qt = fmt.with_codes(template, codes)
     qt.meta["gptq_damp"] = damp
-    rel = _output_error(w0, h.to(torch.float32))
+    rel = relative_output_error(w0, h)
     rtn_q = template if not bool(dead.any()) else fmt.quantize(w0, name=name)
     return GPTQResult(qt, damp, rel(fmt.dequantize(qt)), rel(fmt.dequantize(rtn_q)))
 
@@ -199,9 +186,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, cfg: GPTQConfig
     imatrix = torch.diagonal(h).to(torch.float32).clamp_min(0) if (cfg.use_imatrix and fmt.uses_imatrix) else None
 
     def rtn(x: torch.Tensor, cols_sl: slice) -> QTensor:
-        if imatrix is not None:
-            return fmt.quantize(x, name=name, imatrix=imatrix[cols_sl])
-        return fmt.quantize(x, name=name)
+        return fmt.quantize(x, name=name, imatrix=None if imatrix is None else imatrix[cols_sl])
 
     static = cfg.static_groups or cfg.act_order
     group = _group_layout(fmt, cols, static)
@@ -254,7 +239,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, cfg: GPTQConfig
     del h
     if perm is not None:
         hh = hh[inv][:, inv]
-    rel = _output_error(w0, hh)
+    rel = relative_output_error(w0, hh)
     # plain rounding of the original weights: the template already is that when no column was dead
     rtn_q = rtn_full if (rtn_full is not None and not bool(dead.any())) else rtn(w0, slice(None))
     rtn_err = rel(fmt.dequantize(rtn_q))

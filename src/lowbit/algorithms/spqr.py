@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.algorithms.gptq import GPTQConfig, inverse_hessian_factor, run_columns
+from lowbit.algorithms.hessian import relative_output_error
 from lowbit.errors import FormatError
 from lowbit.formats.base import Format, QTensor
 from lowbit.formats.spqr import SpQRFormat
@@ -93,10 +94,6 @@ def spqr_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, cfg: SpQRConfig
     flat = is_out.reshape(-1).nonzero().reshape(-1)
     qt = fmt.encode((rows, cols), codes, stats, flat, out_val.reshape(-1)[flat])
     qt.meta["gptq_damp"] = damp
-    den = float(((w0.double() @ h) * w0.double()).sum()) or 1.0
-
-    def rel(q: QTensor) -> float:
-        dw = (fmt.dequantize(q) - w0).double()
-        return float(((dw @ h) * dw).sum()) / den
-
-    return SpQRResult(qt, rel(qt), rel(rtn), int(flat.numel()), fmt.tensor_bits(qt) / (rows * cols))
+    err = relative_output_error(w0, h)
+    return SpQRResult(qt, err(fmt.dequantize(qt)), err(fmt.dequantize(rtn)), int(flat.numel()),
+                      fmt.tensor_bits(qt) / (rows * cols))

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lowbit.errors import FormatError, did_you_mean
 
@@ -138,10 +140,14 @@ class Format:
     #: The GGUF tensor type this format writes as, or None if GGUF cannot hold it.
     gguf_type: int | None = None
     description: str = ""
-    #: True if quantize() accepts ``imatrix=`` (one importance weight per input column)
+    #: True if an importance matrix given to :meth:`quantize` changes the result (every format
+    #: accepts one; the others ignore it)
     uses_imatrix: bool = False
 
-    def quantize(self, w: torch.Tensor) -> QTensor:
+    def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
+        """Quantize ``w`` ([rows, cols]); ``name`` names the tensor in errors; ``imatrix`` is one
+        importance weight per input column (``[cols]``), used where :attr:`uses_imatrix` is True and
+        ignored elsewhere."""
         raise NotImplementedError
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
@@ -270,8 +276,49 @@ def list_formats() -> list[str]:
     return sorted(_EXACT) + [ex for ex, _ in _FAMILIES]
 
 
+class GGMLType(NamedTuple):
+    """A GGML tensor type: its id in GGUF files, weights per block and bytes per block."""
+
+    type_id: int
+    block: int
+    type_size: int
+
+
+def ggml_type(name: str) -> GGMLType:
+    """The GGML tensor type ``name`` (``"q4_k"``, ``"F16"``: any case), from gguf-py's tables
+    (``GGMLQuantizationType`` and ``GGML_QUANT_SIZES``, the ids of ggml.h and the block sizes of
+    ggml-common.h), so that no id or block size is typed by hand."""
+    try:
+        t = GGMLQuantizationType[name.upper()]
+    except KeyError:
+        raise FormatError(f"gguf-py knows no GGML type {name.upper()}") from None
+    block, type_size = GGML_QUANT_SIZES[t]
+    return GGMLType(int(t), block, type_size)
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def check_imatrix(imatrix: torch.Tensor, cols: int, name: str) -> torch.Tensor:
+    """An importance vector must have one finite, non-negative weight per input column."""
+    im = torch.as_tensor(imatrix).detach().to(torch.float32).reshape(-1)
+    if im.numel() != cols:
+        raise FormatError(f"{name}: importance matrix has {im.numel()} entries, the tensor has {cols} columns")
+    if not torch.isfinite(im).all() or bool((im < 0).any()):
+        raise FormatError(f"{name}: importance matrix has NaN, Inf or negative entries")
+    return im.contiguous()
+
+
+def fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    """Values (``N`` of them, any shape) -> ``[N, 2]`` uint8: each one rounded to FP16, its two bytes
+    in memory order (little-endian, as GGUF stores ``ggml_fp16_t``)."""
+    return v.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
+
+
+def fp16_from_bytes(b: torch.Tensor) -> torch.Tensor:
+    """``[N, 2]`` uint8 FP16 bytes -> ``[N]`` float32: the inverse of :func:`fp16_bytes`."""
+    return b.contiguous().view(torch.float16).reshape(-1).to(torch.float32)
 
 
 def pack_nibbles_lohi(q: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.base import Format, QTensor, register
-
-# GGML type ids (ggml.h): F32 = 0, F16 = 1, BF16 = 30.
-GGML_F32, GGML_F16, GGML_BF16 = 0, 1, 30
+from lowbit.errors import FormatError
+from lowbit.formats.base import Format, QTensor, ggml_type, register
 
 
 class CastFormat(Format):
@@ -25,12 +23,10 @@ class CastFormat(Format):
         self.description = description
         self.bits = torch.finfo(dtype).bits
 
-    def quantize(self, w: torch.Tensor, name: str = "tensor") -> QTensor:
+    def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
         w = self.check(w, name)
         q = w.to(self.dtype)
         if not torch.isfinite(q).all():
-            from lowbit.errors import FormatError
-
             raise FormatError(f"{name}: values overflow {self.name} (largest |w| = {w.abs().max():.3g})")
         return QTensor(self.name, tuple(w.shape), {"values": q})
 
@@ -49,7 +45,7 @@ class FP8Format(Format):
         self.name = f"fp8-{variant}{'-ch' if per_channel else ''}"
         self.description = f"FP8 {variant.upper()}, FP32 scale per {'channel' if per_channel else 'tensor'}"
 
-    def quantize(self, w: torch.Tensor, name: str = "tensor") -> QTensor:
+    def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
         w = self.check(w, name)
         amax = w.abs().amax(dim=1, keepdim=True) if self.per_channel else w.abs().amax().reshape(1, 1)
         scale = torch.where(amax > 0, amax / self.fmax, torch.ones_like(amax))
@@ -64,9 +60,9 @@ class FP8Format(Format):
         return shape[0] * shape[1] * 8 + 32 * (shape[0] if self.per_channel else 1)
 
 
-register(CastFormat("f32", torch.float32, GGML_F32, "FP32, the unquantized reference"))
-register(CastFormat("fp16", torch.float16, GGML_F16, "IEEE half precision"))
-register(CastFormat("bf16", torch.bfloat16, GGML_BF16, "bfloat16"))
+register(CastFormat("f32", torch.float32, ggml_type("F32").type_id, "FP32, the unquantized reference"))
+register(CastFormat("fp16", torch.float16, ggml_type("F16").type_id, "IEEE half precision"))
+register(CastFormat("bf16", torch.bfloat16, ggml_type("BF16").type_id, "bfloat16"))
 for _v in ("e4m3", "e5m2"):
     register(FP8Format(_v, per_channel=False))
     register(FP8Format(_v, per_channel=True))

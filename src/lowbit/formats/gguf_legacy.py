@@ -22,7 +22,20 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.base import Format, Grid, QTensor, map_row_chunks, pack_bits, register, unpack_bits
+from lowbit.formats.base import (
+    Format,
+    Grid,
+    QTensor,
+    check_imatrix,
+    fp16_bytes,
+    fp16_from_bytes,
+    ggml_type,
+    map_row_chunks,
+    pack_bits,
+    register,
+    unpack_bits,
+)
+from lowbit.formats.ggml_ref import csqrt, make_qkx_quants, make_qx_quants, sdiv, seqsum
 
 QK = 32
 
@@ -32,14 +45,6 @@ def roundf(x: torch.Tensor) -> torch.Tensor:
     a = x.abs()
     fl = torch.floor(a)
     return torch.sign(x) * (fl + torch.floor(2 * (a - fl)))
-
-
-def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
-    return v.to(torch.float16).reshape(-1, 1).view(torch.uint8)
-
-
-def _f16_from(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float16).to(torch.float32)
 
 
 def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -60,14 +65,18 @@ def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
 class LegacyGGUF(Format):
     block_size = QK
 
-    def __init__(self, name: str, gguf_type: int, bits: int, affine: bool) -> None:
+    def __init__(self, name: str, bits: int, affine: bool) -> None:
         self.name = name
-        self.gguf_type = gguf_type
+        t = ggml_type(name)  # the id and block size of the GGML type of the same name
+        self.gguf_type = t.type_id
+        self.type_size = t.type_size
         self.bits = bits
         self.affine = affine
         self.uses_imatrix = bits != 8  # Q8_0 has no weighted variant in ggml
+        # the layout read and written here: d [m] [qh] codes
         head = 4 if affine else 2
-        self.type_size = head + (4 if bits == 5 else 0) + (QK if bits == 8 else QK // 2)
+        layout = head + (4 if bits == 5 else 0) + (QK if bits == 8 else QK // 2)
+        assert (t.block, t.type_size) == (QK, layout), f"{name}: gguf-py's block layout differs from lowbit's"
         self.description = f"llama.cpp {name.upper()}, blocks of 32, {'d and min' if affine else 'd only'} in FP16"
 
     # ---------------------------------------------------------------------------------
@@ -76,8 +85,6 @@ class LegacyGGUF(Format):
         rows, cols = w.shape
         im = None
         if imatrix is not None and self.bits != 8:
-            from lowbit.formats.kquants import check_imatrix
-
             im = check_imatrix(imatrix, cols, name).to(w.device)
 
         def run(r0: int, r1: int) -> torch.Tensor:
@@ -96,7 +103,7 @@ class LegacyGGUF(Format):
             d = x.abs().amax(dim=1, keepdim=True) / 127
             inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
             q = roundf(x * inv).to(torch.int8).view(torch.uint8)
-            return torch.cat([_f16_bytes(d), q], dim=1).reshape(rows, -1)
+            return torch.cat([fp16_bytes(d), q], dim=1).reshape(rows, -1)
         nmax = 2**self.bits - 1
         if self.affine:
             # ggml keeps the first element equal to the min (max): it matters for -0.0 vs 0.0
@@ -105,7 +112,7 @@ class LegacyGGUF(Format):
             d = (hi - lo) / nmax
             inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
             q = torch.trunc((x - lo) * inv + 0.5)
-            head = [_f16_bytes(d), _f16_bytes(lo)]
+            head = [fp16_bytes(d), fp16_bytes(lo)]
         else:
             vmax = _signed_absmax(x)
             # ggml starts from max = 0.0 and replaces it only on a strictly larger magnitude, so a
@@ -114,7 +121,7 @@ class LegacyGGUF(Format):
             d = vmax / -(2 ** (self.bits - 1))
             inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
             q = torch.trunc(x * inv + (2 ** (self.bits - 1) + 0.5))
-            head = [_f16_bytes(d)]
+            head = [fp16_bytes(d)]
         return self._pack(rows, head, q.clamp(0, nmax).to(torch.uint8))
 
     def _pack(self, rows: int, head: list[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
@@ -126,8 +133,6 @@ class LegacyGGUF(Format):
 
     def _blocks_weighted(self, w: torch.Tensor, imatrix: torch.Tensor) -> torch.Tensor:
         """ggml's quantize_row_q{4,5}_{0,1}_impl: scales searched under imatrix-weighted error."""
-        from lowbit.formats.ggml_ref import csqrt, make_qkx_quants, make_qx_quants, sdiv, seqsum
-
         rows, cols = w.shape
         wt = w.t()
         sigma2 = sdiv(seqsum(wt * wt), float(cols))  # per row, over the whole row
@@ -136,15 +141,15 @@ class LegacyGGUF(Format):
         wg = qw.reshape(-1, QK).t().contiguous()
         if self.affine:
             d, the_min, L = make_qkx_quants(xg, wg, 2**self.bits - 1, -0.9, 0.05, 36, False, strict_empty=True)
-            head = [_f16_bytes(d), _f16_bytes(-the_min)]
+            head = [fp16_bytes(d), fp16_bytes(-the_min)]
         else:
             d, L = make_qx_quants(xg, 2 ** (self.bits - 1), 1, wg)
-            head = [_f16_bytes(d)]
+            head = [fp16_bytes(d)]
         return self._pack(rows, head, L.t().to(torch.uint8))
 
     def dequantize(self, qt: QTensor) -> torch.Tensor:
         blocks = qt.parts["blocks"].reshape(-1, self.type_size)
-        d = _f16_from(blocks[:, 0:2])
+        d = fp16_from_bytes(blocks[:, 0:2])[:, None]
         if self.bits == 8:
             q = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
             return (d * q).reshape(qt.shape)
@@ -158,7 +163,7 @@ class LegacyGGUF(Format):
             q = q | (high << 4)
         qf = q.to(torch.float32)
         if self.affine:
-            return (d * qf + _f16_from(blocks[:, 2:4])).reshape(qt.shape)
+            return (d * qf + fp16_from_bytes(blocks[:, 2:4])[:, None]).reshape(qt.shape)
         return (d * (qf - 2 ** (self.bits - 1))).reshape(qt.shape)
 
     # ---- grid (GPTQ and other methods choose the codes) -----------------------------
@@ -171,12 +176,12 @@ class LegacyGGUF(Format):
         def per_weight(v: torch.Tensor) -> torch.Tensor:
             return v.reshape(-1, 1).expand(-1, QK).reshape(rows, cols)
 
-        d = per_weight(_f16_from(blocks[:, 0:2]))
+        d = per_weight(fp16_from_bytes(blocks[:, 0:2]))
         if self.bits == 8:
             return Grid(d, None, None, -128, 127)
         nmax = 2**self.bits - 1
         if self.affine:
-            return Grid(d, None, per_weight(_f16_from(blocks[:, 2:4])), 0, nmax)
+            return Grid(d, None, per_weight(fp16_from_bytes(blocks[:, 2:4])), 0, nmax)
         return Grid(d, torch.full_like(d, float(2 ** (self.bits - 1))), None, 0, nmax)
 
     def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
@@ -194,9 +199,8 @@ class LegacyGGUF(Format):
         return shape[0] * (shape[1] // QK) * self.type_size * 8
 
 
-# GGML type ids from ggml.h.
-register(LegacyGGUF("q4_0", 2, 4, affine=False))
-register(LegacyGGUF("q4_1", 3, 4, affine=True))
-register(LegacyGGUF("q5_0", 6, 5, affine=False))
-register(LegacyGGUF("q5_1", 7, 5, affine=True))
-register(LegacyGGUF("q8_0", 8, 8, affine=False))
+register(LegacyGGUF("q4_0", 4, affine=False))
+register(LegacyGGUF("q4_1", 4, affine=True))
+register(LegacyGGUF("q5_0", 5, affine=False))
+register(LegacyGGUF("q5_1", 5, affine=True))
+register(LegacyGGUF("q8_0", 8, affine=False))

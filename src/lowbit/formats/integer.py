@@ -52,8 +52,11 @@ class IntFormat(Format):
         self.description = f"{bits}-bit {kind}, {where}{', MSE-clipped' if clip else ''}"
 
     # ---------------------------------------------------------------------------------
-    def _segments(self, cols: int) -> list[tuple[int, int, int]]:
-        """(start, end, group size) column ranges; a last group may be shorter (576 = 4*128 + 64)."""
+    def segments(self, cols: int) -> list[tuple[int, int, int]]:
+        """The scale groups of a row of ``cols`` columns, as (start, end, group size) column ranges
+        cut into whole groups of that size: one range of full groups, then a last, shorter group
+        where the size does not divide the row (576 = 4*128 + 64); the whole row in one range per
+        channel or per tensor.  :meth:`quantize_clipped` takes its ratios per group in this order."""
         if self.group <= 0:
             return [(0, cols, cols)]
         full = cols - cols % self.group
@@ -62,7 +65,8 @@ class IntFormat(Format):
             segs.append((full, cols, cols - full))
         return segs
 
-    def _groups_per_row(self, cols: int) -> int:
+    def groups_per_row(self, cols: int) -> int:
+        """Scale groups in a row of ``cols`` columns (1 per channel or per tensor)."""
         return 1 if self.group <= 0 else ceil_div(cols, self.group)
 
     def _params(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -112,7 +116,7 @@ class IntFormat(Format):
                     zero = torch.where(better, z_r, zero)
         return q, scale, zero
 
-    def quantize(self, w: torch.Tensor, name: str = "tensor") -> QTensor:
+    def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
         w = self.check(w, name)
         rows, cols = w.shape
         if self.group == -1:
@@ -120,7 +124,7 @@ class IntFormat(Format):
             codes, scales, zeros = q.reshape(rows, cols), scale.reshape(1, 1), zero
         else:
             cs, ss, zs = [], [], []
-            for a, b, gs in self._segments(cols):
+            for a, b, gs in self.segments(cols):
                 q, scale, zero = self._quantize_groups(w[:, a:b].reshape(-1, gs))
                 cs.append(q.reshape(rows, b - a))
                 ss.append(scale.reshape(rows, -1))
@@ -146,7 +150,7 @@ class IntFormat(Format):
         codes = unpack_bits(qt.parts["codes"], self.bits, cols).to(torch.float32)
         if self.symmetric:
             codes = codes - 2 ** (self.bits - 1)
-        ngr = 1 if self.group == -1 else self._groups_per_row(cols)
+        ngr = 1 if self.group == -1 else self.groups_per_row(cols)
         scale = qt.parts["scale"].to(torch.float32)
         zero = None
         if "zero" in qt.parts:
@@ -157,7 +161,7 @@ class IntFormat(Format):
         zero = None if zero is None else zero.reshape(rows, ngr)
         out = []
         gi = 0
-        for a, b, gs in self._segments(cols):
+        for a, b, gs in self.segments(cols):
             n = (b - a) // gs
             c = codes[:, a:b].reshape(rows, n, gs)
             s_ = scale[:, gi : gi + n, None]
@@ -174,7 +178,7 @@ class IntFormat(Format):
         return max(self.group, 0)
 
     def _group_sizes(self, cols: int) -> torch.Tensor:
-        sizes = [gs for a, b, gs in self._segments(cols) for _ in range((b - a) // gs)]
+        sizes = [gs for a, b, gs in self.segments(cols) for _ in range((b - a) // gs)]
         return torch.tensor(sizes, dtype=torch.long)
 
     def _per_weight(self, t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -210,6 +214,8 @@ class IntFormat(Format):
         return self.group > 0
 
     def join_columns(self, qts: list[QTensor]) -> QTensor:
+        if not self.joinable or not qts:
+            raise FormatError(f"format {self.name} cannot join column slices (its scales are not per group)")
         rows = qts[0].shape[0]
         codes, scales, zeros = [], [], []
         for q in qts:
@@ -223,7 +229,7 @@ class IntFormat(Format):
 
     def quantize_clipped(self, w: torch.Tensor, ratio: torch.Tensor, name: str = "tensor") -> QTensor:
         """Round to nearest with each group's range shrunk by ``ratio`` (``[rows, groups]``, in
-        (0, 1]): the clipping that AWQ searches for."""
+        (0, 1], groups as :meth:`segments` lists them): the clipping that AWQ searches for."""
         w = self.check(w, name)
         rows, cols = w.shape
         if self.group == -1:
@@ -231,7 +237,7 @@ class IntFormat(Format):
         ratio = ratio.to(w.device, torch.float32).reshape(rows, -1)
         cs, ss, zs = [], [], []
         gi = 0
-        for a, b, gs in self._segments(cols):
+        for a, b, gs in self.segments(cols):
             n = (b - a) // gs
             g = w[:, a:b].reshape(-1, gs)
             r = ratio[:, gi : gi + n].reshape(-1, 1)
@@ -252,7 +258,7 @@ class IntFormat(Format):
         codes = rows * ceil_div(cols * self.bits, 8) * 8
         if self.group == -1:
             return codes + 32 + (0 if self.symmetric else 8)
-        ngroups = rows * self._groups_per_row(cols)
+        ngroups = rows * self.groups_per_row(cols)
         zeros = 0 if self.symmetric else ceil_div(ngroups * self.bits, 8) * 8
         return codes + 16 * ngroups + zeros
 

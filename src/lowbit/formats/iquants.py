@@ -12,9 +12,18 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.base import Format, Grid, QTensor, map_row_chunks, register
+from lowbit.formats.base import (
+    Format,
+    Grid,
+    QTensor,
+    check_imatrix,
+    fp16_bytes,
+    fp16_from_bytes,
+    ggml_type,
+    map_row_chunks,
+    register,
+)
 from lowbit.formats.ggml_ref import GROUP_MAX_EPS, best_index_int8, csqrt, first_absmax, sdiv, seqsum
-from lowbit.formats.kquants import _f16b, _from_f16b, check_imatrix
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 NTRY = 7
@@ -73,7 +82,7 @@ def _iq4_nl(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     d, _ = _block_scales(x.t().contiguous(), w.t().contiguous(), vals)
     idl = torch.where(d != 0, sdiv(1.0, torch.where(d != 0, d, 1.0)), 0.0)
     L = best_index_int8(vals, idl[:, None] * x)
-    return torch.cat([_f16b(d), _pack_nl(L)], dim=1)
+    return torch.cat([fp16_bytes(d), _pack_nl(L)], dim=1)
 
 
 def _iq4_xs(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
@@ -96,15 +105,16 @@ def _iq4_xs(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     hi = lu >> 4
     scales_h = (hi << (2 * torch.arange(8, device=x.device, dtype=torch.int32))).sum(1, dtype=torch.int32)
     sh = torch.stack([scales_h & 0xFF, scales_h >> 8], dim=1).to(torch.uint8)
-    return torch.cat([_f16b(d), sh, scales_l, _pack_nl(L)], dim=1)
+    return torch.cat([fp16_bytes(d), sh, scales_l, _pack_nl(L)], dim=1)
 
 
 class IQ4(Format):
-    def __init__(self, name: str, gguf_type: int, block: int, type_size: int, desc: str) -> None:
+    def __init__(self, name: str, desc: str) -> None:
         self.name = name
-        self.gguf_type = gguf_type
-        self.block_size = block
-        self.type_size = type_size
+        t = ggml_type(name)  # the id and block layout of the GGML type of the same name
+        self.gguf_type = t.type_id
+        self.block_size = t.block
+        self.type_size = t.type_size
         self.description = desc
         self.uses_imatrix = True
 
@@ -127,7 +137,7 @@ class IQ4(Format):
     def dequantize(self, qt: QTensor) -> torch.Tensor:
         b = qt.parts["blocks"].reshape(-1, self.type_size)
         vals = torch.tensor(KVALUES, dtype=torch.float32, device=b.device)
-        d = _from_f16b(b[:, 0:2])
+        d = fp16_from_bytes(b[:, 0:2])
         if self.block_size == 32:
             q = vals[_unpack_nl(b[:, 2:18])]
             return (d[:, None] * q).reshape(qt.shape)
@@ -146,7 +156,7 @@ class IQ4(Format):
     def grid(self, qt: QTensor) -> Grid:
         b = qt.parts["blocks"].reshape(-1, self.type_size)
         vals = torch.tensor(KVALUES, dtype=torch.float32, device=b.device)
-        d = _from_f16b(b[:, 0:2])
+        d = fp16_from_bytes(b[:, 0:2])
         if self.block_size == 32:
             dl = d[:, None].expand(-1, 32)
         else:
@@ -169,5 +179,5 @@ class IQ4(Format):
         return shape[0] * (shape[1] // self.block_size) * self.type_size * 8
 
 
-register(IQ4("iq4_nl", 20, 32, 18, "llama.cpp IQ4_NL: 16 non-linear levels, blocks of 32 with FP16 scale, 4.5 bpw"))
-register(IQ4("iq4_xs", 23, 256, 136, "llama.cpp IQ4_XS: 16 non-linear levels, 8x32 with 6-bit scales, 4.25 bpw"))
+register(IQ4("iq4_nl", "llama.cpp IQ4_NL: 16 non-linear levels, blocks of 32 with FP16 scale, 4.5 bpw"))
+register(IQ4("iq4_xs", "llama.cpp IQ4_XS: 16 non-linear levels, 8x32 with 6-bit scales, 4.25 bpw"))

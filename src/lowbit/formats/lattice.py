@@ -188,7 +188,7 @@ class E8PFormat(Format):
             scale = torch.where(fit > 0, fit, scale).half().float()
         return torch.where(w.abs().amax(1, keepdim=True) == 0, torch.zeros_like(scale), scale)  # rows of zeros stay zero
 
-    def quantize(self, w: torch.Tensor, name: str = "tensor") -> QTensor:
+    def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
         w = self.check(w, name)
         cb = _codebook_on(str(w.device))
         parts: dict[str, torch.Tensor] = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.errors import FormatError
 from lowbit.formats.base import Format, Grid, QTensor, ceil_div, pack_nibbles_lohi, register, unpack_nibbles_lohi
 
 NF4_LEVELS = torch.tensor(
@@ -75,7 +76,7 @@ class FourBitFormat(Format):
         self.name = kind + ("-dq" if double_quant else "")
         self.description = f"bitsandbytes {kind.upper()}, block 64" + (", double-quantized scales" if double_quant else "")
 
-    def quantize(self, w: torch.Tensor, name: str = "tensor") -> QTensor:
+    def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
         w = self.check(w, name)
         blocks = w.reshape(-1, BLOCK)
         absmax = blocks.abs().amax(dim=1)
@@ -127,6 +128,8 @@ class FourBitFormat(Format):
         return not self.double_quant  # double quantization's statistics span the whole tensor
 
     def join_columns(self, qts: list[QTensor]) -> QTensor:
+        if not self.joinable or not qts:
+            raise FormatError(f"format {self.name} cannot join column slices (double quantization spans the tensor)")
         rows = qts[0].shape[0]
         codes = torch.cat([q.parts["codes"].reshape(rows, -1) for q in qts], dim=1)
         absmax = torch.cat([q.parts["absmax"].reshape(rows, -1) for q in qts], dim=1).reshape(-1)

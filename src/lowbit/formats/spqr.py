@@ -123,7 +123,7 @@ class SpQRFormat(Format):
         return scale, zero
 
     # ---- the Format interface --------------------------------------------------------------
-    def quantize(self, w: torch.Tensor, name: str = "tensor") -> QTensor:
+    def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
         w = self.check(w, name)
         rows, cols = w.shape
         self._check_cols(cols, name)

@@ -14,13 +14,23 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from gguf.constants import GGUFValueType
 
 from lowbit.errors import LowbitError
 
 ALIGNMENT = 32
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
-STRING, ARRAY = 8, 9
+#: per GGUF value type (gguf-py's ids): the struct format of one value, and the numpy dtype of an array's items
+_ENCODING = {
+    GGUFValueType.UINT8: ("<B", "<u1"), GGUFValueType.INT8: ("<b", "<i1"),
+    GGUFValueType.UINT16: ("<H", "<u2"), GGUFValueType.INT16: ("<h", "<i2"),
+    GGUFValueType.UINT32: ("<I", "<u4"), GGUFValueType.INT32: ("<i", "<i4"),
+    GGUFValueType.UINT64: ("<Q", "<u8"), GGUFValueType.INT64: ("<q", "<i8"),
+    GGUFValueType.FLOAT32: ("<f", "<f4"), GGUFValueType.FLOAT64: ("<d", "<f8"),
+    GGUFValueType.BOOL: ("<?", "<u1"),
+}
+_SCALAR = {int(t): fmt for t, (fmt, _) in _ENCODING.items()}
+_NP = {int(t): dt for t, (_, dt) in _ENCODING.items()}
+STRING, ARRAY = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY)
 
 
 def _str(s: str) -> bytes:

@@ -66,11 +66,11 @@ def test_failed_write_leaves_no_file(smol_path, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = gguf_legacy.LegacyGGUF.quantize
 
-    def flaky(self, w, name="tensor"):
+    def flaky(self, w, name="tensor", imatrix=None):
         calls["n"] += 1
         if calls["n"] == 40:
             raise RuntimeError("disk on fire")
-        return real(self, w, name)
+        return real(self, w, name, imatrix)
 
     monkeypatch.setattr(gguf_legacy.LegacyGGUF, "quantize", flaky)
     out = tmp_path / "out.gguf"
