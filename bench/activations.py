@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from _common import PartialRows, command, machine, write_results
-from lowbit.eval.compare import compare, parse_alpha
+from lowbit.eval.compare import compare
 from lowbit.eval.report import markdown_table, summary
 from lowbit.model.calibrate import CalibConfig
 from lowbit.model.load import load_model
 from lowbit.model.qat import QATConfig
+from lowbit.model.recipe import parse_alpha
 
 PREFIX = "activations"
 DEFAULT = ("w8a8,w8a8+smoothquant,w8a8+smoothquant=auto,"
@@ -58,8 +59,8 @@ def main() -> int:
     if args.device != "cpu":
         loaded.model.to(args.device)
     calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, smooth_alpha=parse_alpha(args.alpha),
-                        qat=QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch),
                         device=args.device)
+    qat = QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch)
 
     stem = args.name or f"{PREFIX}-{Path(args.model).stem}-{args.device.split(':')[0]}"
     partial = PartialRows(stem, {k: v for k, v in vars(args).items() if k in RESUME_KEY}, args.resume)
@@ -71,7 +72,7 @@ def main() -> int:
               flush=True)
 
     cmp = compare(loaded, specs, text_name="wiki-eval (gensim Wikipedia, evaluation split)", max_chunks=args.chunks,
-                  progress=False, calib=calib, on_result=show,
+                  progress=False, calib=calib, qat=qat, on_result=show,
                   done=partial.done, done_base_ppl=partial.base_ppl)
     table = markdown_table(cmp, times=True)
     outl = ""

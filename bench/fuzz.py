@@ -1,6 +1,6 @@
 """Fuzz lowbit's GGUF and safetensors readers with mutated files and count what happens.
 
-Each input is a small valid seed file (lowbit.io.fuzz) damaged one way: truncated, random bytes
+Each input is a small valid seed file (lowbit.testing.fuzz) damaged one way: truncated, random bytes
 overwritten, header fields set to hostile values (counts, lengths, dimension counts, dimensions,
 type ids, offsets, alignment), duplicate tensor names; for safetensors the header length, dtypes,
 shapes, offsets (reversed, overlapping, past the end) and non-JSON headers.  Every reader that opens
@@ -36,7 +36,7 @@ import torch
 
 from _common import OUT, command, machine
 from lowbit.errors import LowbitError
-from lowbit.io import fuzz
+from lowbit.testing import fuzz
 
 MAX_BYTES = 32 << 20  # the seeds are about 1 KB; anything near this is a reader sizing from a bad field
 TIMEOUT_S = 10.0
@@ -59,9 +59,9 @@ def read_gguf(path: Path) -> None:
 
 
 def gguf_gate(path: Path) -> None:
-    from lowbit.model.load import _gguf_arch, check_gguf_file
+    from lowbit.model.load import check_gguf_file, gguf_arch
 
-    _gguf_arch(check_gguf_file(path))
+    gguf_arch(check_gguf_file(path))
 
 
 def gguf_py(path: Path) -> None:
@@ -75,7 +75,7 @@ def gguf_py(path: Path) -> None:
 def read_safetensors(path: Path) -> None:
     from safetensors import safe_open
 
-    from lowbit.io.safetensors_check import ITEMSIZE, check_safetensors
+    from lowbit.model.safetensors_check import ITEMSIZE, check_safetensors
 
     entries = check_safetensors(path)
     try:
@@ -91,9 +91,9 @@ def read_safetensors(path: Path) -> None:
 
 
 def st_dir_gate(path: Path) -> None:
-    from lowbit.model.load import _check_safetensors
+    from lowbit.model.load import check_safetensors_dir
 
-    _check_safetensors(path.parent)
+    check_safetensors_dir(path.parent)
 
 
 def st_checkpoint(path: Path) -> None:

@@ -39,6 +39,7 @@ from lowbit.eval import mixsearch as ms
 from lowbit.eval.data import calibration_text, eval_text
 from lowbit.eval.runner import Evaluation, torch_logits_fn
 from lowbit.model.imatrix import compute_imatrix, imatrix_chunks
+from lowbit.model.layers import unique_params
 from lowbit.model.load import load_model
 
 OUT = Path(__file__).parent / "results"
@@ -175,7 +176,7 @@ def dither(model: torch.nn.Module, rel: float, seed: int = 0) -> int:
     gen = torch.Generator().manual_seed(seed)
     n = 0
     with torch.no_grad():
-        for pname, p in ms._params(model):
+        for pname, p in unique_params(model):
             if p.dim() != 2 or gguf_name(pname) is None:
                 continue
             rms = p.float().pow(2).mean(1, keepdim=True).sqrt()

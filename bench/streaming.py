@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--keep-outputs", action="store_true", help="keep the GGUF files (default: deleted)")
     args = ap.parse_args()
 
-    from lowbit.io.synthetic import LLAMA_7B, bundled_tokenizer_dir, write_synthetic_llama
+    from lowbit.testing.synthetic import LLAMA_7B, bundled_tokenizer_dir, write_synthetic_llama
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

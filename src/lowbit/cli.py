@@ -16,8 +16,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowbit import __version__
+from lowbit.env import __version__
 from lowbit.errors import LowbitError
+from lowbit.model.methods import get_method, list_methods
+from lowbit.model.recipe import Recipe, quantize
 
 DEFAULT_FORMATS = (
     "fp16,bf16,fp8-e4m3,fp8-e5m2,q8_0,int8,q5_1,q5_0,q4_1,q4_0,nf4,nf4-dq,fp4,"
@@ -25,8 +27,7 @@ DEFAULT_FORMATS = (
 )
 #: evaluation chunks of ``eval`` and ``compare`` when --chunks is not given
 DEFAULT_CHUNKS = 20
-WEIGHT_METHODS = ("rtn", "gptq", "awq", "quip", "spqr")
-METHOD_CHOICES = (*WEIGHT_METHODS, "smoothquant", "qat")
+METHOD_CHOICES = tuple(list_methods())
 BUNDLED_EVAL = "wiki-eval (gensim's Wikipedia articles, evaluation split)"
 BUNDLED_CALIB = "wiki-calib (gensim's Wikipedia articles, calibration split)"
 
@@ -195,7 +196,7 @@ def _dry(args: argparse.Namespace, what: str) -> int:
 def cmd_formats(args: argparse.Namespace) -> int:
     from lowbit.formats import family_info, get_format, list_formats
     from lowbit.io.exports import export_names, get_export
-    from lowbit.model.actquant import parse_act_scheme
+    from lowbit.model.actscheme import parse_act_scheme
     from lowbit.model.gguf_mix import FILE_TYPES
     from lowbit.model.schemes import ACT_EXAMPLES
 
@@ -233,13 +234,11 @@ def cmd_formats(args: argparse.Namespace) -> int:
     print("  (w<2-8>a<2-8>[-static[-minmax|-pct|-mse]], llm-int8[-t<threshold>])")
     print()
     print("Methods (--method, or +method in compare --formats)")
-    for name, desc in (("rtn", "round to nearest (default)"), ("gptq", "GPTQ: Hessian-aware column by column"),
-                       ("awq", "AWQ: activation-aware scaling, then round to nearest"),
-                       ("quip", "QuIP: random rotations (incoherence), then GPTQ; with e8p, QuIP#"),
-                       ("spqr", "SpQR: small groups with FP16 outliers (spqr formats)"),
-                       ("smoothquant", "SmoothQuant: migrate activation outliers into weights (activation schemes)"),
-                       ("qat", "quantization-aware training: distillation through fake quantization")):
-        print(f"  {name:<28} {'':>8}  {desc}")
+    for name in list_methods():
+        m = get_method(name)
+        applies = ("weights and activation schemes" if m.weights and m.activations else
+                   "activation schemes" if m.activations else "weights")
+        print(f"  {name:<28} {'':>8}  {m.description} ({applies}{'; the default' if name == 'rtn' else ''})")
     print()
     print("Output layouts (--out-format, for a directory --out)")
     print(f"  {'lowbit':<28} {'':>8}  lowbit's checkpoint: any format and method; lowbit eval/compare load it")
@@ -267,8 +266,7 @@ class QuantizeJob:
     kind: str  # "gguf", "checkpoint" or an export layout
     scheme: str | None
     method: str
-    act: object | None = None
-    ft: object | None = None
+    recipe: Recipe | None = None  # None: the budget search chooses every tensor's format
     imatrix: dict | None = None
     calib: Text | None = None
     device: str = "cpu"
@@ -352,15 +350,6 @@ def _check_plan(facts, scheme: str, has_imatrix: bool) -> None:  # type: ignore[
         plan_model(list(facts.tensors.items()), scheme, facts.info, facts.tied, has_imatrix=has_imatrix)
 
 
-def _check_method_on(facts, scheme: str, method: str) -> None:  # type: ignore[no-untyped-def]
-    from lowbit.model.calibrate import check_method_formats
-    from lowbit.model.policy import plan_model
-
-    if facts.tensors is None or method not in ("gptq", "quip", "spqr", "awq"):
-        return
-    check_method_formats(plan_model(list(facts.tensors.items()), scheme, facts.info, facts.tied), method)
-
-
 def _check_export_on(facts, scheme: str, layout: str, has_imatrix: bool) -> None:  # type: ignore[no-untyped-def]
     """The export ``layout`` can hold ``scheme`` on this model's linear layers: one format for all of
     them, which the layout takes, with groups that divide every row."""
@@ -411,53 +400,32 @@ def plan_quantize(args: argparse.Namespace) -> QuantizeJob:
 def _plan_single(args, src: Path, facts, out: Path, kind: str, device: str,  # type: ignore[no-untyped-def]
                  imatrix_given: bool) -> QuantizeJob:
     from lowbit.io.hf_stream import can_stream
-    from lowbit.model.gguf_mix import FILE_TYPES, pure_file_type
-    from lowbit.model.schemes import resolve_scheme
+    from lowbit.model.gguf_mix import pure_file_type
+    from lowbit.model.policy import plan_model
 
     if args.exclude_types or args.types or args.sens_chunks is not None:
         raise LowbitError("--types, --exclude-types and --sens-chunks go with --target-bpw or --target-size")
     scheme = _scheme_of(args)
     if args.pure:
         scheme = pure_file_type(scheme)
-    s = resolve_scheme(scheme)
-    scheme = s.name
-    method = args.method
+    recipe = Recipe.parse(scheme, method=args.method, imatrix=imatrix_given, output=kind)
+    s, method, scheme = recipe.scheme, recipe.method.name, recipe.scheme.name
     to_gguf = kind == "gguf"
-    if s.act is None:
-        if method == "smoothquant":
-            raise LowbitError("--method smoothquant smooths activations: give an activation scheme "
-                              "(--format w8a8, w8a8-static-mse, w4a4 ...)")
-    elif method not in ("rtn", "smoothquant", "qat"):
-        raise LowbitError(f"{scheme} quantizes activations: its methods are rtn, smoothquant and qat, not {method}")
-    if kind not in ("gguf", "checkpoint") and (s.act is not None or method == "quip"):
-        raise LowbitError(f"--out-format {kind} writes a directory of a weight-only model "
-                          "(not activation schemes, not QuIP's rotated layers)")
-    if to_gguf and s.act is not None:
-        raise LowbitError(f"{scheme} quantizes activations, which GGUF files cannot describe; give an --out "
-                          "directory for a lowbit checkpoint")
-    if to_gguf and s.file_type is None:
-        raise LowbitError(f"format {scheme} has no GGUF type; GGUF output takes {', '.join(sorted(FILE_TYPES))} "
-                          "(write a lowbit checkpoint directory instead: an --out without .gguf)")
-    if to_gguf and method == "quip":
-        raise LowbitError("QuIP's rotated layers cannot go into a GGUF file (llama.cpp does not rotate their "
-                          "inputs); give an --out directory for a lowbit checkpoint")
     if not to_gguf and s.file_type is not None and args.out_format is None:
         raise LowbitError(f"{scheme} is a llama.cpp file type, written as a GGUF file: give an --out ending in .gguf "
                           f"(e.g. {out.name}.gguf), or --out-format lowbit for a lowbit checkpoint in these types")
-    if args.imatrix and method != "rtn":
-        raise LowbitError(f"--imatrix is for round-to-nearest; {method} uses the calibration Hessian")
     imatrix = _check_imatrix(args.imatrix)
-    if s.act is None:
-        _check_method_on(facts, scheme, method)
+    if facts.tensors is not None and s.act is None:
+        recipe.check_plan(plan_model(list(facts.tensors.items()), scheme, facts.info, facts.tied))
     if kind not in ("gguf", "checkpoint"):
         _check_export_on(facts, scheme, kind, imatrix_given)
     _check_plan(facts, scheme, imatrix_given)
     streamed_rtn = to_gguf and method == "rtn" and (src.is_file() or can_stream(src))
-    streamed_calib = to_gguf and method in ("gptq", "awq") and can_stream(src)
+    streamed_calib = to_gguf and recipe.method.streams and can_stream(src)
     if device != "cpu" and not streamed_rtn and not (streamed_calib and device != "auto"):
         raise LowbitError("--device is for GGUF output from a .gguf file or a safetensors directory (round-to-"
                           "nearest; GPTQ and AWQ from a safetensors directory take one device, not auto)")
-    needs_calib = method in ("gptq", "awq", "quip", "spqr", "smoothquant", "qat") or bool(s.act is not None and s.act.static)
+    needs_calib = recipe.needs_calibration
     if needs_calib:
         _check_ctx(facts, args.calib_ctx, "--calib-ctx")
     calib = _text(args.calib_text, "--calib-text", "calib", args.calib_ctx) if needs_calib else None
@@ -465,7 +433,7 @@ def _plan_single(args, src: Path, facts, out: Path, kind: str, device: str,  # t
         raise LowbitError(f"--calib-text: {scheme} by {method} uses no calibration text")
     route = ("gguf-file" if src.is_file() else "gguf-stream") if streamed_rtn else (
         "gguf-calib-stream" if streamed_calib else "memory")
-    return QuantizeJob(src, facts, out, kind, scheme, method, s.act, s.file_type, imatrix, calib, device, route)
+    return QuantizeJob(src, facts, out, kind, scheme, method, recipe, imatrix, calib, device, route)
 
 
 def _plan_budget(args, src: Path, facts, out: Path, kind: str, device: str) -> QuantizeJob:  # type: ignore[no-untyped-def]
@@ -520,7 +488,7 @@ def run_streamed(args: argparse.Namespace, job: QuantizeJob) -> int:
     """GGUF output without the model in memory: tensor by tensor from a GGUF file or a safetensors
     directory (round-to-nearest), or one decoder layer at a time (GPTQ, AWQ); resumable."""
     notes: list[str] = []
-    ft_name = job.ft.name  # type: ignore[union-attr]
+    ft_name = job.recipe.scheme.file_type.name  # type: ignore[union-attr]
     if job.route == "gguf-file":
         from lowbit.io.gguf_out import write_gguf
 
@@ -540,7 +508,7 @@ def run_streamed(args: argparse.Namespace, job: QuantizeJob) -> int:
 
         cfg = _calib_config(args)
         cfg.device = job.device
-        report, logs = write_gguf_calibrated_streaming(job.src, job.out, ft_name, cfg, job.calib.read(),  # type: ignore[union-attr]
+        report, logs = write_gguf_calibrated_streaming(job.src, job.out, job.recipe, cfg, job.calib.read(),  # type: ignore[arg-type,union-attr]
                                                        progress=not args.quiet, notes=notes, force=args.force)
         _print_gain(args.method, cfg, logs)
     for n in notes:
@@ -552,13 +520,18 @@ def run_streamed(args: argparse.Namespace, job: QuantizeJob) -> int:
 def _calib_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from lowbit.algorithms.gptq import GPTQConfig
     from lowbit.model.calibrate import CalibConfig
-    from lowbit.model.qat import QATConfig
 
-    return CalibConfig(method=args.method if args.method in WEIGHT_METHODS else "gptq",
+    m = get_method(args.method)
+    return CalibConfig(method=m.name if (m.layerwise or m.name == "rtn") else "gptq",
                        n_samples=args.calib_chunks, seq_len=args.calib_ctx,
                        gptq=GPTQConfig(damp=args.damp, act_order=args.act_order),
-                       spqr_outliers=args.outliers, smooth_alpha=args.alpha,
-                       qat=QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch))
+                       spqr_outliers=args.outliers, smooth_alpha=args.alpha)
+
+
+def _qat_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from lowbit.model.qat import QATConfig
+
+    return QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch)
 
 
 def _auto_device(device: str) -> str:
@@ -569,51 +542,21 @@ def _auto_device(device: str) -> str:
 
 def run_in_memory(args: argparse.Namespace, job: QuantizeJob) -> int:
     """Load the model, quantize it in memory, write a GGUF file, a lowbit checkpoint or an export."""
-    cfg = _calib_config(args)
-    texts = [(job.calib, cfg.seq_len)] if job.calib is not None else []
-    loaded = _load(job.src, args.quiet, texts)
-    scheme, method = str(job.scheme), job.method
+    from lowbit.model.imatrix import imatrix_chunks
 
-    def chunks():  # type: ignore[no-untyped-def]
-        from lowbit.model.imatrix import imatrix_chunks
-
-        return imatrix_chunks(loaded, job.calib.read(), n_ctx=cfg.seq_len, max_chunks=cfg.n_samples,  # type: ignore[union-attr]
-                              source=job.calib.source)  # type: ignore[union-attr]
-
-    if method == "qat":
-        import copy
-
-        from lowbit.model.qat import qat_quantize
-
-        cal = chunks()
-        teacher = copy.deepcopy(loaded.model)
-        report, res = qat_quantize(loaded.model, teacher, scheme, cal, cfg.qat, progress=not args.quiet)
-        del teacher
-        print(f"qat: {len(res.losses)} steps of {cfg.qat.batch_size} x {cfg.seq_len} tokens in {res.seconds:.0f} s; "
-              f"distillation loss {res.losses[0]:.4f} -> {sum(res.losses[-10:]) / len(res.losses[-10:]):.4f} "
-              "(mean of the last 10 steps)")
-    elif job.act is not None:
-        from lowbit.model.actquant import ActConfig, describe_smoothing, quantize_act_model
-
-        cal = chunks() if (job.act.static or method == "smoothquant") else None  # type: ignore[attr-defined]
-        report = quantize_act_model(loaded.model, job.act, cal, ActConfig(method == "smoothquant", args.alpha),  # type: ignore[arg-type]
-                                    progress=not args.quiet)
-        if "smoothing" in report.details:
-            print(describe_smoothing(report.details["smoothing"]))  # type: ignore[arg-type]
-    elif method == "rtn":
-        from lowbit.model.quantize import quantize_model
-
-        report = quantize_model(loaded.model, scheme, progress=not args.quiet, imatrix=job.imatrix)
-    else:
-        from lowbit.model.calibrate import calibrate_quantize
-
-        cal = chunks()
-        report, logs = calibrate_quantize(loaded, scheme, cal, cfg, progress=not args.quiet)
-        _print_gain(method, cfg, logs, len(cal))
+    recipe = job.recipe.with_settings(_calib_config(args), _qat_config(args))  # type: ignore[union-attr]
+    cfg = recipe.calib
+    loaded = _load(job.src, args.quiet, [(job.calib, cfg.seq_len)] if job.calib is not None else [])
+    chunks = imatrix_chunks(loaded, job.calib.read(), n_ctx=cfg.seq_len, max_chunks=cfg.n_samples,  # type: ignore[union-attr]
+                            source=job.calib.source) if recipe.needs_calibration else None  # type: ignore[union-attr]
+    report = quantize(loaded, recipe, chunks=chunks, imatrix=job.imatrix, progress=not args.quiet)
+    _print_method(recipe, report, chunks)
+    scheme, method = recipe.scheme.name, recipe.method.name
     if job.kind == "gguf":
         from lowbit.io.hf_gguf import write_gguf_from_hf
 
-        write_gguf_from_hf(loaded, job.out, job.ft.name, progress=not args.quiet, force=args.force)  # type: ignore[union-attr]
+        write_gguf_from_hf(loaded, job.out, recipe.scheme.file_type.name, progress=not args.quiet,  # type: ignore[union-attr]
+                           force=args.force)
     elif job.kind == "checkpoint":
         from lowbit.io.checkpoint import save_checkpoint
 
@@ -702,6 +645,22 @@ def _print_gain(method: str, cfg, logs: list, n_chunks: int | None = None) -> No
           "(summed over layers)")
 
 
+def _print_method(recipe: Recipe, report, chunks) -> None:  # type: ignore[no-untyped-def]
+    """What the method measured on the way: QAT's losses, SmoothQuant's alphas, a layer-wise method's gain."""
+    m = recipe.method.name
+    if m == "qat":
+        res, qcfg = report.measured["training"], report.measured["qat"]
+        print(f"qat: {len(res.losses)} steps of {qcfg.batch_size} x {recipe.calib.seq_len} tokens in {res.seconds:.0f} s; "
+              f"distillation loss {res.losses[0]:.4f} -> {sum(res.losses[-10:]) / len(res.losses[-10:]):.4f} "
+              "(mean of the last 10 steps)")
+    elif "smoothing" in report.details:
+        from lowbit.model.actquant import describe_smoothing
+
+        print(describe_smoothing(report.details["smoothing"]))
+    elif recipe.method.layerwise:
+        _print_gain(m, recipe.calib, report.logs, len(chunks))
+
+
 # ---- import, imatrix -------------------------------------------------------------------------
 def cmd_import(args: argparse.Namespace) -> int:
     from lowbit.io.outputs import MODEL_DIR, check_output
@@ -749,24 +708,25 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
 def _in_memory_scheme(args: argparse.Namespace, facts, path: Path, static_hint: str, verb: str):  # type: ignore[no-untyped-def]
     """eval's and generate's --format (quantized in memory, so no static activation ranges) and
     --engine (llama.cpp runs a GGUF file as it is) checked on the model's shapes."""
-    from lowbit.model.schemes import resolve_scheme
-
-    scheme = resolve_scheme(args.format) if args.format else None
-    if scheme is not None and scheme.act is not None and scheme.act.static:
-        raise LowbitError(f"--format {scheme.name}: static activation ranges need calibration; "
-                          + static_hint.format(name=scheme.name))
-    if scheme is not None and scheme.act is None:
-        _check_plan(facts, scheme.name, False)
+    recipe = Recipe.parse(args.format) if args.format else None
+    if recipe is not None and recipe.needs_calibration:
+        what = ("static activation ranges need" if recipe.method.name == "rtn" else f"{recipe.method.name} needs")
+        raise LowbitError(f"--format {recipe.label}: {what} calibration; " + static_hint.format(name=recipe.label))
+    if recipe is not None and recipe.imatrix:
+        raise LowbitError(f"--format {recipe.label}: the importance matrix needs calibration; "
+                          + static_hint.format(name=recipe.label))
+    if recipe is not None and recipe.scheme.act is None:
+        _check_plan(facts, recipe.scheme.name, False)
     if args.engine == "llama.cpp":
         import importlib.util
 
         if facts.kind != "gguf":
             raise LowbitError(f"{path}: --engine llama.cpp {verb} a GGUF file")
-        if scheme is not None:
+        if recipe is not None:
             raise LowbitError("--engine llama.cpp runs the file as it is; drop --format")
         if importlib.util.find_spec("llama_cpp") is None:
             raise LowbitError("--engine llama.cpp needs llama-cpp-python (bash scripts/install.sh builds it)")
-    return scheme
+    return recipe
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -803,7 +763,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if self_only and not args.quiet:
         print(f"lowbit: warning: {path.name} is compared with no other model (give --reference ORIGINAL, or "
               "--format to quantize it first): perplexity only, no KLD", file=sys.stderr)
-    label = scheme.name if scheme is not None else path.name
+    label = scheme.label if scheme is not None else path.name
     size: float | None = float(path.stat().st_size) if path.is_file() and scheme is None else None
     bpw: float | None = None
     try:
@@ -816,14 +776,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 res = ev.run(llm.logits_fn(), f"{label} (llama.cpp)")
             else:
                 if scheme is not None:
-                    if scheme.act is not None:
-                        from lowbit.model.actquant import quantize_act_model
-
-                        report = quantize_act_model(model, scheme.act, progress=not args.quiet)
-                    else:
-                        from lowbit.model.quantize import quantize_model
-
-                        report = quantize_model(model, scheme.name, progress=not args.quiet)
+                    report = quantize(model, scheme, progress=not args.quiet)
                     size, bpw = float(report.size_bytes), report.bits_per_weight
                 res = ev.run(torch_logits_fn(model, args.ctx), label)
     finally:
@@ -876,7 +829,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         check_output(args.json, REPORT, False, "--json", replace_own=True)
     if args.dry_run:
-        what = f"quantize {path.name} to {scheme.name} in memory and " if scheme is not None else ""
+        what = f"quantize {path.name} to {scheme.label} in memory and " if scheme is not None else ""
         return _dry(args, f"{what}generate {args.n_predict} tokens with {args.engine}")
     import torch
 
@@ -902,15 +855,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = prompt_ids(loaded, args.prompt, args.chat)
         label = path.name
         if scheme is not None:
-            if scheme.act is not None:
-                from lowbit.model.actquant import quantize_act_model
-
-                quantize_act_model(loaded.model, scheme.act, progress=not args.quiet)
-            else:
-                from lowbit.model.quantize import quantize_model
-
-                quantize_model(loaded.model, scheme.name, progress=not args.quiet)
-            label = scheme.name
+            quantize(loaded.model, scheme, progress=not args.quiet)
+            label = scheme.label
         from lowbit.model.quantize import QuantLinear, set_backend
 
         set_backend(loaded, args.backend)
@@ -935,11 +881,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lowbit.algorithms.gptq import GPTQConfig
-    from lowbit.eval.compare import default_out_dir, parse_spec
+    from lowbit.eval.compare import default_out_dir
     from lowbit.io.outputs import REPORT, check_output
-    from lowbit.model.actquant import parse_act_scheme
     from lowbit.model.calibrate import CalibConfig
-    from lowbit.model.qat import QATConfig
+    from lowbit.model.policy import plan_model
 
     _check_ranges(args)
     facts = _inspect(args.model)
@@ -947,11 +892,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not formats:
         raise LowbitError("--formats: give at least one format")
-    specs = [parse_spec(f) for f in formats]
-    for s in specs:  # what a file type needs on this model (Q2_K_S: an importance matrix ...)
-        _check_plan(facts, s.scheme, s.imatrix)
-    if any(s.method != "rtn" or s.imatrix for s in specs) or any(
-            (a := parse_act_scheme(s.scheme)) is not None and a.static for s in specs):
+    specs = [Recipe.parse(f) for f in formats]
+    for s in specs:  # what a file type needs on this model (Q2_K_S: an importance matrix ...), what a method takes
+        _check_plan(facts, s.scheme.name, s.imatrix)
+        if facts.tensors is not None and s.scheme.act is None:
+            s.check_plan(plan_model(list(facts.tensors.items()), s.scheme.name, facts.info, facts.tied))
+    if any(s.needs_calibration or s.imatrix for s in specs):
         _check_ctx(facts, args.calib_ctx, "--calib-ctx")
     imatrix = _check_imatrix(args.imatrix)
     text = _text(args.text, "--text", "eval", args.ctx)
@@ -970,10 +916,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     texts = [(text, args.ctx), (calib, args.calib_ctx)]
     loaded = _load(facts.path, args.quiet, texts)
     cfg = CalibConfig(n_samples=args.calib_chunks, seq_len=args.calib_ctx, gptq=GPTQConfig(damp=args.damp),
-                      smooth_alpha=args.alpha,
-                      qat=QATConfig(steps=args.qat_steps, lr=args.qat_lr, batch_size=args.qat_batch))
+                      smooth_alpha=args.alpha)
     cmp = compare(loaded, formats, text=text.read(), text_name=text.name, n_ctx=args.ctx, max_chunks=args.chunks,
-                  progress=not args.quiet, imatrix=imatrix, calib=cfg, calib_text=calib.text)
+                  progress=not args.quiet, imatrix=imatrix, calib=cfg, calib_text=calib.text, qat=_qat_config(args))
     print(summary(cmp))
     for n in cmp.notes:
         print(f"note: {n}")
@@ -987,7 +932,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # ---- the parser ------------------------------------------------------------------------------
 def _alpha(value: str) -> float | None:
-    from lowbit.eval.compare import parse_alpha
+    from lowbit.model.recipe import parse_alpha
 
     try:
         return parse_alpha(value)

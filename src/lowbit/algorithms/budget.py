@@ -47,7 +47,7 @@ class Solution:
         return out
 
 
-def _hull(cands: list[Candidate]) -> list[Candidate]:
+def lower_hull(cands: list[Candidate]) -> list[Candidate]:
     """Lower convex hull of (bits, loss), from fewest bits up, keeping only points that lower the loss."""
     pts = sorted(cands, key=lambda c: (c.bits, c.loss))
     best: list[Candidate] = []
@@ -117,7 +117,7 @@ def solve(candidates: dict[str, list[Candidate]], budget: int, resolution: int =
     for name, cs in candidates.items():
         if not cs:
             raise LowbitError(f"{name}: no candidate format")
-    hulls = {n: _hull(cs) for n, cs in candidates.items()}
+    hulls = {n: lower_hull(cs) for n, cs in candidates.items()}
     pos = dict.fromkeys(hulls, 0)
     total = sum(h[0].bits for h in hulls.values())
     if total > budget:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import gc
 import time
 from collections.abc import Callable
@@ -13,15 +12,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit.eval.data import eval_text, text_digest
+from lowbit.errors import LowbitError
+from lowbit.eval.data import calibration_text, eval_text, text_digest
 from lowbit.eval.runner import Evaluation, torch_logits_fn
 from lowbit.formats import get_format
-from lowbit.model.actquant import parse_act_scheme
+from lowbit.model.actquant import describe_smoothing, outlier_report
+from lowbit.model.actscheme import parse_act_scheme
 from lowbit.model.calibrate import CalibConfig
 from lowbit.model.gguf_mix import file_type
+from lowbit.model.imatrix import compute_imatrix
+from lowbit.model.imatrix import imatrix_chunks as calib_chunks
 from lowbit.model.load import LoadedModel
-from lowbit.model.policy import check_scheme
-from lowbit.model.quantize import quantize_model
+from lowbit.model.qat import QATConfig
+from lowbit.model.quantize import QuantReport
+from lowbit.model.recipe import Recipe, quantize
 
 
 class PeakMemory:
@@ -123,83 +127,10 @@ class Comparison:
         return [r.row(self.base["ppl"]) for r in self.results]
 
 
-IMATRIX_SUFFIX = "+imatrix"
-
-
-@dataclass(frozen=True)
-class Spec:
+def parse_spec(spec: str) -> Recipe:
     """One entry of a comparison: ``scheme[+method][+imatrix]`` (``int4-asym-g128+gptq``,
-    ``q4_k_m+imatrix``, ``q3_k_m+gptq``)."""
-
-    scheme: str
-    method: str = "rtn"
-    imatrix: bool = False
-    alpha: str = ""  # SmoothQuant's alpha given in the entry ('smoothquant=0.8', 'smoothquant=auto')
-
-    @property
-    def label(self) -> str:
-        m = "" if self.method == "rtn" else f"+{self.method}" + (f"={self.alpha}" if self.alpha else "")
-        return self.scheme + m + (IMATRIX_SUFFIX if self.imatrix else "")
-
-
-#: suffixes of a comparison entry beyond the weight methods: SmoothQuant (activation schemes) and QAT
-EXTRA_METHODS = ("smoothquant", "qat")
-
-
-def parse_spec(spec: str) -> Spec:
-    from lowbit.errors import LowbitError
-    from lowbit.model.calibrate import METHODS
-
-    parts = spec.strip().lower().split("+")
-    scheme, method, use_im, alpha = parts[0], "rtn", False, ""
-    known = METHODS + EXTRA_METHODS
-    for p in parts[1:]:
-        if p == "imatrix":
-            use_im = True
-        elif p.startswith("smoothquant="):
-            method, alpha = "smoothquant", p.split("=", 1)[1]
-            parse_alpha(alpha, f"'{spec}': ")
-        elif p in known:
-            method = p
-        else:
-            from lowbit.errors import did_you_mean
-
-            raise LowbitError(f"'{spec}': unknown suffix '+{p}'{did_you_mean(p, ('imatrix', *known))} "
-                              f"(use +imatrix or a method: {', '.join(known)})")
-    act = parse_act_scheme(scheme)
-    if act is None:
-        check_scheme(scheme)
-        if method == "smoothquant":
-            raise LowbitError(f"'{spec}': SmoothQuant smooths activations; use it with an activation scheme "
-                              "(w8a8+smoothquant, w4a4+smoothquant, w8a8-static+smoothquant)")
-    elif method not in ("rtn", "smoothquant", "qat"):
-        raise LowbitError(f"'{spec}': {act.name} quantizes activations; its methods are +smoothquant and +qat")
-    if use_im and method != "rtn":
-        raise LowbitError(f"'{spec}': {method} weighs errors with the calibration Hessian already; drop '+imatrix'")
-    if use_im and act is not None:
-        raise LowbitError(f"'{spec}': the importance matrix is for weight formats that take one (K-quants, IQ4, Q4_0...)")
-    return Spec(scheme, method, use_im, alpha)
-
-
-def parse_alpha(value: str, where: str = "") -> float | None:
-    """SmoothQuant's alpha from text: a number in [0, 1], or 'auto' (None: searched per group)."""
-    from lowbit.errors import LowbitError
-
-    if value.strip().lower() == "auto":
-        return None
-    try:
-        a = float(value)
-    except ValueError:
-        a = -1.0
-    if not 0.0 <= a <= 1.0:
-        raise LowbitError(f"{where}SmoothQuant alpha must be a number in [0, 1] or 'auto', not '{value}'")
-    return a
-
-
-def split_spec(spec: str) -> tuple[str, bool]:
-    """``q4_k_m+imatrix`` -> (``q4_k_m``, True): the scheme, and whether it uses the importance matrix."""
-    s = parse_spec(spec)
-    return s.scheme, s.imatrix
+    ``q4_k_m+imatrix``, ``q3_k_m+gptq``), as a :class:`~lowbit.model.recipe.Recipe`."""
+    return Recipe.parse(spec)
 
 
 def describe(scheme: str) -> tuple[str, str]:
@@ -217,30 +148,26 @@ def describe(scheme: str) -> tuple[str, str]:
 def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, text_name: str = "wiki-eval",
             n_ctx: int = 512, max_chunks: int | None = 20, progress: bool = True,
             imatrix: dict[str, np.ndarray] | None = None, imatrix_chunks: int = 32,
-            calib: CalibConfig | None = None, calib_text: str | None = None,
+            calib: CalibConfig | None = None, calib_text: str | None = None, qat: QATConfig | None = None,
             on_result: Callable[[FormatResult, float], None] | None = None,
             done: dict[str, FormatResult] | None = None, done_base_ppl: float | None = None) -> Comparison:
     """Evaluate every entry of ``formats`` (lowbit formats or llama.cpp file types, with an optional
     method suffix such as ``+gptq`` and/or ``+imatrix``; see :func:`parse_spec`) against the original
     on the same chunks.  ``+imatrix`` quantizes with the importance matrix ``imatrix`` (computed from
     the calibration text when not given); methods calibrate on ``calib_text`` (default: the bundled
-    calibration split, which never overlaps the evaluation text) with the settings of ``calib``.
+    calibration split, which never overlaps the evaluation text) with the settings of ``calib``
+    (and QAT's training settings ``qat``).
 
     ``done`` holds results of entries already measured (by label, e.g. from a run that was cut short)
     that are taken as they are instead of being measured again; ``done_base_ppl`` is the original's
     perplexity they were measured against, checked against this run's before any of them is used."""
     specs = [parse_spec(f) for f in formats]  # unknown names fail before any work
     calib = calib or CalibConfig()
+    qat = qat or QATConfig()
     if imatrix is None and any(s.imatrix for s in specs):
-        from lowbit.eval.data import calibration_text
-        from lowbit.model.imatrix import compute_imatrix
-
         imatrix = compute_imatrix(loaded, calibration_text(), max_chunks=imatrix_chunks, progress=progress).values()
     chunks = None
-    if any(s.method != "rtn" or _needs_calibration(s.scheme) for s in specs):
-        from lowbit.eval.data import calibration_text
-        from lowbit.model.imatrix import imatrix_chunks as calib_chunks
-
+    if any(s.needs_calibration for s in specs):
         chunks = calib_chunks(loaded, calib_text if calib_text is not None else calibration_text(),
                               n_ctx=calib.seq_len, max_chunks=calib.n_samples)
     text = eval_text() if text is None else text
@@ -250,14 +177,12 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
         base = ev.run(torch_logits_fn(loaded.model, n_ctx), "original", as_reference=True)
         done = done or {}
         if done and (done_base_ppl is None or not np.isclose(done_base_ppl, base["ppl"], rtol=1e-9, atol=0.0)):
-            from lowbit.errors import LowbitError
-
             raise LowbitError(f"the results to resume were measured against an original of perplexity {done_base_ppl}, "
                               f"this run's original has {base['ppl']}: not the same model, text or chunks")
         results = []
-        for spec in specs:
-            name, desc = describe(spec.scheme)
-            label = name + spec.label[len(spec.scheme):]
+        for recipe in specs:
+            label = recipe.label
+            desc = describe(recipe.scheme.name)[1]
             if label in done:
                 results.append(done[label])
                 continue
@@ -268,44 +193,18 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             with PeakMemory() as mem:
-                act = parse_act_scheme(spec.scheme)
-                if spec.method == "qat":
-                    from lowbit.model.qat import qat_quantize
-
-                    report, qres = qat_quantize(model, loaded.model, spec.scheme, chunks, calib.qat,  # type: ignore[arg-type]
-                                                progress=progress)
-                    desc += (f", QAT: {len(qres.losses)} steps of {calib.qat.batch_size} x {calib.seq_len} calibration "
-                             f"tokens, distillation loss {qres.losses[0]:.4f} -> {qres.losses[-1]:.4f}")
-                elif act is not None:
-                    from lowbit.model.actquant import ActConfig, quantize_act_model
-
-                    alpha = parse_alpha(spec.alpha) if spec.alpha else calib.smooth_alpha
-                    report = quantize_act_model(model, act, chunks, ActConfig(spec.method == "smoothquant",
-                                                                              alpha, calib.batch_size),
-                                                progress=progress)
-                    if spec.method == "smoothquant":
-                        from lowbit.model.actquant import describe_smoothing
-
-                        desc += ", " + describe_smoothing(report.details["smoothing"])  # type: ignore[arg-type]
-                elif spec.method == "rtn":
-                    report = quantize_model(model, spec.scheme, progress=progress,
-                                            imatrix=imatrix if spec.imatrix else None)
-                else:
-                    from lowbit.model.calibrate import calibrate_quantize
-
-                    work = dataclasses.replace(loaded, model=model)
-                    report, _ = calibrate_quantize(work, spec.scheme, chunks,
-                                                   dataclasses.replace(calib, method=spec.method), progress=progress)
-                    desc += f", {spec.method.upper()} on {len(chunks)} x {calib.seq_len} calibration tokens"  # type: ignore[arg-type]
+                work = recipe.with_settings(calib, qat)
+                report = quantize(model, work, chunks=chunks if recipe.needs_calibration else None,
+                                  imatrix=imatrix if recipe.imatrix else None, teacher=loaded.model, progress=progress)
+                desc += _method_note(work, report, chunks)
             if on_gpu:
                 torch.cuda.synchronize()  # kernels still queued belong to the quantization time
             tq = time.perf_counter() - t0
             peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else 0.0
             metrics = ev.run(torch_logits_fn(model, n_ctx), label)
             details: dict[str, object] = {}
+            act = recipe.scheme.act
             if act is not None and act.kind == "llm-int8":
-                from lowbit.model.actquant import outlier_report
-
                 rep = outlier_report(model)
                 details["outlier_fraction"] = {k: v["mean_fraction"] for k, v in rep.items()}
                 mean = sum(v["mean_fraction"] for v in rep.values()) / max(1, len(rep))
@@ -315,9 +214,9 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
             # the quantized weights inside the transformer blocks (not embeddings, head or norms)
             lin = [t for t in report.tensors if t.quantized and ".layers." in t.name]
             lin_bpw = sum(t.bits for t in lin) / max(1, sum(torch.Size(t.shape).numel() for t in lin))
-            results.append(FormatResult(label, desc + (", importance matrix" if spec.imatrix else ""),
+            results.append(FormatResult(label, desc + (", importance matrix" if recipe.imatrix else ""),
                                         report.bits_per_weight, lin_bpw, report.size_bytes, tq, metrics,
-                                        report.counts(), mem.peak_mb, mem.delta_mb, wa_label(spec.scheme, lin_bpw),
+                                        report.counts(), mem.peak_mb, mem.delta_mb, wa_label(recipe.scheme.name, lin_bpw),
                                         details, peak_gpu))
             if on_result is not None:
                 on_result(results[-1], base["ppl"])
@@ -329,9 +228,18 @@ def compare(loaded: LoadedModel, formats: list[str], text: str | None = None, te
                       len(ev.chunks), int(base["tokens"]), base, results, notes)
 
 
-def _needs_calibration(scheme: str) -> bool:
-    act = parse_act_scheme(scheme)
-    return act is not None and act.static
+def _method_note(recipe: Recipe, report: QuantReport, chunks: torch.Tensor | None) -> str:
+    """What the method did, for the row's description."""
+    m, calib = recipe.method.name, recipe.calib
+    if m == "qat":
+        res, qcfg = report.measured["training"], report.measured["qat"]
+        return (f", QAT: {len(res.losses)} steps of {qcfg.batch_size} x {calib.seq_len} calibration "  # type: ignore[attr-defined]
+                f"tokens, distillation loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}")  # type: ignore[attr-defined]
+    if m == "smoothquant":
+        return ", " + describe_smoothing(report.details["smoothing"])  # type: ignore[arg-type]
+    if recipe.method.layerwise:
+        return f", {m.upper()} on {len(chunks)} x {calib.seq_len} calibration tokens"  # type: ignore[arg-type]
+    return ""
 
 
 def wa_label(scheme: str, linear_bpw: float) -> str:

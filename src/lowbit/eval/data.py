@@ -15,16 +15,11 @@ import os
 import re
 from pathlib import Path
 
+from lowbit.env import atomic_path, cache_dir
 from lowbit.errors import LowbitError
 
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CALIBRATION_EVERY = 8
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def _clean(text: str) -> str:
@@ -60,9 +55,8 @@ def _cached(name: str, make) -> str:  # type: ignore[no-untyped-def]
     if f.is_file():
         return f.read_text(encoding="utf-8")
     text = make()
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(f)
+    with atomic_path(f) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return text
 
 
@@ -140,7 +134,6 @@ def files_digest(paths: list[Path]) -> str:
             changed = True
         h.update(d.encode())
     if changed:
-        tmp = memo_file.with_name(f".{memo_file.name}.part-{os.getpid()}")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(memo_file)
+        with atomic_path(memo_file) as tmp:
+            tmp.write_text(json.dumps(memo))
     return h.hexdigest()

@@ -14,6 +14,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.eval.runner import LogitsFn
+from lowbit.model.gguf_mix import file_type
 
 
 class LlamaCppModel:
@@ -52,8 +53,6 @@ def llama_quantize(src: Path, dst: Path, ft_name: str, imatrix: dict[str, np.nda
     import ctypes
 
     import llama_cpp
-
-    from lowbit.model.gguf_mix import file_type
 
     ft = file_type(ft_name)
     if ft is None:

@@ -23,22 +23,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lowbit.eval.data import too_short
+from lowbit.model.imatrix import token_windows
+
 
 def make_chunks(tokens: list[int] | torch.Tensor, n_ctx: int, bos_id: int | None, max_chunks: int | None = None,
                 source: str = "the evaluation text") -> torch.Tensor:
     """``[n_chunks, n_ctx]`` token windows; first token replaced by ``bos_id`` when given.  ``source``
     names the text in the error for one too short."""
-    t = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-    n = t.numel() // n_ctx
-    if max_chunks is not None:
-        n = min(n, max_chunks)
-    if n < 1:
-        from lowbit.eval.data import too_short
-
-        raise too_short(source, t.numel(), n_ctx)
-    chunks = t[: n * n_ctx].reshape(n, n_ctx).clone()
-    if bos_id is not None:
-        chunks[:, 0] = bos_id
+    chunks = token_windows(tokens, n_ctx, max_chunks, bos_id)
+    if len(chunks) < 1:
+        raise too_short(source, torch.as_tensor(tokens).numel(), n_ctx)
     return chunks
 
 

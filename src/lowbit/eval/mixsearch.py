@@ -39,11 +39,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms.budget import Candidate, Solution, solve
+from lowbit.env import __version__, atomic_path, cache_dir
 from lowbit.errors import LowbitError
+from lowbit.eval.data import files_digest
 from lowbit.eval.runner import torch_logits_fn
 from lowbit.formats import get_format
+from lowbit.io.gguf_out import array_digest
 from lowbit.model.gguf_mix import allows_quantization, gguf_name
+from lowbit.model.layers import decoder_layers, unique_params
 from lowbit.model.load import LoadedModel
+from lowbit.model.policy import LINEAR_ROLES, TensorChoice, role_of
+from lowbit.model.quantize import plan_for, quantize_rest
 
 #: llama.cpp types: the K-quants (rows a multiple of 256) and the legacy blocks of 32
 K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
@@ -88,7 +94,7 @@ def candidate_types(cols: int, allowed: tuple[str, ...] | None = None) -> list[s
 def reference_type(cols: int, types: list[str] | None = None) -> str:
     """The type each tensor's sensitivity is measured at: a 4-bit one, where most of a budget's
     choices lie (Q4_K where rows fit, else Q4_0; among other candidates the one nearest 4.5 bits)."""
-    gg = "q4_k" if cols % 256 == 0 else "q4_0"
+    gg = "q4_k" if cols % get_format("q4_k").block_size == 0 else "q4_0"
     if types is None or gg in types:
         return gg
     if not types:
@@ -181,10 +187,8 @@ SENS_READS = (1, 2)
 def save_sensitivities(sens: Sensitivities, path: str | os.PathLike[str], key: dict[str, object]) -> None:
     """Write ``sens`` as JSON (atomically), with ``key``: what it was measured on (model, text, chunks),
     which :func:`load_sensitivities` checks before reusing it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps({"version": SENS_VERSION, "key": key, "sensitivities": sens.to_dict()}) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"version": SENS_VERSION, "key": key, "sensitivities": sens.to_dict()}) + "\n")
 
 
 def load_sensitivities(path: str | os.PathLike[str], key: dict[str, object] | None = None) -> Sensitivities | None:
@@ -203,23 +207,12 @@ def load_sensitivities(path: str | os.PathLike[str], key: dict[str, object] | No
         raise LowbitError(f"{path}: not a readable sensitivity file ({type(exc).__name__}: {exc})") from None
 
 
-def _params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    seen: set[int] = set()
-    out = []
-    for n, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        out.append((n, p))
-    return out
-
-
 def _ref_logprobs(model: nn.Module, chunks: torch.Tensor, n_ctx: int) -> list[torch.Tensor]:
     fn = torch_logits_fn(model, n_ctx)
     return [torch.log_softmax(fn(c).double(), -1).float() for c in chunks]
 
 
-def _kld(model: nn.Module, chunks: torch.Tensor, ref: list[torch.Tensor], n_ctx: int) -> float:
+def kld_against(model: nn.Module, chunks: torch.Tensor, ref: list[torch.Tensor], n_ctx: int) -> float:
     fn = torch_logits_fn(model, n_ctx)
     tot, n = 0.0, 0
     for c, r in zip(chunks, ref, strict=True):
@@ -245,13 +238,11 @@ class _Skip(nn.Module):
         return (hs,) if self.as_tuple else hs
 
 
-class _LayerInputs:
+class LayerInputCache:
     """The hidden states entering every decoder layer for each calibration chunk (of the unmodified
     model), so that a change to layer ``L``'s weights is evaluated by running layers ``L`` onwards only."""
 
     def __init__(self, model: nn.Module, chunks: torch.Tensor, n_ctx: int) -> None:
-        from lowbit.model.calibrate import decoder_layers
-
         self.model, self.n_ctx = model, n_ctx
         self.layers = decoder_layers(model)
         self.inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
@@ -277,7 +268,7 @@ class _LayerInputs:
     def kld_from(self, start: int, chunks: torch.Tensor) -> float:
         """Mean KLD against the reference when layers before ``start`` are unchanged."""
         if start <= 0:
-            return _kld(self.model, chunks, self.ref, self.n_ctx)
+            return kld_against(self.model, chunks, self.ref, self.n_ctx)
         saved = [self.layers[i] for i in range(start)]
         current: list[torch.Tensor] = []
 
@@ -318,8 +309,6 @@ def searched_shapes(params: list[tuple[str, tuple[int, ...]]], tied: bool, targe
     """The tensors a search chooses formats for, from the model's (name, shape) list (Hugging Face or
     GGUF names, each tensor once): (name, mix key, shape) of each; the bits of the others at their
     storage precision; and the number of weights.  ``tied``: the output head is the embedding."""
-    from lowbit.model.policy import LINEAR_ROLES, role_of
-
     default_types(target)
     todo, fixed, n_params = [], 0, 0
     for n, shape in params:
@@ -349,7 +338,7 @@ def searched_shapes(params: list[tuple[str, tuple[int, ...]]], tied: bool, targe
 def searched_tensors(model: nn.Module, target: str = "gguf") -> tuple[list[tuple[str, str, nn.Parameter]], int, int]:
     """The tensors a search chooses formats for, as (parameter name, mix key, parameter); the bits of
     the others at their storage precision; and the number of weights (tied tensors once)."""
-    params = dict(_params(model))
+    params = dict(unique_params(model))
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     todo, fixed, n_params = searched_shapes([(n, tuple(p.shape)) for n, p in params.items()], tied, target)
     return [(n, k, params[n]) for n, k, _ in todo], fixed, n_params
@@ -396,7 +385,7 @@ def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.nda
     except LowbitError as exc:
         raise LowbitError(f"{loaded.path}: {exc}") from None
     old = previous.tensors if previous is not None else {}
-    cache: _LayerInputs | None = None
+    cache: LayerInputCache | None = None
     out: dict[str, TensorSensitivity] = {}
     notes = []
     bar = tqdm(todo, desc="sensitivity", unit="tensor", disable=not progress, leave=False)
@@ -421,7 +410,7 @@ def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.nda
         ref_w = None
         for t in [t for t in types if t not in err]:
             fmt = get_format(t)
-            qt = fmt.quantize(w, name=key, imatrix=imp) if (fmt.uses_imatrix and im is not None) else fmt.quantize(w, name=key)
+            qt = fmt.quantize(w, name=key, imatrix=None if im is None else imp)
             dq = fmt.dequantize(qt)
             bits[t] = fmt.storage_bits(tuple(w.shape))
             err[t] = float((((dq - w) ** 2).sum(0, dtype=torch.float64) * imp.double()).sum())
@@ -432,7 +421,7 @@ def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.nda
         else:
             err_ref = err[rt]
             if cache is None:
-                cache = _LayerInputs(model, chunks, n_ctx)
+                cache = LayerInputCache(model, chunks, n_ctx)
             saved = p.detach().clone()
             try:
                 with torch.no_grad():
@@ -470,10 +459,6 @@ def cached_measure(loaded: LoadedModel, src: Path, chunks: torch.Tensor, imatrix
     file when they were reused whole."""
     import hashlib
 
-    from lowbit import __version__
-    from lowbit.eval.data import cache_dir, files_digest
-    from lowbit.io.gguf_out import array_digest
-
     key = {"model_sha256": files_digest(model_files(src)),
            "chunks_sha256": hashlib.sha256(chunks.numpy().tobytes()).hexdigest(), "chunks_shape": list(chunks.shape),
            "imatrix": array_digest(imatrix), "target": target, "lowbit": __version__, **(key_extra or {})}
@@ -505,13 +490,10 @@ def apply_mix(loaded: LoadedModel, mix: dict[str, str], imatrix: dict[str, np.nd
               progress: bool = False, target: str = "gguf"):  # type: ignore[no-untyped-def]
     """Quantize ``loaded.model`` in place with the formats of ``mix`` (keys as :func:`searched_tensors`
     gives them); the tensors outside it stay at their storage precision (GGUF: F32; lowbit: FP16)."""
-    from lowbit.model.policy import TensorChoice
-    from lowbit.model.quantize import _unique_params, quantize_rest
-
     default_types(target)  # a clear error for an unknown target
     keep = TensorChoice("f32" if target == "gguf" else "fp16", False)
     choices = {}
-    for n, _p in _unique_params(loaded.model):
+    for n, _p in unique_params(loaded.model):
         k = gguf_name(n) if target == "gguf" else n
         t = mix.get(k) if k is not None else None
         choices[n] = TensorChoice(t, True) if t is not None else keep
@@ -520,8 +502,6 @@ def apply_mix(loaded: LoadedModel, mix: dict[str, str], imatrix: dict[str, np.nd
 
 def mix_of_file_type(loaded: LoadedModel, ft_name: str, imatrix: bool) -> dict[str, str]:
     """llama.cpp's own per-tensor types of file type ``ft_name`` for this model (GGUF names)."""
-    from lowbit.model.quantize import plan_for
-
     return {gguf_name(n): c.format for n, c in plan_for(loaded.model, ft_name, has_imatrix=imatrix).items()  # type: ignore[misc]
             if c.quantized and gguf_name(n) is not None}
 
@@ -539,7 +519,7 @@ def validate(loaded: LoadedModel, sens: Sensitivities, mixes: dict[str, dict[str
     for name, mix in mixes.items():
         work = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
         apply_mix(work, mix, imatrix, target=sens.target)
-        measured = _kld(work.model, chunks, ref, n_ctx)
+        measured = kld_against(work.model, chunks, ref, n_ctx)
         out[name] = (sens.predict(mix), measured, sens.bits_of(mix))
         if on_result is not None:
             on_result(name, *out[name])

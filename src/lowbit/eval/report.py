@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from lowbit.errors import LowbitError
 from lowbit.eval.compare import Comparison, FormatResult
 from lowbit.io.outputs import MD_MARKER, PNG_SOFTWARE, REPORT, temp_beside, writing_file
 
@@ -131,8 +132,6 @@ def save_png(fig, path: Path, owned: bool = False) -> None:  # type: ignore[no-u
 
 def read_json(path: Path) -> Comparison:
     """A Comparison back from a file written by :func:`write_json` (to re-plot or re-tabulate it)."""
-    from lowbit.errors import LowbitError
-
     try:
         doc = json.loads(Path(path).read_text())
         c = dict(doc["comparison"])

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lowbit.errors import LowbitError
 from lowbit.eval.metrics import Accumulator, make_chunks, scored_slice
 from lowbit.model.load import LoadedModel
 
@@ -47,8 +48,6 @@ class Evaluation:
 
     def __init__(self, loaded: LoadedModel, text: str, n_ctx: int = 512, max_chunks: int | None = None,
                  progress: bool = True, workdir: Path | None = None, source: str = "the evaluation text") -> None:
-        from lowbit.errors import LowbitError
-
         if n_ctx < 4:
             raise LowbitError(f"evaluation contexts of {n_ctx} tokens: give at least 4")
         if max_chunks is not None and max_chunks < 1:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 from lowbit.io.hf_dir import config_dict, write_support_files
 from lowbit.io.outputs import writing_dir
@@ -17,27 +18,14 @@ from lowbit.model.checkpoint import MANIFEST, QUANT_METHOD, VERSION, compact
 from lowbit.model.quantize import QuantLinear, as_module, quantized_params, recipe_of
 
 
-def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from lowbit.model.rotated import RotatedQuantLinear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, RotatedQuantLinear))}
+def _quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def _entry(mod: nn.Module) -> dict[str, object]:
-    from lowbit.model.actquant import ActQuantLinear
-    from lowbit.model.rotated import RotatedQuantLinear
-
-    qt = mod.qtensor  # type: ignore[attr-defined]
-    entry: dict[str, object] = {"format": qt.format, "shape": list(qt.shape), "bias": mod.bias is not None}
-    if isinstance(mod, RotatedQuantLinear):
-        entry["kind"] = "rotated"
-        entry["rotation_seeds"] = [mod.r_in.seed, mod.r_out.seed]
-    elif isinstance(mod, ActQuantLinear):
-        entry["kind"] = "act"
-        entry["act"] = mod.act_config()
-    else:
-        entry["kind"] = "linear"
-    return entry
+def _entry(mod: QuantLinear) -> dict[str, object]:
+    qt = mod.qtensor
+    return {"format": qt.format, "shape": list(qt.shape), "bias": mod.bias is not None, "kind": mod.kind,
+            **mod.manifest_extra()}
 
 
 def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, dict]]:
@@ -110,8 +98,6 @@ def save(model, path: str | os.PathLike[str], tokenizer: object | None = None, f
     reads back to the same logits.  (``save_pretrained`` would not: transformers does not store
     lowbit's layers.)"""
     from types import SimpleNamespace
-
-    from lowbit.errors import LowbitError
 
     module = as_module(model)
     if not _quantized_modules(module):

@@ -29,7 +29,7 @@ from lowbit.formats.base import unpack_nibbles_lohi
 from lowbit.formats.nf4 import BLOCK, DQ_BLOCK, DYNAMIC_MAP, FourBitFormat
 from lowbit.io.exports import Export, register_export
 from lowbit.io.hf_dir import hf_config, kept_tensors, write_model_dir
-from lowbit.model.quantize import as_module
+from lowbit.model.quantize import QuantLinear, as_module
 
 
 def _state(name: str, fmt: FourBitFormat, qt) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -66,14 +66,12 @@ def check(fmt: Format, layers: dict[str, tuple[int, int]]) -> None:
 def export_bitsandbytes(loaded, out: Path, force: bool = False) -> Path:  # type: ignore[no-untyped-def]
     """Write ``loaded`` (quantized in memory with ``nf4``, ``nf4-dq``, ``fp4`` or ``fp4-dq``) as a
     bitsandbytes 4-bit Hugging Face checkpoint directory ``out``."""
-    from lowbit.model.quantize import QuantLinear
-
     model = as_module(loaded)
     qlins = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not qlins:
         raise LowbitError("no quantized linear layers to export: quantize the model with nf4 or nf4-dq first")
     fmts = {m.fmt.name for m in qlins.values()}
-    bad = [n for n, m in qlins.items() if type(m) is not QuantLinear or not isinstance(m.fmt, FourBitFormat)]
+    bad = [n for n, m in qlins.items() if m.kind != QuantLinear.kind or not isinstance(m.fmt, FourBitFormat)]
     if bad or len(fmts) != 1:
         raise LowbitError(f"bitsandbytes export takes one of nf4, nf4-dq, fp4, fp4-dq for every quantized layer "
                           f"(found {', '.join(sorted(fmts))})")

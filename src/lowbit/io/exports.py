@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, did_you_mean
 from lowbit.formats import Format
 
 
@@ -56,8 +56,6 @@ def export_names() -> list[str]:
 def get_export(name: str) -> Export:
     exports = _load()
     if name not in exports:
-        from lowbit.errors import did_you_mean
-
         raise LowbitError(f"unknown export layout '{name}'{did_you_mean(name, exports)} "
                           f"(known: {', '.join(exports)})")
     return exports[name]

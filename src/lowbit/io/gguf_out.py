@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lowbit.env import __version__
 from lowbit.errors import FormatError, LowbitError
 from lowbit.formats import get_format
 from lowbit.formats.base import Format, QTensor
@@ -245,15 +246,13 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
         dev = device(name) if callable(device) else device
         wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(shape[0], -1)).to(dev)
         del w
-        im = imatrix.get(name)
-        if im is not None and tfmt.uses_imatrix:
-            if np.asarray(im).size != wt.shape[1]:
-                raise FormatError(f"importance matrix entry {name} has {np.asarray(im).size} values, "
-                                  f"the tensor has {wt.shape[1]} columns")
-            qt = tfmt.quantize(wt, name=f"{source}:{name}",
-                               imatrix=torch.as_tensor(np.asarray(im, np.float32), device=wt.device))
-        else:
-            qt = tfmt.quantize(wt, name=f"{source}:{name}")
+        # a type the matrix does not change leaves its entry unread, and unchecked
+        im = imatrix.get(name) if tfmt.uses_imatrix else None
+        if im is not None and np.asarray(im).size != wt.shape[1]:
+            raise FormatError(f"importance matrix entry {name} has {np.asarray(im).size} values, "
+                              f"the tensor has {wt.shape[1]} columns")
+        qt = tfmt.quantize(wt, name=f"{source}:{name}",
+                           imatrix=None if im is None else torch.as_tensor(np.asarray(im, np.float32), device=wt.device))
         writer.write_tensor(name, _as_array(tfmt.name, qt.to("cpu").parts))
         err = None
         if measure_error:
@@ -303,8 +302,6 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
 def fingerprint(inputs: list[Path], **args: object) -> dict[str, Any]:
     """What identifies a run: each input file's path, size and modification time, the arguments
     (format, importance-matrix digest ...) and lowbit's version."""
-    from lowbit import __version__
-
     files = {}
     for f in inputs:
         st = f.stat()

@@ -17,6 +17,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats.integer import IntFormat
 from lowbit.io.outputs import writing_dir
+from lowbit.model.quantize import QuantLinear
 
 #: keys of a loaded config that describe where it came from, not the model
 _LEFTOVERS = ("_name_or_path", "_model_name_or_path", "_commit_hash", "transformers_version_at_load")
@@ -98,12 +99,10 @@ def int_linears(model: torch.nn.Module, what: str,
                 ) -> tuple[dict[str, torch.nn.Module], IntFormat]:
     """The model's plain :class:`QuantLinear` layers and their one integer format, for the exports
     (``what`` names the export, ``accepts`` the formats it takes, in error messages)."""
-    from lowbit.model.quantize import QuantLinear
-
     qlins: dict[str, torch.nn.Module] = {}
     for n, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            if type(m) is not QuantLinear:
+            if m.kind != QuantLinear.kind:  # rotated, activation-quantized ...
                 raise LowbitError(f"{n}: {type(m).__name__} layers (rotations, activation quantization) have no "
                                   f"{what} form")
             qlins[n] = m

@@ -29,7 +29,8 @@ from lowbit.formats import QTensor, get_format
 from lowbit.io.gguf_out import write_tensors
 from lowbit.model.gguf_mix import ModelInfo, gguf_name, info_from_config
 from lowbit.model.load import LoadedModel
-from lowbit.model.quantize import QuantReport
+from lowbit.model.quantize import QuantLinear, QuantReport
+from lowbit.model.rotated import RotatedQuantLinear
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
@@ -168,8 +169,6 @@ def write_gguf_from_hf(loaded: LoadedModel, out: Path, fmt_name: str, progress: 
     of file type ``fmt_name``, or with the per-tensor ``types`` of a chosen mix (GGUF names; tensors
     not named there stay F32)."""
     layout = HFLayout(loaded.path, loaded.arch, loaded.model.config)
-    from lowbit.model.quantize import QuantLinear
-    from lowbit.model.rotated import RotatedQuantLinear
 
     if any(isinstance(m, RotatedQuantLinear) for m in loaded.model.modules()):
         raise LowbitError(f"{loaded.path}: QuIP's rotated layers cannot go into a GGUF file (llama.cpp does not "

@@ -12,7 +12,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.io.hf_dir import config_dict
-from lowbit.io.outputs import MODEL_DIR, writing_dir
+from lowbit.io.outputs import MODEL_DIR, check_output, writing_dir
+from lowbit.model.load import load_model, quiet_libraries, resolve_model_path
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -21,9 +22,6 @@ def import_gguf(src: str | os.PathLike[str], out: Path, dtype: str = "float16", 
                 force: bool = False) -> Path:
     """Write the float model of the GGUF file ``src`` as a Hugging Face directory ``out`` (weights in
     ``dtype``); an existing ``out`` is replaced only with ``force`` and only when lowbit wrote it."""
-    from lowbit.io.outputs import check_output
-    from lowbit.model.load import load_model, quiet_libraries, resolve_model_path
-
     if dtype not in DTYPES:
         raise LowbitError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     path = resolve_model_path(src)

@@ -12,6 +12,7 @@ arguments, goes on from its last finished tensor (:class:`lowbit.io.gguf_out.Jou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +23,14 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.io.gguf_out import array_digest, fingerprint, write_tensors
 from lowbit.io.hf_gguf import GGUF_ARCH, HFLayout
-from lowbit.model.quantize import QuantReport
+from lowbit.model.calibrate import CalibConfig, calibrate_layer, calibrated_linears, check_method_formats
+from lowbit.model.devices import device_for
+from lowbit.model.imatrix import imatrix_chunks
+from lowbit.model.layers import capture_layer_inputs, decoder_layers, layers_prefix
+from lowbit.model.load import LoadedModel
+from lowbit.model.methods import get_method, list_methods
+from lowbit.model.quantize import QuantLinear, QuantReport, plan_for
+from lowbit.model.recipe import Recipe
 
 #: files besides the weights whose content goes into the output (their changes restart a resumed run)
 _META_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -141,7 +149,6 @@ def write_gguf_streaming(path: Path, out: Path, fmt_name: str, progress: bool = 
     fp = None
     if resume:
         fp = fingerprint(_inputs(path, files), format=fmt_name, imatrix=array_digest(imatrix))
-    from lowbit.model.devices import device_for
 
     def where(name: str) -> str | torch.device:
         return device if device_map is None else device_for(hf_of[name], device_map)
@@ -167,15 +174,12 @@ class _CalibratedLayers(Mapping):
     instead of recalibrating layers ``0 .. i-1``."""
 
     def __init__(self, path: Path, hf_cfg: object, layout: HFLayout, files: dict, hf_of: dict[str, str],
-                 scheme: str, chunks: torch.Tensor, cfg: object, hidden_file: Path | None, key: str,
+                 scheme: str, chunks: torch.Tensor, cfg: CalibConfig, hidden_file: Path | None, key: str,
                  progress: bool) -> None:
         import re
 
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
-
-        from lowbit.model.calibrate import _layers_prefix, calibrated_linears, decoder_layers
-        from lowbit.model.quantize import plan_for
 
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(hf_cfg)
@@ -187,7 +191,7 @@ class _CalibratedLayers(Mapping):
                     if b is not None and b.device.type != "meta":
                         mod._buffers[bk] = b.to(dev)
         self.layers = decoder_layers(self.model)
-        self.prefix = _layers_prefix(self.model, self.layers)
+        self.prefix = layers_prefix(self.model, self.layers)
         self.choices = plan_for(self.model, scheme)
         self.files, self.hf_of, self.layout = files, hf_of, layout
         self.scheme, self.chunks, self.cfg = scheme, chunks, cfg
@@ -236,12 +240,10 @@ class _CalibratedLayers(Mapping):
 
     # the work
     def _start(self, want: int) -> None:
-        from lowbit.model.calibrate import capture_layer_inputs
-
         emb = self.model.get_input_embeddings()
         key = next(k for k in self.files if k.endswith("embed_tokens.weight"))
-        emb.load_state_dict({"weight": _read_tensor(self.files, key).to(self.cfg.device)}, assign=True)  # type: ignore[attr-defined]
-        batches = capture_layer_inputs(self.model, self.chunks, self.cfg.batch_size, self.cfg.device)  # type: ignore[attr-defined]
+        emb.load_state_dict({"weight": _read_tensor(self.files, key).to(self.cfg.device)}, assign=True)
+        batches = capture_layer_inputs(self.model, self.chunks, self.cfg.batch_size, self.cfg.device)
         emb.to("meta")
         start = 0
         saved = self._load_hidden(want)
@@ -253,7 +255,7 @@ class _CalibratedLayers(Mapping):
         self.batches, self.next = batches, start
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=len(self.layers), initial=start, desc=f"{self.cfg.method} {self.scheme}",  # type: ignore[attr-defined]
+        self.bar = tqdm(total=len(self.layers), initial=start, desc=f"{self.cfg.method} {self.scheme}",
                         unit="layer", disable=not self.progress, leave=False)
 
     def _load_hidden(self, want: int) -> tuple[int, list[torch.Tensor]] | None:
@@ -290,13 +292,10 @@ class _CalibratedLayers(Mapping):
             self._calibrate(self.next)
 
     def _calibrate(self, li: int) -> None:
-        from lowbit.model.calibrate import calibrate_layer
-        from lowbit.model.quantize import QuantLinear
-
         self._save_hidden(li)
         layer = self.layers[li]
         mine = {g: n for g, (i, n) in self.layer_of.items() if i == li}
-        state = {n: _read_tensor(self.files, self.hf_of[g]).to(self.cfg.device) for g, n in mine.items()}  # type: ignore[attr-defined]
+        state = {n: _read_tensor(self.files, self.hf_of[g]).to(self.cfg.device) for g, n in mine.items()}
         expected = set(layer.state_dict().keys())
         if set(state) != expected:
             missing = sorted(expected - set(state))[:3]
@@ -330,27 +329,32 @@ class _CalibratedLayers(Mapping):
             self.bar.close()
 
 
-def write_gguf_calibrated_streaming(path: Path, out: Path, scheme: str, cfg: object, text: str,
+def write_gguf_calibrated_streaming(path: Path, out: Path, scheme: str | Recipe, cfg: CalibConfig | None, text: str,
                                     progress: bool = True, resume: bool = True,
                                     notes: list[str] | None = None, force: bool = False) -> tuple[QuantReport, list]:
-    """GPTQ or AWQ (``cfg``: :class:`lowbit.model.calibrate.CalibConfig`) of the Hugging Face directory
-    ``path`` into the GGUF file ``out`` of file type ``scheme``, calibrated on ``text``, with one decoder
-    layer in memory at a time (plus the calibration hidden states); resumable like
+    """A layer-wise method that streams (GPTQ, AWQ) of the Hugging Face directory ``path`` into the
+    GGUF file ``out``: ``scheme`` is a :class:`~lowbit.model.recipe.Recipe` (its file type, method
+    and calibration settings), or a file type's name with ``cfg`` (a
+    :class:`~lowbit.model.calibrate.CalibConfig` naming the method).  Calibrated on ``text``, with
+    one decoder layer in memory at a time (plus the calibration hidden states); resumable like
     :func:`write_gguf_streaming`.  Returns the file's report and the per-layer logs."""
     import hashlib
 
-    from lowbit.model.calibrate import check_method_formats
-    from lowbit.model.imatrix import imatrix_chunks
-    from lowbit.model.load import LoadedModel
-
-    method = getattr(cfg, "method", None)
-    if method not in ("gptq", "awq"):
-        raise LowbitError(f"streaming calibration runs GPTQ and AWQ, not {method}")
+    if isinstance(scheme, Recipe):
+        if scheme.scheme.file_type is None:
+            raise LowbitError(f"{scheme.label}: a GGUF file takes a llama.cpp file type")
+        cfg = dataclasses.replace(cfg or scheme.calib, method=scheme.method.name)
+        scheme = scheme.scheme.file_type.name
+    cfg = cfg or CalibConfig()
+    method = cfg.method
+    if not get_method(method).streams:
+        streams = [n for n in list_methods() if get_method(n).streams]
+        raise LowbitError(f"streaming calibration runs {' and '.join(streams)}, not {method}")
     path = Path(path)
     hf_cfg, tok, layout, files, hf_of, entries, add_bos, bos = _open_dir(path)
     notes = [] if notes is None else notes
     chunks = imatrix_chunks(LoadedModel(None, tok, path, layout.arch, add_bos, bos, None, []),  # type: ignore[arg-type]
-                            text, n_ctx=cfg.seq_len, max_chunks=cfg.n_samples)  # type: ignore[attr-defined]
+                            text, n_ctx=cfg.seq_len, max_chunks=cfg.n_samples)
     if int(chunks.max()) >= int(hf_cfg.vocab_size):
         raise LowbitError(f"{path}: the tokenizer gives token ids up to {int(chunks.max())}, but the model's "
                           f"vocabulary has {hf_cfg.vocab_size} entries")

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.algorithms.imatrix import Imatrix, ImatrixEntry
 from lowbit.errors import LowbitError
 from lowbit.io.outputs import DAT_TRAILER, IMATRIX, writing_file
+from lowbit.model.gguf_file import GGUFFile
+from lowbit.model.imatrix_collect import Imatrix, ImatrixEntry
 
 __all__ = ["Imatrix", "ImatrixEntry", "read_imatrix", "write_imatrix"]
 
@@ -39,8 +40,6 @@ def _fail(path: Path, what: str) -> LowbitError:
 # ---- GGUF ---------------------------------------------------------------------------------
 def _read_gguf(path: Path) -> Imatrix:
     import gguf
-
-    from lowbit.model.gguf_file import GGUFFile
 
     try:  # the strict check first: gguf-py's reader trusts the header's counts and offsets
         GGUFFile(path)

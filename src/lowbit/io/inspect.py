@@ -17,8 +17,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from lowbit.errors import ModelLoadError
+from lowbit.model.gguf_file import GGUFFile
 from lowbit.model.gguf_mix import ModelInfo, info_from_config, info_from_gguf
+from lowbit.model.load import refuse_unsaved_lowbit
 from lowbit.model.policy import LINEAR_ROLES, role_of
+from lowbit.model.safetensors_check import check_safetensors
 
 
 @dataclass
@@ -57,8 +60,6 @@ class ModelFacts:
 
 
 def _gguf_facts(path: Path) -> ModelFacts:
-    from lowbit.model.gguf_file import GGUFFile
-
     gf = GGUFFile(path)
     arch = gf.field("general.architecture")
     if not isinstance(arch, str):
@@ -109,9 +110,6 @@ def check_complete(facts: ModelFacts, n_layers: int) -> None:
 
 
 def _dir_facts(path: Path) -> ModelFacts:
-    from lowbit.io.safetensors_check import check_safetensors
-    from lowbit.model.load import refuse_unsaved_lowbit
-
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelLoadError(f"{path}: not a model directory (no config.json)")

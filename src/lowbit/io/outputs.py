@@ -38,7 +38,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from lowbit.env import __version__
 from lowbit.errors import LowbitError
+from lowbit.model.gguf_file import GGUFFile
 
 MARKER = ".lowbit-output.json"
 
@@ -58,12 +60,6 @@ DAT_TRAILER = b"\0lowbit-output:imatrix\0"
 #: the first line of a Markdown report
 MD_MARKER = "<!-- written by lowbit -->"
 PNG_SOFTWARE = "lowbit"
-
-
-def _version() -> str:
-    from lowbit import __version__
-
-    return __version__
 
 
 # ---- recognizing lowbit's outputs ------------------------------------------------------------
@@ -109,8 +105,6 @@ def gguf_seal(path: Path, value_offset: int, data_start: int) -> str:
 
 def _gguf_layout(path: Path) -> tuple[object, int, int] | None:
     """(the parsed file, the byte offset of the marker's value, where tensor data starts)."""
-    from lowbit.model.gguf_file import GGUFFile
-
     try:
         gf = GGUFFile(path)
     except (LowbitError, OSError, ValueError):
@@ -426,7 +420,7 @@ def writing_dir(out: str | os.PathLike[str], force: bool = False, kind: str = MO
     try:
         yield tmp
         readable_modes(tmp)
-        marker = {"lowbit_output": 2, "kind": kind, "lowbit": _version(), **(details or {}), "files": _listing(tmp)}
+        marker = {"lowbit_output": 2, "kind": kind, "lowbit": __version__, **(details or {}), "files": _listing(tmp)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
         os.chmod(tmp / MARKER, 0o666 & ~_umask())
     except BaseException:

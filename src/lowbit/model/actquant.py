@@ -23,79 +23,21 @@ blocks are converted; embeddings, output head and norms stay in FP16 as for weig
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.observers import OBSERVERS, Observer
-from lowbit.algorithms.smoothquant import smoothing_factors
+from lowbit.algorithms.observers import Observer
+from lowbit.algorithms.smoothquant import search_alpha, smoothing_factors
 from lowbit.errors import LowbitError
 from lowbit.formats import QTensor, get_format
-from lowbit.formats.activations import quantize_per_token, quantize_per_token_fp8, quantize_static
+from lowbit.formats.activations import quantize_per_token, quantize_per_token_fp8, quantize_static, static_params
 from lowbit.formats.integer import IntFormat
+from lowbit.model.actscheme import ActScheme, parse_act_scheme
+from lowbit.model.layers import apply_scale, decoder_layers, fold_into_previous, layers_prefix, scale_groups, set_module
 from lowbit.model.quantize import QuantLinear, QuantReport, TensorRecord, as_module, plan_for, quantize_rest, stamp
-
-_WA = re.compile(r"^w(\d)a(\d)(-fp8)?(-static(?:-(minmax|pct|mse))?)?$")
-_INT8 = re.compile(r"^llm-int8(?:-t(\d+(?:\.\d+)?))?$")
-
-
-@dataclass(frozen=True)
-class ActScheme:
-    name: str
-    w_bits: int
-    a_bits: int
-    kind: str  # "int", "fp8" or "llm-int8"
-    static: bool = False
-    observer: str = "minmax"
-    threshold: float = 6.0
-
-    @property
-    def weight_format(self) -> str:
-        return "fp8-e4m3-ch" if self.kind == "fp8" else f"int{self.w_bits}-ch"
-
-    @property
-    def wa(self) -> str:
-        """Bits of weights and activations, e.g. ``W8A8``; LLM.int8() is W8A8 with FP16 outliers."""
-        return f"W{self.w_bits}A{self.a_bits}"
-
-    @property
-    def description(self) -> str:
-        if self.kind == "llm-int8":
-            return (f"LLM.int8(): int8 weights per row and activations per token, input features over "
-                    f"{self.threshold:g} in FP16")
-        if self.kind == "fp8":
-            return "W8A8 FP8 E4M3: weights per channel, activations per token (dynamic)"
-        act = (f"static per-tensor int{self.a_bits} activations ({self.observer} observer)" if self.static
-               else f"dynamic per-token int{self.a_bits} activations")
-        return f"W{self.w_bits}A{self.a_bits}: int{self.w_bits} weights per channel, {act}, integer products"
-
-
-def parse_act_scheme(name: str) -> ActScheme | None:
-    """The activation scheme named ``name``, or None if it names none (a weight-only format)."""
-    key = name.strip().lower()
-    m = _INT8.match(key)
-    if m:
-        thr = float(m.group(1)) if m.group(1) else 6.0
-        if thr <= 0:
-            raise LowbitError(f"'{name}': the LLM.int8() threshold must be positive")
-        return ActScheme(key, 8, 8, "llm-int8", threshold=thr)
-    m = _WA.match(key)
-    if not m:
-        return None
-    wb, ab = int(m.group(1)), int(m.group(2))
-    if not (2 <= wb <= 8 and 2 <= ab <= 8):
-        raise LowbitError(f"'{name}': weights and activations take 2 to 8 bits")
-    if m.group(3):
-        if (wb, ab) != (8, 8) or m.group(4):
-            raise LowbitError(f"'{name}': FP8 is W8A8 with dynamic activations only ('w8a8-fp8')")
-        return ActScheme(key, 8, 8, "fp8")
-    static = bool(m.group(4))
-    obs = m.group(5) or "minmax"
-    assert obs in OBSERVERS
-    return ActScheme(key, wb, ab, "int", static=static, observer=obs)
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -117,8 +59,17 @@ def _int_weight(qt: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
 class ActQuantLinear(QuantLinear):
     """Base of the layers that quantize their inputs too; stores its weight like :class:`QuantLinear`."""
 
+    kind = "act"
+
     def act_config(self) -> dict[str, object]:
         raise NotImplementedError
+
+    def manifest_extra(self) -> dict[str, object]:
+        return {"act": self.act_config()}
+
+    @classmethod
+    def from_manifest(cls, qt: QTensor, bias: torch.Tensor | None, entry: dict) -> ActQuantLinear:
+        return act_linear(qt, bias, dict(entry.get("act") or {}))
 
 
 class IntActLinear(ActQuantLinear):
@@ -238,8 +189,6 @@ def act_linear(qt: QTensor, bias: torch.Tensor | None, config: dict) -> ActQuant
 
 # ---- calibration passes ---------------------------------------------------------------------------
 def _decoder_linears(model: nn.Module, choices: dict) -> dict[str, nn.Linear]:
-    from lowbit.model.calibrate import decoder_layers
-
     decoder_layers(model)  # a clear error for a model without decoder layers
     return {n: m for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and f"{n}.weight" in choices and choices[f"{n}.weight"].quantized}
@@ -303,8 +252,6 @@ def _fake_quantizers(scheme: ActScheme | None):  # type: ignore[no-untyped-def]
         return (lambda x: quantize_per_token_fp8(x, "e4m3").dequantize()), w_fq
     if s.static:  # the observer's grid depends on the smoothed inputs: judge by a per-tensor minmax grid
         def a_static(x: torch.Tensor) -> torch.Tensor:
-            from lowbit.formats.activations import static_params
-
             scale, zero = static_params(float(x.min()), float(x.max()), s.a_bits)
             return quantize_static(x, scale, zero, s.a_bits).dequantize()
         return a_static, w_fq
@@ -325,12 +272,9 @@ def smooth_model(model: nn.Module, chunks: torch.Tensor, alpha: float | None = 0
     original on a sample of ``sample_tokens`` calibration inputs.  Smoothing leaves the model's
     full-precision function unchanged, so one calibration pass serves every group.
     Returns, per group (named by its first linear layer), the alpha used and the largest factor."""
-    from lowbit.algorithms.smoothquant import search_alpha
-    from lowbit.model.calibrate import _fold_into_previous, _layers_prefix, apply_scale, awq_groups, decoder_layers
-
     layers = decoder_layers(model)
-    prefix = _layers_prefix(model, layers)
-    groups = [(li, prev, names) for li, layer in enumerate(layers) for prev, names in awq_groups(layer)]
+    prefix = layers_prefix(model, layers)
+    groups = [(li, prev, names) for li, layer in enumerate(layers) for prev, names in scale_groups(layer)]
     ties: dict[int, torch.Tensor] = {}
     for li, layer in enumerate(layers):
         tie = gqa_value_tie(layer) if alpha is None else None  # only where the search can decline it
@@ -361,7 +305,7 @@ def smooth_model(model: nn.Module, chunks: torch.Tensor, alpha: float | None = 0
             apply_scale(layer, prev, names, s)
         else:  # v's rows take one factor per shared channel, o's columns the expanded factors
             v_rows = torch.ones(int(tie.max()) + 1, dtype=s.dtype, device=s.device).index_copy_(0, tie.to(s.device), s)
-            _fold_into_previous(layer.get_submodule(prev), v_rows)
+            fold_into_previous(layer.get_submodule(prev), v_rows)
             with torch.no_grad():
                 ws[0].mul_(s[None, :].to(ws[0].dtype))
     return out
@@ -438,8 +382,7 @@ def quantize_act_model(model: nn.Module, scheme: str | ActScheme, chunks: torch.
         new.to(w.device)
         dq = wfmt.dequantize(qt)
         err = float(((w.double() - dq.double()) ** 2).sum() / max(float((w.double() ** 2).sum()), 1e-300))
-        parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        set_module(model, n, new)
         report.tensors.append(TensorRecord(f"{n}.weight", tuple(w.shape), wfmt.name, True,
                                            wfmt.storage_bits(tuple(w.shape)), err))  # type: ignore[arg-type]
         done.add(f"{n}.weight")

@@ -34,6 +34,10 @@ from torch import nn
 
 from lowbit.errors import ModelLoadError
 from lowbit.formats import QTensor, get_format
+from lowbit.model import actquant, rotated  # noqa: F401  (their quantized-layer kinds register on import)
+from lowbit.model.layers import set_module
+from lowbit.model.quantize import QUANTIZED_PARAMS, quant_kind, run_tied_head, stamp
+from lowbit.model.safetensors_check import check_safetensors
 
 MANIFEST = "lowbit.json"
 VERSION = 2
@@ -59,8 +63,6 @@ def is_checkpoint(path: Path) -> bool:
 
 def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict]:
     """The quantized model of a lowbit checkpoint directory, and its manifest."""
-    from lowbit.io.safetensors_check import check_safetensors
-
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -85,9 +87,6 @@ def _build(path: Path, st_file: Path, manifest: dict, dtype: torch.dtype) -> tup
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.model.quantize import QUANTIZED_PARAMS, QuantLinear, run_tied_head, stamp
-    from lowbit.model.rotated import RotatedQuantLinear
-
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):  # lowbit's own marker for other loaders; the model below is float
         del config.quantization_config
@@ -108,17 +107,7 @@ def _build(path: Path, st_file: Path, manifest: dict, dtype: torch.dtype) -> tup
                 raise ModelLoadError(f"{st_file}: no stored parts for quantized module {mname}")
             qt = QTensor(fmt.name, tuple(entry["shape"]), parts)
             bias = nn.Parameter(f.get_tensor(f"{mname}.bias"), requires_grad=False) if entry.get("bias") else None
-            if entry.get("kind") == "rotated":
-                s_in, s_out = entry["rotation_seeds"]
-                new: nn.Module = RotatedQuantLinear(qt, bias, int(s_in), int(s_out))
-            elif entry.get("kind") == "act":
-                from lowbit.model.actquant import act_linear
-
-                new = act_linear(qt, bias, dict(entry.get("act") or {}))
-            else:
-                new = QuantLinear(qt, bias)
-            parent, _, child = mname.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            set_module(model, mname, quant_kind(str(entry.get("kind", "linear"))).from_manifest(qt, bias, entry))
         quantized = tuple(m + "." for m in manifest.get("modules", {})) + tuple(p + ".q_" for p in params)
         state = {n: f.get_tensor(n) for n in names if not n.startswith(quantized) and n not in params}
         codes: dict[str, QTensor] = {}

@@ -18,7 +18,9 @@ import importlib.machinery
 import sys
 from pathlib import Path
 
-from lowbit.model.checkpoint import QUANT_METHOD
+from lowbit.model.checkpoint import QUANT_METHOD, load_checkpoint
+from lowbit.model.layers import set_module
+from lowbit.model.quantize import QUANTIZED_PARAMS, RECIPE, QuantLinear, run_tied_head
 
 _REGISTRY = "transformers.quantizers.auto"
 
@@ -87,8 +89,6 @@ def register() -> None:
         def _process_model_after_weight_loading(self, model, **kwargs):  # type: ignore[no-untyped-def]
             import torch
 
-            from lowbit.model.quantize import run_tied_head
-
             for m in model.modules():
                 if getattr(m, "loading", False):
                     m.loading = False
@@ -125,14 +125,10 @@ def fill_skeleton(model, directory: Path, dtype=None) -> dict:  # type: ignore[n
 
     import torch
 
-    from lowbit.model.checkpoint import load_checkpoint
-    from lowbit.model.quantize import QUANTIZED_PARAMS, RECIPE, QuantLinear
-
     built, manifest = load_checkpoint(directory, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
     for name, mod in built.named_modules():
         if isinstance(mod, QuantLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, mod)
+            set_module(model, name, mod)
             mod.loading = True  # no placeholder in its state dict until transformers has loaded the rest
     model.load_state_dict(built.state_dict(), strict=False, assign=True)
     for p in model.parameters():

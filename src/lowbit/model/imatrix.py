@@ -10,10 +10,25 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.algorithms.imatrix import Imatrix, ImatrixCollector, run_chunks
 from lowbit.errors import LowbitError
 from lowbit.model.gguf_mix import gguf_name
+from lowbit.model.imatrix_collect import Imatrix, ImatrixCollector, run_chunks
 from lowbit.model.load import LoadedModel
+
+
+def token_windows(tokens: list[int] | torch.Tensor, n_ctx: int, max_chunks: int | None = None,
+                  bos_id: int | None = None) -> torch.Tensor:
+    """``[n, n_ctx]`` consecutive windows of ``tokens`` (at most ``max_chunks``; ``n`` may be 0), the
+    first token of each replaced by ``bos_id`` when given: the chunks that calibration and evaluation
+    run the model on, as llama.cpp's tools cut them."""
+    t = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    n = t.numel() // n_ctx
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    chunks = t[: max(n, 0) * n_ctx].reshape(max(n, 0), n_ctx).clone()
+    if bos_id is not None:
+        chunks[:, 0] = bos_id
+    return chunks
 
 
 def imatrix_chunks(loaded: LoadedModel, text: str, n_ctx: int = 512, max_chunks: int | None = None,
@@ -25,17 +40,12 @@ def imatrix_chunks(loaded: LoadedModel, text: str, n_ctx: int = 512, max_chunks:
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     if loaded.add_bos and loaded.bos_id is not None:
         ids = [loaded.bos_id, *ids]
-    n = len(ids) // n_ctx
-    if max_chunks is not None:
-        n = min(n, max_chunks)
     if max_chunks is not None and max_chunks < 1:
         raise LowbitError(f"{max_chunks} calibration chunks: give at least 1")
-    if n < 1:
+    chunks = token_windows(ids, n_ctx, max_chunks, loaded.bos_id if loaded.add_bos else None)
+    if len(chunks) < 1:
         raise LowbitError(f"{source}: {len(ids)} tokens, fewer than one calibration chunk of {n_ctx} tokens "
                           "(give a longer text or a smaller context)")
-    chunks = torch.tensor(ids[: n * n_ctx], dtype=torch.long).reshape(n, n_ctx)
-    if loaded.add_bos and loaded.bos_id is not None:
-        chunks[:, 0] = loaded.bos_id
     return chunks
 
 

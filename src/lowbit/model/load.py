@@ -11,14 +11,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from lowbit.env import atomic_path, cache_dir
 from lowbit.errors import ModelLoadError
-
-if TYPE_CHECKING:
-    from lowbit.model.gguf_file import GGUFFile
+from lowbit.model.checkpoint import is_checkpoint, load_checkpoint
+from lowbit.model.gguf_file import GGUFFile
+from lowbit.model.safetensors_check import check_safetensors
 
 DEFAULT_MODEL = "smollm2"
 _BUNDLED = {
@@ -71,8 +71,6 @@ def _concatenated(name: str) -> Path:
     """The file rebuilt once into lowbit's cache from its parts: package ``<prefix>N`` (N = 1..count)
     holds ``data/partNN.bin``."""
     prefix, count, fname = _CONCATENATED[name]
-    from lowbit.eval.data import cache_dir
-
     target = cache_dir() / "models" / fname
     if target.is_file():
         return target
@@ -85,16 +83,10 @@ def _concatenated(name: str) -> Path:
             raise ModelLoadError(f"model '{name}' needs the packages {pip} (scripts/get_models.sh); "
                                  f"part {i} is missing")
         parts.append(part)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{fname}.part-{os.getpid()}")
-    try:
-        with tmp.open("wb") as out:
-            for part in parts:
-                with part.open("rb") as src:
-                    shutil.copyfileobj(src, out, 16 << 20)
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(target) as tmp, tmp.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
     return target
 
 
@@ -102,18 +94,13 @@ def _assembled(name: str) -> Path:
     pkg, fname, hint = _ASSEMBLED[name]
     if importlib.util.find_spec(pkg) is None:
         raise ModelLoadError(f"model '{name}' needs the package {pkg} and its parts: {hint}")
-    from lowbit.eval.data import cache_dir
-
     target = cache_dir() / "models" / fname
     if not target.is_file():
         mod = importlib.import_module(pkg)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{fname}.part-{os.getpid()}")
         try:
-            mod.assemble(tmp, overwrite=True)  # checks the parts' sha256
-            tmp.replace(target)
+            with atomic_path(target) as tmp:
+                mod.assemble(tmp, overwrite=True)  # checks the parts' sha256
         except Exception as exc:
-            tmp.unlink(missing_ok=True)
             raise ModelLoadError(f"model '{name}': could not rebuild {fname} from {pkg}'s parts ({exc})") from None
     return target
 
@@ -144,12 +131,10 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
 def check_gguf_file(path: Path) -> GGUFFile:
     """Validate a GGUF file with lowbit's strict reader (every count, length, type id, dimension and
     offset checked against the file) before gguf-py or transformers read it."""
-    from lowbit.model.gguf_file import GGUFFile
-
     return GGUFFile(path)
 
 
-def _gguf_arch(gf: GGUFFile) -> str:
+def gguf_arch(gf: GGUFFile) -> str:
     arch = gf.field("general.architecture")
     if not isinstance(arch, str):
         raise ModelLoadError(f"{gf.path}: GGUF file has no general.architecture string")
@@ -200,8 +185,6 @@ def refuse_unsaved_lowbit(path: Path, config: dict, names: list[str] | None = No
     ``names``: the tensors in its files (read from the safetensors headers when not given)."""
     qc = config.get("quantization_config")
     if names is None:
-        from lowbit.io.safetensors_check import check_safetensors
-
         names = [n for f in sorted(path.glob("*.safetensors")) for n in check_safetensors(f)]
     # a quantized linear layer's parts (q_codes, q_scale, q_blocks ...) under a projection's name
     parts = [n for n in names if re.search(r"_proj\.q_[a-z0-9_]+$", n)]
@@ -281,7 +264,7 @@ def _load_model(spec: str | os.PathLike[str], dtype: torch.dtype, progress: bool
     notes: list[str] = []
     if path.is_file():
         gf = check_gguf_file(path)
-        arch = _gguf_arch(gf)
+        arch = gguf_arch(gf)
         if arch not in SUPPORTED_ARCHS:
             raise ModelLoadError(f"{path}: architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
         with gguf_parsed_once():
@@ -313,8 +296,6 @@ def _load_model(spec: str | os.PathLike[str], dtype: torch.dtype, progress: bool
         arch = str(config.get("model_type", "?"))
         if arch not in SUPPORTED_ARCHS:
             raise ModelLoadError(f"{cfg}: model_type '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-        from lowbit.model.checkpoint import is_checkpoint, load_checkpoint
-
         if is_checkpoint(path):
             try:
                 tok = AutoTokenizer.from_pretrained(path)
@@ -335,9 +316,9 @@ def _load_model(spec: str | os.PathLike[str], dtype: torch.dtype, progress: bool
         has_bin = any(path.glob("*.bin"))
         if not has_st and not has_bin:
             raise ModelLoadError(f"{path}: no *.safetensors or *.bin weight files")
-        _check_safetensors(path)
+        check_safetensors_dir(path)
         if not has_st:  # transformers reads the *.bin files only without safetensors
-            _check_bin(path)
+            check_bin(path)
         try:
             tok = AutoTokenizer.from_pretrained(path)
         except Exception as exc:
@@ -446,15 +427,13 @@ def _forget_gguf_origin(model: torch.nn.Module) -> None:
             pass
 
 
-def _check_safetensors(path: Path) -> None:
+def check_safetensors_dir(path: Path) -> None:
     """Every safetensors file of a directory must pass the strict header check."""
-    from lowbit.io.safetensors_check import check_safetensors
-
     for f in sorted(path.glob("*.safetensors")):
         check_safetensors(f)
 
 
-def _check_bin(path: Path) -> None:
+def check_bin(path: Path) -> None:
     """Every ``*.bin`` must unpickle with ``weights_only=True`` (tensors and plain containers only; a
     pickle that would run code is refused without running it), onto the meta device: no data read."""
     import zipfile

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 from lowbit.errors import FormatError
 from lowbit.formats import get_format
+from lowbit.formats.base import ggml_type
+from lowbit.model.gguf_mix import file_type, gguf_name, plan
+from lowbit.model.schemes import unknown
 
 _HF_ROLES = [
     (re.compile(r"(^|\.)embed_tokens\.weight$"), "embed"),
@@ -38,7 +41,7 @@ _GGUF_ROLES = [
     (re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$"), None),
 ]
 LINEAR_ROLES = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
-QK_K = 256
+QK_K = ggml_type("q4_k").block  # a K-quant super-block: 256 weights
 
 
 def role_of(name: str) -> str:
@@ -60,22 +63,17 @@ class TensorChoice:
 
 
 def is_gguf_family(fmt_name: str) -> bool:
-    from lowbit.model.gguf_mix import file_type
-
     return file_type(fmt_name) is not None
 
 
 def check_scheme(name: str) -> None:
     """Raise a FormatError unless ``name`` is a lowbit format or a llama.cpp file type."""
-    from lowbit.model.gguf_mix import file_type
-
     if file_type(name) is None:
         try:
             get_format(name)
         except FormatError as exc:
             if not str(exc).startswith("unknown format"):
                 raise
-            from lowbit.model.schemes import unknown
 
             raise unknown(name) from None
 
@@ -84,8 +82,6 @@ def plan_model(named_shapes: list[tuple[str, tuple[int, ...]]], scheme: str, inf
                tied: bool = False, has_imatrix: bool = False) -> dict[str, TensorChoice]:
     """The stored format of every weight of a Hugging Face model under ``scheme`` (a lowbit format
     or a llama.cpp file type; file types need ``info``, a :class:`~lowbit.model.gguf_mix.ModelInfo`)."""
-    from lowbit.model.gguf_mix import file_type, gguf_name, plan
-
     ft = file_type(scheme)
     if ft is None:
         return {n: choose(n, s, scheme, tied) for n, s in named_shapes}

@@ -26,6 +26,10 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, get_format
 from lowbit.formats.activations import fake_quantize
+from lowbit.model.actquant import quantize_act_model
+from lowbit.model.actscheme import parse_act_scheme
+from lowbit.model.layers import layers_prefix, set_module
+from lowbit.model.quantize import plan_for, quantize_model, stamp
 
 
 class FakeQuantLinear(nn.Module):
@@ -76,11 +80,8 @@ class QATResult:
 def wrap(model: nn.Module, weight_format: str, a_bits: int | None = None, fp8: str | None = None) -> list[str]:
     """Replace the decoder blocks' linear layers that ``weight_format`` quantizes by fake-quant layers;
     returns their names."""
-    from lowbit.model.calibrate import _layers_prefix, decoder_layers
-    from lowbit.model.quantize import plan_for
-
     choices = plan_for(model, weight_format)
-    prefix = _layers_prefix(model, decoder_layers(model))
+    prefix = layers_prefix(model)
     names = []
     for n, m in list(model.named_modules()):
         ch = choices.get(f"{n}.weight")
@@ -88,8 +89,7 @@ def wrap(model: nn.Module, weight_format: str, a_bits: int | None = None, fp8: s
             if not n.startswith(prefix + "."):
                 continue  # embeddings and the output head stay as they are
             fmt = get_format(ch.format)
-            parent, _, child = n.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, FakeQuantLinear(m, fmt, a_bits, fp8))
+            set_module(model, n, FakeQuantLinear(m, fmt, a_bits, fp8))
             names.append(n)
     if not names:
         raise LowbitError(f"{weight_format}: no linear layer to train")
@@ -105,8 +105,7 @@ def unwrap(model: nn.Module) -> None:
             lin.weight = m.weight
             if m.bias is not None:
                 lin.bias = m.bias
-            parent, _, child = n.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, lin)
+            set_module(model, n, lin)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -188,9 +187,6 @@ def qat_quantize(model: nn.Module, teacher: nn.Module, scheme: str, chunks: torc
     """Fine-tune ``model`` through fake quantization in ``scheme`` (a weight format, a llama.cpp file
     type, or a dynamic activation scheme such as ``w4a8`` / ``w8a8-fp8``) against ``teacher``, then
     quantize it for real.  Returns (QuantReport, QATResult)."""
-    from lowbit.model.actquant import parse_act_scheme, quantize_act_model
-    from lowbit.model.quantize import quantize_model, stamp
-
     act = parse_act_scheme(scheme)
     if act is not None and (act.static or act.kind == "llm-int8"):
         raise LowbitError(f"{scheme}: QAT trains dynamic activation schemes only (w4a8, w8a8, w8a8-fp8)")

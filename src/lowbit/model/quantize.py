@@ -13,7 +13,9 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, QTensor, get_format
-from lowbit.kernels import Kernel, build_kernel
+from lowbit.kernels import Kernel, build_kernel, check_backend
+from lowbit.model.gguf_mix import file_type, gguf_name, info_from_config
+from lowbit.model.layers import set_module, shared_param_ids, unique_params
 from lowbit.model.policy import TensorChoice, check_scheme, plan_model
 
 #: the attribute of a model quantized by lowbit that holds the codes of its quantized parameters other
@@ -59,11 +61,43 @@ def mark_quantized(module: nn.Module) -> None:
     module.register_load_state_dict_pre_hook(_drop_placeholder_hook)
 
 
+#: every kind of quantized linear layer, by the name a checkpoint's manifest records
+_KINDS: dict[str, type[QuantLinear]] = {}
+
+
+def quant_kind(name: str) -> type[QuantLinear]:
+    """The quantized-layer class a checkpoint's manifest entry of kind ``name`` is rebuilt with."""
+    cls = _KINDS.get(name)
+    if cls is None:
+        raise LowbitError(f"unknown quantized layer kind {name!r} (known: {', '.join(_KINDS)})")
+    return cls
+
+
 class QuantLinear(nn.Module):
     """A linear layer whose weight stays quantized: its format's parts are its buffers (what is
     saved), and its product runs on a kernel of :mod:`lowbit.kernels`, built on first use for the
     device the layer is on.  ``backend`` (None: the best that takes the format) names the kernel
-    backend; :func:`set_backend` sets it for a whole model."""
+    backend; :func:`set_backend` sets it for a whole model.
+
+    The family of quantized layers (rotated, activation-quantized ...) subclasses this one; a
+    subclass that sets ``kind`` registers itself, saves what it adds to its codes in
+    :meth:`manifest_extra` and is rebuilt from that by :meth:`from_manifest`."""
+
+    kind = "linear"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            _KINDS[cls.kind] = cls
+
+    def manifest_extra(self) -> dict[str, object]:
+        """What a checkpoint's manifest records of this layer beyond its format, shape and bias."""
+        return {}
+
+    @classmethod
+    def from_manifest(cls, qt: QTensor, bias: torch.Tensor | None, entry: dict) -> QuantLinear:
+        """The layer a manifest ``entry`` (with :meth:`manifest_extra`'s fields) describes."""
+        return cls(qt, bias)
 
     def __init__(self, qt: QTensor, bias: torch.Tensor | None, backend: str | None = None) -> None:
         super().__init__()
@@ -120,6 +154,9 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.fmt.name}"
+
+
+_KINDS[QuantLinear.kind] = QuantLinear
 
 
 class TiedQuantHead(nn.Linear):
@@ -182,8 +219,6 @@ def set_backend(model: object, backend: str | None) -> int:
     :func:`lowbit.kernels.backends`, "exact" or None (the best exact backend for each layer's format
     and device) or "fast" (the best of all, also those that round).  Returns the
     number of layers set; an unknown name is refused before any is changed."""
-    from lowbit.kernels import check_backend
-
     check_backend(backend)
     n = 0
     for m in as_module(model).modules():
@@ -214,6 +249,10 @@ class QuantReport:
     format: str
     tensors: list[TensorRecord] = field(default_factory=list)
     details: dict[str, object] = field(default_factory=dict)  # method-specific facts (e.g. SmoothQuant's alphas)
+    #: a layer-wise method's per-layer errors (lowbit.model.methods.LayerLog), not saved
+    logs: list = field(default_factory=list)
+    #: what else the method measured on the way (SmoothQuant's alphas, QAT's losses), not saved
+    measured: dict[str, object] = field(default_factory=dict)
 
     @property
     def total_bits(self) -> int:
@@ -249,10 +288,8 @@ def _rel_error(w: torch.Tensor, dq: torch.Tensor) -> float:
 
 def plan_for(model: nn.Module, fmt_name: str, has_imatrix: bool = False) -> dict[str, TensorChoice]:
     """The format of every parameter of ``model`` under scheme ``fmt_name`` (see :mod:`policy`)."""
-    from lowbit.model.gguf_mix import file_type, info_from_config
-
     check_scheme(fmt_name)  # fail early on an unknown name
-    params = list(_unique_params(model))
+    params = list(unique_params(model))
     info = info_from_config(model.config) if file_type(fmt_name) and hasattr(model, "config") else None
     return plan_model([(n, tuple(p.shape)) for n, p in params], fmt_name, info, _is_tied(model), has_imatrix=has_imatrix)
 
@@ -289,22 +326,18 @@ def quantize_model(model: nn.Module, fmt_name: str, progress: bool = True,
 def quantize_rest(model: nn.Module, fmt_name: str, choices: dict[str, TensorChoice], skip: set[str],
                   progress: bool = True, imatrix: dict[str, np.ndarray] | None = None) -> QuantReport:
     """Round-to-nearest for every parameter not in ``skip``, each in its planned format."""
-    from lowbit.model.gguf_mix import gguf_name
-
     report = QuantReport(fmt_name)
     modules = dict(model.named_modules())
-    params = [(n, p) for n, p in _unique_params(model) if n not in skip]
-    shared = _shared_ids(model)
+    params = [(n, p) for n, p in unique_params(model) if n not in skip]
+    shared = shared_param_ids(model)
     bar = tqdm(params, desc=f"quantize {fmt_name}", unit="tensor", disable=not progress, leave=False)
     for name, p in bar:
         choice = choices[name]
         fmt = get_format(choice.format)
         w2 = p.detach().reshape(1, -1) if p.dim() == 1 else p.detach()
         im = None if not imatrix else imatrix.get(name, imatrix.get(gguf_name(name) or name))
-        if im is not None and fmt.uses_imatrix:
-            qt = fmt.quantize(w2, name=name, imatrix=torch.as_tensor(np.asarray(im, dtype=np.float32)))
-        else:
-            qt = fmt.quantize(w2, name=name)
+        use = im is not None and fmt.uses_imatrix  # a matrix the format ignores is not checked against it
+        qt = fmt.quantize(w2, name=name, imatrix=torch.as_tensor(np.asarray(im, dtype=np.float32)) if use else None)
         dq = fmt.dequantize(qt).reshape(p.shape)
         report.tensors.append(
             TensorRecord(name, tuple(p.shape), fmt.name, choice.quantized, _storage_bits(fmt, tuple(p.shape)),
@@ -313,8 +346,7 @@ def quantize_rest(model: nn.Module, fmt_name: str, choices: dict[str, TensorChoi
         mod_name, _, attr = name.rpartition(".")
         mod = modules.get(mod_name)
         if choice.quantized and isinstance(mod, nn.Linear) and attr == "weight" and id(p) not in shared:
-            parent_name, _, child = mod_name.rpartition(".")
-            setattr(modules[parent_name] if parent_name else model, child, QuantLinear(qt, mod.bias))
+            set_module(model, mod_name, QuantLinear(qt, mod.bias))
         else:
             with torch.no_grad():
                 p.copy_(dq.to(p.dtype))
@@ -354,23 +386,6 @@ def run_tied_head(model: nn.Module) -> bool:
         return False
     TiedQuantHead.adopt(head, qt)
     return True
-
-
-def _unique_params(model: nn.Module):
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        yield name, p
-
-
-def _shared_ids(model: nn.Module) -> set[int]:
-    """ids of parameters used by more than one module (tied embeddings)."""
-    count: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        count[id(p)] = count.get(id(p), 0) + 1
-    return {k for k, v in count.items() if v > 1}
 
 
 def _tied_head(model: nn.Module, p: torch.Tensor) -> nn.Linear | None:

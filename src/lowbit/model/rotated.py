@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.algorithms.gptq import gptq_quantize
+from lowbit.algorithms.hessian import relative_output_error
 from lowbit.algorithms.rotation import Rotation, rotate_hessian, rotate_weight
 from lowbit.formats import Format, QTensor
 from lowbit.model.quantize import QuantLinear
@@ -18,6 +19,8 @@ from lowbit.model.quantize import QuantLinear
 class RotatedQuantLinear(QuantLinear):
     """A :class:`QuantLinear` whose stored weight is in a rotated basis: the input is rotated before
     the kernel's product and the output rotated back."""
+
+    kind = "rotated"
 
     def __init__(self, qt: QTensor, bias: torch.Tensor | None, seed_in: int, seed_out: int,
                  backend: str | None = None) -> None:
@@ -40,6 +43,14 @@ class RotatedQuantLinear(QuantLinear):
     def kernel_output(self, y: torch.Tensor) -> torch.Tensor:
         return self.r_out.apply_inverse(y)
 
+    def manifest_extra(self) -> dict[str, object]:
+        return {"rotation_seeds": [self.r_in.seed, self.r_out.seed]}
+
+    @classmethod
+    def from_manifest(cls, qt: QTensor, bias: torch.Tensor | None, entry: dict) -> RotatedQuantLinear:
+        s_in, s_out = entry["rotation_seeds"]
+        return cls(qt, bias, int(s_in), int(s_out))
+
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, format={self.fmt.name}, "
                 f"rotations=({self.r_in.kind}; {self.r_out.kind})")
@@ -58,10 +69,5 @@ def quip_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, bias: torch.Ten
     hr = rotate_hessian(h.to(torch.float64), r_in)
     res = gptq_quantize(wr, hr, fmt, cfg.gptq)
     mod = RotatedQuantLinear(res.qtensor, bias, seed_in, seed_out)
-    h64 = h.to(torch.float64)
-    den = float(((w64 @ h64) * w64).sum()) or 1.0
-    dw = mod.dequantized_weight().to(torch.float64) - w64
-    dr = fmt.roundtrip(w).to(torch.float64) - w64
-    err = float(((dw @ h64) * dw).sum()) / den
-    rtn = float(((dr @ h64) * dr).sum()) / den
-    return mod, err, rtn, {"damp": res.damp, "rotated_rtn_error": res.rtn_error}
+    rel = relative_output_error(w, h)
+    return mod, rel(mod.dequantized_weight()), rel(fmt.roundtrip(w)), {"damp": res.damp, "rotated_rtn_error": res.rtn_error}

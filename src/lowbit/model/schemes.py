@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from lowbit.errors import FormatError, did_you_mean
 from lowbit.formats import Format, get_format, list_formats
-from lowbit.model.actquant import ActScheme, parse_act_scheme
+from lowbit.model.actscheme import ActScheme, parse_act_scheme
 from lowbit.model.gguf_mix import FILE_TYPES, FileType, file_type
 
 #: activation schemes, as ``lowbit formats`` lists them (each names a family of settings)

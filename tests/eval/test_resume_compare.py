@@ -10,7 +10,7 @@ import pytest
 from lowbit.errors import LowbitError
 from lowbit.eval.compare import compare
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 
 def test_done_entries_are_kept_and_the_rest_measured(small):

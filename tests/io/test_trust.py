@@ -184,8 +184,8 @@ def test_unwritable_output_is_refused_before_the_work(tmp_path):
 
 
 def test_markers_are_recognized(tmp_path, ggml):
-    from lowbit.algorithms.imatrix import Imatrix, ImatrixEntry
     from lowbit.io.imatrix import read_imatrix, write_imatrix
+    from lowbit.model.imatrix_collect import Imatrix, ImatrixEntry
 
     im = Imatrix()
     im.entries["blk.0.attn_q.weight"] = ImatrixEntry(torch.rand(1, 64).numpy(), torch.tensor([4.0]).numpy())

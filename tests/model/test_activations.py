@@ -24,10 +24,10 @@ from lowbit.model.actquant import (
     LLMInt8Linear,
     int_matmul,
     outlier_report,
-    parse_act_scheme,
     quantize_act_model,
     smooth_model,
 )
+from lowbit.model.actscheme import parse_act_scheme
 
 EPS32 = torch.finfo(torch.float32).eps
 

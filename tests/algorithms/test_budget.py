@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lowbit.algorithms.budget import Candidate, _hull, solve
+from lowbit.algorithms.budget import Candidate, lower_hull, solve
 from lowbit.errors import LowbitError
 
 
@@ -71,7 +71,7 @@ def test_large_budget_takes_the_least_loss_and_small_budget_is_refused():
 def test_hull_drops_dominated_and_non_convex_points():
     cs = [Candidate("a", 100, 10.0), Candidate("b", 200, 9.9), Candidate("c", 300, 2.0), Candidate("d", 300, 3.0),
           Candidate("e", 400, 2.5), Candidate("f", 500, 0.5)]
-    assert [c.format for c in _hull(cs)] == ["a", "c", "f"]
+    assert [c.format for c in lower_hull(cs)] == ["a", "c", "f"]
 
 
 def test_one_huge_tensor_does_not_trap_the_search():

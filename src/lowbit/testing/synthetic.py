@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.model.load import resolve_model_path
 
 #: the shapes of Llama-2-7B
 LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
@@ -95,8 +96,6 @@ def write_synthetic_llama(out: Path, n_layers: int, tokenizer_dir: Path, dtype: 
 def bundled_tokenizer_dir(out: Path, model: str = "smollm2") -> Path:
     """The tokenizer of a bundled model saved as Hugging Face files under ``out`` (reused when there)."""
     from transformers import AutoTokenizer
-
-    from lowbit.model.load import resolve_model_path
 
     out = Path(out)
     if (out / "tokenizer.json").is_file():

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.algorithms.imatrix import Imatrix, ImatrixEntry
 from lowbit.errors import LowbitError
 from lowbit.io.imatrix import read_imatrix, write_imatrix
+from lowbit.model.imatrix_collect import Imatrix, ImatrixEntry
 
 
 def llama_tool(name: str) -> Path:

@@ -48,12 +48,12 @@ def test_kld_from_a_cached_layer_equals_the_full_forward(small, start):
 
     model = copy.deepcopy(small.model)
     cal = imatrix_chunks(small, calibration_text(), n_ctx=64, max_chunks=2)
-    cache = ms._LayerInputs(model, cal, 64)
+    cache = ms.LayerInputCache(model, cal, 64)
     p = model.model.layers[start].mlp.down_proj.weight
     with torch.no_grad():
         p.mul_(1.05)
     fast = cache.kld_from(start, cal)
-    full = ms._kld(model, cal, cache.ref, 64)
+    full = ms.kld_against(model, cal, cache.ref, 64)
     assert full > 0 and fast == pytest.approx(full, rel=1e-4, abs=1e-9)
     assert all(isinstance(layer, type(small.model.model.layers[0])) for layer in model.model.layers)  # restored
 
@@ -154,7 +154,7 @@ def test_earlier_sensitivities_gain_types_without_running_the_model(small, setup
     def no_forward(*a, **k):  # type: ignore[no-untyped-def]
         raise AssertionError("the model ran again")
 
-    monkeypatch.setattr(ms, "_LayerInputs", no_forward)
+    monkeypatch.setattr(ms, "LayerInputCache", no_forward)
     from lowbit.eval.data import calibration_text
     from lowbit.model.imatrix import imatrix_chunks
 
@@ -273,7 +273,7 @@ def test_dither_takes_the_weights_off_the_grid_they_were_distributed_on(smol_wei
 
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from mixsearch import dither
 
     w = smol_weights[name]

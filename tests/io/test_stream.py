@@ -17,7 +17,7 @@ import pytest
 from lowbit.errors import LowbitError
 from lowbit.io.gguf_out import Journal, resumable_part
 from lowbit.io.hf_stream import can_stream, write_gguf_streaming
-from lowbit.io.synthetic import bundled_tokenizer_dir, write_synthetic_llama
+from lowbit.testing.synthetic import bundled_tokenizer_dir, write_synthetic_llama
 
 SMALL = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
          "vocab_size": 8192, "max_position_embeddings": 2048}
@@ -35,7 +35,7 @@ def killable_reference(models, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="session")
 def tok_dir() -> Path:
-    from lowbit.eval.data import cache_dir
+    from lowbit.env import cache_dir
 
     return bundled_tokenizer_dir(cache_dir() / "tokenizers" / "smollm2")
 

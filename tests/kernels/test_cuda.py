@@ -1,6 +1,6 @@
 """The calibration methods and the format round trips on a CUDA GPU: same pipeline, same results
 as on the CPU up to float rounding, everything left on the device.  Skipped without a GPU (CI has
-none); run on the lent H100 with ``pytest tests/test_cuda.py``."""
+none); run on the lent H100 with ``pytest tests/kernels/test_cuda.py``."""
 
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lowbit.io.gguf_write import GGUFStreamWriter, encode_value
+
 # ---- seeds ----------------------------------------------------------------------------------------
 #: tensors of the seed GGUF: name (all of one length, so that one can overwrite another), rows-first
 #: shape, ggml type (F32, F16, Q8_0, Q4_K)
@@ -30,8 +32,6 @@ GGUF_TENSORS = (("t.f32", (3, 8), 0), ("t.f16", (2, 32), 1), ("t.q80", (2, 64), 
 def seed_gguf(path: Path) -> bytes:
     """Write a small valid GGUF file (metadata of every kind, four tensor types) and return its bytes."""
     import gguf
-
-    from lowbit.io.gguf_write import GGUFStreamWriter, encode_value
 
     rng = np.random.default_rng(0)
     w = GGUFStreamWriter(path)

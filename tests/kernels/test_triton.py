@@ -21,7 +21,7 @@ from lowbit.kernels.cuda_table import TritonTableKernel, triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is a dev dependency")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # 40 rows: not a multiple of the kernels' row tiles; 576 columns: not a multiple of their column
 # tiles, and 512 in groups of 128 plus 64 in one group of 64 for the per-group integer formats

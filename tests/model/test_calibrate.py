@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lowbit.algorithms.gptq import GPTQConfig
-from lowbit.model.calibrate import CalibConfig, awq_groups, calibrate_quantize, capture_layer_inputs
+from lowbit.model.calibrate import CalibConfig, calibrate_quantize
+from lowbit.model.layers import capture_layer_inputs, collect_input_stats, decoder_layers, scale_groups
 from lowbit.model.quantize import QuantLinear
 from lowbit.model.rotated import RotatedQuantLinear
 
@@ -71,7 +72,7 @@ def test_every_method_beats_round_to_nearest_end_to_end(method, scheme, small, c
 
 
 def test_awq_groups_follow_the_architecture(small):
-    groups = dict(awq_groups(small.model.model.layers[0]))
+    groups = dict(scale_groups(small.model.model.layers[0]))
     assert groups["input_layernorm"] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
     assert groups["post_attention_layernorm"] == ["mlp.gate_proj", "mlp.up_proj"]
     assert groups["mlp.up_proj"] == ["mlp.down_proj"]
@@ -148,13 +149,13 @@ def test_awq_scaling_leaves_the_full_precision_model_unchanged(arch):
     with torch.inference_mode():
         before = model(input_ids=ids).logits
     layer = model.model.layers[0]
-    groups = awq_groups(layer)
+    groups = scale_groups(layer)
     prevs = [p for p, _ in groups]
     assert prevs[0] == "input_layernorm" and "mlp.up_proj" in prevs
     assert ("self_attn.v_proj" in prevs) == (arch == "qwen2")
     for prev, names in groups:
         s = torch.rand(layer.get_submodule(names[0]).in_features, dtype=torch.float64) + 0.5
-        from lowbit.model.calibrate import apply_scale
+        from lowbit.model.layers import apply_scale
 
         apply_scale(layer, prev, names, s)
     with torch.inference_mode():
@@ -196,13 +197,12 @@ class _Loaded:
 def test_layers_fed_the_same_input_share_one_hessian(small, calib_chunks):
     """q/k/v (after the input norm) and gate/up (after the feed-forward norm) get one InputStats,
     accumulated once and equal to X^T X of that input; o and down have their own."""
-    from lowbit.model.calibrate import _collect, decoder_layers
 
     model = copy.deepcopy(small.model)
     layer = decoder_layers(model)[0]
     batches = capture_layer_inputs(model, calib_chunks[:4], batch_size=2)
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    stats = _collect(layer, linears, batches)
+    stats = collect_input_stats(layer, linears, batches)
     a = stats["self_attn.q_proj"]
     assert a is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
     assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 #: what a real run of a producer line adds to keep it short
 TINY = {"imatrix": ["--calib-chunks", "1", "--calib-ctx", "64"]}
 
