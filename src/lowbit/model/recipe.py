@@ -117,8 +117,8 @@ class Recipe:
             ok = ", ".join(ok[:-1]) + " and " + ok[-1] if len(ok) > 1 else ok[0]
             raise LowbitError(f"{where}{act.name} quantizes activations: its methods are {ok}, not {m.name}")
         if self.imatrix and not m.takes_imatrix:
-            raise LowbitError(f"{where}{m.name} weighs errors with the calibration Hessian already; the importance "
-                              "matrix is for round-to-nearest")
+            raise LowbitError(f"{where}{m.name} weighs errors with the calibration Hessian already; drop '+imatrix' "
+                              "(the importance matrix is for round-to-nearest)")
         if self.imatrix and act is not None:
             raise LowbitError(f"{where}the importance matrix is for weight formats that take one (K-quants, IQ4, "
                               "Q4_0...)")
