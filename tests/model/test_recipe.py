@@ -118,8 +118,11 @@ def test_quantize_gives_the_codes_of_the_entry_points(small, calib_chunks):
     ra = quantize(a, Recipe.parse("int4-g128+gptq", calib=cfg), chunks=calib_chunks[:4, :64], progress=False)
     rb, logs = calibrate_quantize(b, "int4-g128", calib_chunks[:4, :64], cfg, progress=False)
     assert [t.name for t in ra.tensors] == [t.name for t in rb.tensors] and len(ra.logs) == len(logs) > 0
-    qa, qb = a.model.layers[1].self_attn.o_proj, b.model.layers[1].self_attn.o_proj
-    assert isinstance(qa, QuantLinear) and all(torch.equal(qa.qtensor.parts[k], qb.qtensor.parts[k]) for k in qa.qtensor.parts)
+    # the same codes, up to the rare tie that float32 rounding in two runs of the BLAS resolves apart
+    pairs = [(m, dict(b.named_modules())[n]) for n, m in a.named_modules() if isinstance(m, QuantLinear)]
+    assert len(pairs) == 21 and all(isinstance(q, QuantLinear) for _, q in pairs)
+    differ = sum(int((p.fmt.codes(p.qtensor) != q.fmt.codes(q.qtensor)).sum()) for p, q in pairs)
+    assert differ <= 1e-4 * sum(p.in_features * p.out_features for p, _ in pairs)
     with pytest.raises(LowbitError, match="needs calibration text"):
         quantize(copy.deepcopy(small.model), "int4-g128+gptq")
 

@@ -120,6 +120,12 @@ class Method:
         raise NotImplementedError(f"{self.name} runs layer by layer")
 
 
+def require_grid(method: Method, fmt: Format, name: str) -> None:
+    """For methods built on GPTQ: the format must expose the grid its codes are chosen on."""
+    if not fmt.calibratable:
+        raise LowbitError(f"{name}: {method.name.upper()} needs a format that exposes its grid; {fmt.name} does not")
+
+
 _METHODS: dict[str, Method] = {}
 
 

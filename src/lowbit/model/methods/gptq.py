@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 
 from lowbit.algorithms.gptq import gptq_quantize
-from lowbit.errors import LowbitError
 from lowbit.formats import Format
-from lowbit.model.methods.base import CalibConfig, LinearResult, Method, register_method
+from lowbit.model.methods.base import CalibConfig, LinearResult, Method, register_method, require_grid
 from lowbit.model.quantize import QuantLinear
 
 
@@ -21,8 +20,7 @@ class GPTQ(Method):
     order = 1
 
     def check_format(self, fmt: Format, name: str) -> None:
-        if not fmt.calibratable:
-            raise LowbitError(f"{name}: {self.name.upper()} needs a format that exposes its grid; {fmt.name} does not")
+        require_grid(self, fmt, name)
 
     def quantize_linear(self, w: torch.Tensor, h: torch.Tensor, fmt: Format, bias: torch.Tensor | None,
                         cfg: CalibConfig, name: str, seed: int) -> LinearResult:

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.errors import LowbitError
 from lowbit.formats import Format
-from lowbit.model.methods.base import CalibConfig, LinearResult, Method, register_method
+from lowbit.model.methods.base import CalibConfig, LinearResult, Method, register_method, require_grid
 from lowbit.model.rotated import quip_quantize
 
 
@@ -20,8 +19,7 @@ class QuIP(Method):
     order = 3
 
     def check_format(self, fmt: Format, name: str) -> None:
-        if not fmt.calibratable:
-            raise LowbitError(f"{name}: {self.name.upper()} needs a format that exposes its grid; {fmt.name} does not")
+        require_grid(self, fmt, name)
 
     def quantize_linear(self, w: torch.Tensor, h: torch.Tensor, fmt: Format, bias: torch.Tensor | None,
                         cfg: CalibConfig, name: str, seed: int) -> LinearResult:
