@@ -81,7 +81,7 @@ def main() -> int:
     if args.device != "cpu":
         loaded.model.to(args.device)
     excluded = {t for t in args.exclude.split(",") if t}
-    allowed = tuple(t for t in ms.GGUF_TYPES if t not in excluded)
+    allowed = tuple(t for t in ms.gguf_candidates() if t not in excluded)
     im = compute_imatrix(loaded, calibration_text(), max_chunks=args.imatrix_chunks, progress=False).values()
     cal = imatrix_chunks(loaded, calibration_text(), n_ctx=512, max_chunks=args.sens_chunks)
     cache = Path(args.sens_cache) if args.sens_cache else OUT / f"mixsearch-{tag}-sens.json"

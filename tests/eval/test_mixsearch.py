@@ -11,7 +11,7 @@ from lowbit.eval import mixsearch as ms
 from lowbit.formats import get_format
 
 # the bundled original sits on Q4_1's grid, so Q4_1 would reproduce it for free: not a candidate
-ALLOWED = tuple(t for t in ms.GGUF_TYPES if t != "q4_1")
+ALLOWED = tuple(t for t in ms.gguf_candidates() if t != "q4_1")
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,10 @@ editing a list.  Each one, on random float32 weights of a shape that fits it, mu
 * store exactly the bits it counts: ``QTensor.nbytes() * 8 == tensor_bits == storage_bits(shape)``
   (SpQR's outliers are the one data-dependent case: see its own test);
 * refuse, with a FormatError, columns that break its blocks, and take any column count if it has none;
-* where it exposes a grid (``calibratable``): the grid's values of the codes are exactly what
-  ``dequantize`` computes, also for codes stored by ``with_codes``, which leaves the scales alone;
+* where it exposes a grid (``calibratable``): ``codes`` reads back exactly the codes that
+  ``with_codes`` stored, the grid's values of the stored codes are what ``dequantize`` computes (the
+  one decoding path: gguf-py's decoding below is the independent reference), and ``with_codes``
+  leaves the scales alone;
 * where it is ``joinable``: tensors of column slices join into the tensor of the whole;
 * where it has a GGUF type: its bytes are one tensor of ggml blocks that gguf-py decodes to the
   same floats.
@@ -254,11 +256,10 @@ def test_grid_values_are_what_dequantize_computes(name):
     codes = grid.nearest(dq)
     assert tuple(codes.shape) == tuple(qt.shape) and grid.qmin <= int(codes.min()) and int(codes.max()) <= grid.qmax
     assert torch.equal(grid.values(codes), dq)
-    stored = getattr(fmt, "codes", None)  # formats that can read their codes back (integer ones)
-    if callable(stored):
-        c = stored(qt)
-        assert grid.qmin <= int(c.min()) and int(c.max()) <= grid.qmax
-        assert torch.equal(grid.values(c), dq)
+    c = fmt.codes(qt)
+    assert c.dtype == torch.int64 and tuple(c.shape) == tuple(qt.shape)
+    assert grid.qmin <= int(c.min()) and int(c.max()) <= grid.qmax
+    assert torch.equal(grid.values(c), dq)
     # codes chosen elsewhere (here: nearest to the weights), stored by with_codes, decode to the grid's
     # values; the scales and the layout stay as they were
     chosen = grid.nearest(w)
@@ -266,8 +267,7 @@ def test_grid_values_are_what_dequantize_computes(name):
     assert torch.equal(fmt.dequantize(qt2), grid.values(chosen))
     assert _same_grid(fmt.grid(qt2), grid)
     assert _same_layout(qt2, qt) and qt2.nbytes() * 8 == fmt.storage_bits(tuple(qt.shape))
-    if callable(stored):
-        assert torch.equal(stored(qt2), chosen)
+    assert torch.equal(fmt.codes(qt2), chosen)
     # a slice of columns of the grid is the grid of those columns
     a, b = 5, qt.shape[1] - 3
     assert torch.equal(grid[a:b].values(chosen[:, a:b]), grid.values(chosen)[:, a:b])
@@ -284,6 +284,7 @@ def test_vector_grid_values_are_what_dequantize_computes(name):
     chosen = vg.nearest(w)
     assert tuple(chosen.shape) == (rows, cols // vg.dim, vg.scale.shape[1])
     qt2 = fmt.with_codes(qt, chosen)
+    assert torch.equal(fmt.codes(qt2), chosen)
     assert torch.equal(fmt.dequantize(qt2), vg.values(chosen))
     assert torch.equal(fmt.vector_grid(qt2).scale, vg.scale) and torch.equal(fmt.vector_grid(qt2).table, vg.table)
     assert _same_layout(qt2, qt)

@@ -2,7 +2,7 @@
 and the mix of formats with the least predicted loss under a size budget.
 
 **Targets.**  A GGUF file (``target="gguf"``): every tensor llama.cpp quantizes (the embedding and
-output head included) gets one of the llama.cpp types lowbit writes (:data:`GGUF_TYPES`), 1-D tensors
+output head included) gets one of the llama.cpp types lowbit writes (:func:`gguf_candidates`), 1-D tensors
 stay F32.  A lowbit checkpoint (``target="lowbit"``): the linear layers of the decoder blocks get any
 of lowbit's formats (:data:`LOWBIT_TYPES` by default: integer codes per group, NF4, FP8, FP16 ...),
 the embedding, output head and norms stay FP16, as :mod:`lowbit.model.policy` keeps them.
@@ -45,17 +45,18 @@ from lowbit.eval.data import files_digest
 from lowbit.eval.runner import torch_logits_fn
 from lowbit.formats import get_format
 from lowbit.io.gguf_out import array_digest
-from lowbit.model.gguf_mix import allows_quantization, gguf_name
+from lowbit.model.gguf_mix import allows_quantization, gguf_name, gguf_types
 from lowbit.model.layers import decoder_layers, unique_params
 from lowbit.model.load import LoadedModel
 from lowbit.model.policy import LINEAR_ROLES, TensorChoice, role_of
 from lowbit.model.quantize import plan_for, quantize_rest
 
-#: llama.cpp types: the K-quants (rows a multiple of 256) and the legacy blocks of 32
-K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
-LEGACY_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
-#: every llama.cpp type the search may put in a GGUF file
-GGUF_TYPES = tuple(dict.fromkeys(K_TYPES + LEGACY_TYPES + ("iq4_nl", "iq4_xs", "fp16")))
+
+def gguf_candidates() -> tuple[str, ...]:
+    """Every llama.cpp type the search may put in a GGUF file: each quantized GGUF type of the format
+    registry (a new one is a candidate without an edit here), and FP16."""
+    return (*gguf_types(), "fp16")
+
 #: the default candidates for a lowbit checkpoint: integer codes from 2 to 8 bits per group or
 #: channel, NF4 (plain and double-quantized), FP8 per channel and FP16
 LOWBIT_TYPES = ("int2-asym-g32", "int2-asym-g64", "int3-asym-g32", "int3-asym-g64", "int3-asym-g128",
@@ -67,7 +68,7 @@ TARGETS = ("gguf", "lowbit")
 def default_types(target: str) -> tuple[str, ...]:
     if target not in TARGETS:
         raise LowbitError(f"unknown search target {target!r} (use {' or '.join(TARGETS)})")
-    return GGUF_TYPES if target == "gguf" else LOWBIT_TYPES
+    return gguf_candidates() if target == "gguf" else LOWBIT_TYPES
 
 
 def check_types(types: tuple[str, ...], target: str) -> tuple[str, ...]:
@@ -75,8 +76,9 @@ def check_types(types: tuple[str, ...], target: str) -> tuple[str, ...]:
     out = []
     for t in types:
         fmt = get_format(t)  # a FormatError for an unknown name
-        if target == "gguf" and fmt.name not in GGUF_TYPES:
-            raise LowbitError(f"{t}: not a type the search can write into a GGUF file (use {', '.join(GGUF_TYPES)})")
+        if target == "gguf" and fmt.name not in gguf_candidates():
+            raise LowbitError(f"{t}: not a type the search can write into a GGUF file "
+                              f"(use {', '.join(gguf_candidates())})")
         if fmt.name == "f32":
             raise LowbitError("f32 is not a candidate: it stores more than the original")
         out.append(fmt.name)
@@ -87,7 +89,7 @@ def check_types(types: tuple[str, ...], target: str) -> tuple[str, ...]:
 
 def candidate_types(cols: int, allowed: tuple[str, ...] | None = None) -> list[str]:
     """The candidates (default: the llama.cpp types) whose blocks fit rows of ``cols`` values."""
-    pool = list(GGUF_TYPES if allowed is None else allowed)
+    pool = list(gguf_candidates() if allowed is None else allowed)
     return [t for t in pool if not get_format(t).block_size or cols % get_format(t).block_size == 0]
 
 

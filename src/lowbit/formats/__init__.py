@@ -9,10 +9,21 @@ from __future__ import annotations
 import pkgutil
 from importlib import import_module
 
-from lowbit.formats.base import Format, QTensor, family_info, get_format, list_formats, register, register_family
+from lowbit.formats.base import (
+    Format,
+    QTensor,
+    exact_formats,
+    family_info,
+    get_format,
+    list_formats,
+    register,
+    register_family,
+    registry_version,
+)
 
 _MODULES = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 for _m in _MODULES:
     import_module(f"lowbit.formats.{_m}")
 
-__all__ = ["Format", "QTensor", "family_info", "get_format", "list_formats", "register", "register_family"]
+__all__ = ["Format", "QTensor", "exact_formats", "family_info", "get_format", "list_formats", "register", "register_family",
+           "registry_version"]

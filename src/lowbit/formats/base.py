@@ -140,9 +140,14 @@ class Format:
     #: The GGUF tensor type this format writes as, or None if GGUF cannot hold it.
     gguf_type: int | None = None
     description: str = ""
+    #: the type llama.cpp writes instead where a tensor's rows do not fit this type's blocks
+    #: (llama-quant.cpp's fallback: Q4_K -> Q5_0), or None (then FP16)
+    gguf_fallback: str | None = None
     #: True if an importance matrix given to :meth:`quantize` changes the result (every format
     #: accepts one; the others ignore it)
     uses_imatrix: bool = False
+    #: True where quantizing needs an importance matrix (llama.cpp's IQ1/IQ2 types assert one)
+    requires_imatrix: bool = False
 
     def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
         """Quantize ``w`` ([rows, cols]); ``name`` names the tensor in errors; ``imatrix`` is one
@@ -151,7 +156,14 @@ class Format:
         raise NotImplementedError
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The float32 values ``[rows, cols]`` of ``q``.  A format with a grid decodes on one path,
+        its grid's values of its stored codes (``grid(q).values(codes(q))``, or the vector grid's),
+        so what calibration methods see is what is decoded; the others override this."""
+        if self.vector_dim:
+            return self.vector_grid(q).values(self.codes(q, torch.int32))
+        if self.has_grid:
+            return self.grid(q).values(self.codes(q, torch.int32))
+        raise NotImplementedError(f"format {self.name} has neither a grid nor a dequantize of its own")
 
     def storage_bits(self, shape: tuple[int, int]) -> int:
         """Exact number of bits stored for a tensor of ``shape``, scales and zero points included."""
@@ -208,6 +220,12 @@ class Format:
         """Per-weight grid of the values ``qt``'s stored scales allow."""
         raise FormatError(f"format {self.name} does not expose its grid, so calibration methods cannot choose its codes")
 
+    def codes(self, qt: QTensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """The stored codes (``[rows, cols]`` in the grid's range, or ``[rows, cols // dim, stages]``
+        for a vector format; integers of ``dtype``, which :meth:`dequantize` narrows to int32): the
+        inverse of :meth:`with_codes`."""
+        raise FormatError(f"format {self.name} does not expose its grid, so calibration methods cannot choose its codes")
+
     def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
         """``qt`` with its codes replaced by ``codes`` (int, ``[rows, cols]``, in the grid's range);
         the scales stay as they are."""
@@ -234,11 +252,21 @@ _EXACT: dict[str, Format] = {}
 _FAMILIES: list[tuple[str, Callable[[str], Format | None]]] = []
 
 
+_VERSION = [0]
+
+
+def registry_version() -> int:
+    """A number that changes whenever a format or a family registers (for tables derived from the
+    registry, such as the GGUF file types, to rebuild themselves)."""
+    return _VERSION[0]
+
+
 def register(fmt: Format) -> Format:
     key = fmt.name.lower()
     if key in _EXACT:
         raise ValueError(f"format {fmt.name} registered twice")
     _EXACT[key] = fmt
+    _VERSION[0] += 1
     return fmt
 
 
@@ -251,6 +279,7 @@ def register_family(example: str, parser: Callable[[str], Format | None], descri
     ``instances`` are shown in listings."""
     _FAMILIES.append((example, parser))
     _FAMILY_INFO[example] = (description, instances)
+    _VERSION[0] += 1
 
 
 def family_info() -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -276,6 +305,11 @@ def list_formats() -> list[str]:
     return sorted(_EXACT) + [ex for ex, _ in _FAMILIES]
 
 
+def exact_formats() -> list[Format]:
+    """Every format registered under a fixed name (not the families), in name order."""
+    return [_EXACT[k] for k in sorted(_EXACT)]
+
+
 class GGMLType(NamedTuple):
     """A GGML tensor type: its id in GGUF files, weights per block and bytes per block."""
 
@@ -294,6 +328,12 @@ def ggml_type(name: str) -> GGMLType:
         raise FormatError(f"gguf-py knows no GGML type {name.upper()}") from None
     block, type_size = GGML_QUANT_SIZES[t]
     return GGMLType(int(t), block, type_size)
+
+
+def constant_like(t: torch.Tensor, value: float) -> torch.Tensor:
+    """``value`` in every position of ``t``'s shape, as a read-only expanded view (no memory per
+    weight): a grid's constant zero point."""
+    return torch.full((1,) * t.dim(), value, dtype=t.dtype, device=t.device).expand_as(t)
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -27,6 +27,7 @@ from lowbit.formats.base import (
     Grid,
     QTensor,
     check_imatrix,
+    constant_like,
     fp16_bytes,
     fp16_from_bytes,
     ggml_type,
@@ -147,24 +148,16 @@ class LegacyGGUF(Format):
             head = [fp16_bytes(d)]
         return self._pack(rows, head, L.t().to(torch.uint8))
 
-    def dequantize(self, qt: QTensor) -> torch.Tensor:
+    def codes(self, qt: QTensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         blocks = qt.parts["blocks"].reshape(-1, self.type_size)
-        d = fp16_from_bytes(blocks[:, 0:2])[:, None]
         if self.bits == 8:
-            q = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
-            return (d * q).reshape(qt.shape)
+            return blocks[:, 2:].contiguous().view(torch.int8).to(dtype).reshape(qt.shape)
         pos = 4 if self.affine else 2
-        if self.bits == 5:
-            high = unpack_bits(blocks[:, pos : pos + 4], 1, QK)
-            pos += 4
-        nib = blocks[:, pos:]
+        nib = blocks[:, pos + 4 :] if self.bits == 5 else blocks[:, pos:]
         q = torch.cat([nib & 0x0F, nib >> 4], dim=1)
         if self.bits == 5:
-            q = q | (high << 4)
-        qf = q.to(torch.float32)
-        if self.affine:
-            return (d * qf + fp16_from_bytes(blocks[:, 2:4])[:, None]).reshape(qt.shape)
-        return (d * (qf - 2 ** (self.bits - 1))).reshape(qt.shape)
+            q = q | (unpack_bits(blocks[:, pos : pos + 4], 1, QK) << 4)
+        return q.to(dtype).reshape(qt.shape)
 
     # ---- grid (GPTQ and other methods choose the codes) -----------------------------
     has_grid = True
@@ -182,7 +175,7 @@ class LegacyGGUF(Format):
         nmax = 2**self.bits - 1
         if self.affine:
             return Grid(d, None, per_weight(fp16_from_bytes(blocks[:, 2:4])), 0, nmax)
-        return Grid(d, torch.full_like(d, float(2 ** (self.bits - 1))), None, 0, nmax)
+        return Grid(d, constant_like(d, float(2 ** (self.bits - 1))), None, 0, nmax)
 
     def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
         rows, cols = qt.shape

@@ -145,31 +145,6 @@ class IntFormat(Format):
             parts["zero"] = pack_bits(zeros.reshape(1, -1).to(torch.uint8), self.bits)
         return QTensor(self.name, (rows, cols), parts)
 
-    def dequantize(self, qt: QTensor) -> torch.Tensor:
-        rows, cols = qt.shape
-        codes = unpack_bits(qt.parts["codes"], self.bits, cols).to(torch.float32)
-        if self.symmetric:
-            codes = codes - 2 ** (self.bits - 1)
-        ngr = 1 if self.group == -1 else self.groups_per_row(cols)
-        scale = qt.parts["scale"].to(torch.float32)
-        zero = None
-        if "zero" in qt.parts:
-            zero = unpack_bits(qt.parts["zero"], self.bits, scale.numel()).to(torch.float32)
-        if self.group == -1:
-            return self._decode(codes, scale.reshape(1, 1), None if zero is None else zero.reshape(1, 1))
-        scale = scale.reshape(rows, ngr)
-        zero = None if zero is None else zero.reshape(rows, ngr)
-        out = []
-        gi = 0
-        for a, b, gs in self.segments(cols):
-            n = (b - a) // gs
-            c = codes[:, a:b].reshape(rows, n, gs)
-            s_ = scale[:, gi : gi + n, None]
-            z_ = None if zero is None else zero[:, gi : gi + n, None]
-            out.append(self._decode(c, s_, z_).reshape(rows, b - a))
-            gi += n
-        return torch.cat(out, 1)
-
     # ---- grid (GPTQ and other methods choose the codes) -----------------------------
     has_grid = True
 
@@ -198,10 +173,9 @@ class IntFormat(Format):
         return Grid(self._per_weight(scale, rows, cols), self._per_weight(zero, rows, cols), None,
                     0, 2**self.bits - 1)
 
-    def codes(self, qt: QTensor) -> torch.Tensor:
-        """The stored codes (int64, ``[rows, cols]``, in the grid's range): the inverse of :meth:`with_codes`."""
+    def codes(self, qt: QTensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         offset = 2 ** (self.bits - 1) if self.symmetric else 0
-        return unpack_bits(qt.parts["codes"], self.bits, qt.shape[1]).to(torch.int64) - offset
+        return unpack_bits(qt.parts["codes"], self.bits, qt.shape[1]).to(dtype) - offset
 
     def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
         offset = 2 ** (self.bits - 1) if self.symmetric else 0

@@ -109,8 +109,9 @@ def _iq4_xs(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
 
 
 class IQ4(Format):
-    def __init__(self, name: str, desc: str) -> None:
+    def __init__(self, name: str, desc: str, fallback: str | None = None) -> None:
         self.name = name
+        self.gguf_fallback = fallback
         t = ggml_type(name)  # the id and block layout of the GGML type of the same name
         self.gguf_type = t.type_id
         self.block_size = t.block
@@ -134,21 +135,10 @@ class IQ4(Format):
         blocks = map_row_chunks(run, rows, cols, w.device, chunk_weights=1 << 18).reshape(rows, -1)
         return QTensor(self.name, (rows, cols), {"blocks": blocks})
 
-    def dequantize(self, qt: QTensor) -> torch.Tensor:
+    def codes(self, qt: QTensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         b = qt.parts["blocks"].reshape(-1, self.type_size)
-        vals = torch.tensor(KVALUES, dtype=torch.float32, device=b.device)
-        d = fp16_from_bytes(b[:, 0:2])
-        if self.block_size == 32:
-            q = vals[_unpack_nl(b[:, 2:18])]
-            return (d[:, None] * q).reshape(qt.shape)
-        sh = b[:, 2].to(torch.int32) | (b[:, 3].to(torch.int32) << 8)
-        sl = b[:, 4:8]
-        lo = torch.stack([sl & 0x0F, sl >> 4], dim=2).reshape(-1, 8).to(torch.int32)
-        hi = (sh[:, None] >> (2 * torch.arange(8, device=b.device, dtype=torch.int32))) & 3
-        ls = (lo | (hi << 4)) - 32
-        q = vals[_unpack_nl(b[:, 8:136])]
-        dl = (d[:, None] * ls.to(torch.float32)).repeat_interleave(32, dim=1)
-        return (dl * q).reshape(qt.shape)
+        head = 2 if self.block_size == 32 else 8
+        return _unpack_nl(b[:, head:]).to(dtype).reshape(qt.shape)
 
     # ---- grid (GPTQ and other methods choose the codes) -----------------------------
     has_grid = True
@@ -180,4 +170,5 @@ class IQ4(Format):
 
 
 register(IQ4("iq4_nl", "llama.cpp IQ4_NL: 16 non-linear levels, blocks of 32 with FP16 scale, 4.5 bpw"))
-register(IQ4("iq4_xs", "llama.cpp IQ4_XS: 16 non-linear levels, 8x32 with 6-bit scales, 4.25 bpw"))
+register(IQ4("iq4_xs", "llama.cpp IQ4_XS: 16 non-linear levels, 8x32 with 6-bit scales, 4.25 bpw",
+                  fallback="iq4_nl"))

@@ -23,6 +23,7 @@ from lowbit.formats.base import (
     Grid,
     QTensor,
     check_imatrix,
+    constant_like,
     fp16_bytes,
     fp16_from_bytes,
     ggml_type,
@@ -181,9 +182,10 @@ class KQuant(Format):
     """A K-quant type: super-blocks of 256 weights stored as :attr:`layout`.
 
     Each type implements :meth:`fit` (ggml's quantizer: the fields other than the codes, and the
-    codes), :meth:`pack_codes` (codes into their fields), :meth:`sub_scales` and :meth:`decode`.  A
-    code ``q`` (0..:attr:`qmax`) decodes to ``dl * (q - zero)`` where the type has a :attr:`zero`
-    (Q3_K, Q6_K), else to ``dl * q - ml``, with ``dl`` and ``ml`` its sub-block's scale and min."""
+    codes), :meth:`pack_codes` (codes into their fields), :meth:`unpack_codes` (the inverse) and
+    :meth:`sub_scales`.  A code ``q`` (0..:attr:`qmax`) decodes to ``dl * (q - zero)`` where the type
+    has a :attr:`zero` (Q3_K, Q6_K), else to ``dl * q - ml``, with ``dl`` and ``ml`` its sub-block's
+    scale and min: :meth:`dequantize` is the grid's values of the codes, the one decoding path."""
 
     block_size = QK_K
     uses_imatrix = True
@@ -194,8 +196,9 @@ class KQuant(Format):
     #: the code of value 0 (Q3_K, Q6_K), or None for the types with a min per sub-block
     zero: float | None = None
 
-    def __init__(self, name: str, bits: int, desc: str) -> None:
+    def __init__(self, name: str, bits: int, desc: str, fallback: str) -> None:
         self.name = name
+        self.gguf_fallback = fallback
         t = ggml_type(name)  # the id and block size of the GGML type of the same name
         assert (t.block, t.type_size) == (QK_K, self.layout.size), f"{name}: gguf-py's block layout differs from lowbit's"
         self.gguf_type = t.type_id
@@ -217,8 +220,8 @@ class KQuant(Format):
         """Per weight [NB, 256]: the sub-block scale ``dl`` and min ``ml`` (None where the type has a zero)."""
         raise NotImplementedError
 
-    def decode(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The float32 values [NB, 256] of blocks split into their fields."""
+    def unpack_codes(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The stored codes [NB, 256] (uint8, 0..qmax) of blocks split into their fields."""
         raise NotImplementedError
 
     # ---- shared ------------------------------------------------------------------------
@@ -244,8 +247,8 @@ class KQuant(Format):
     def _split(self, qt: QTensor) -> dict[str, torch.Tensor]:
         return self.layout.split(qt.parts["blocks"].reshape(-1, self.type_size))
 
-    def dequantize(self, qt: QTensor) -> torch.Tensor:
-        return self.decode(self._split(qt)).reshape(qt.shape)
+    def codes(self, qt: QTensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return self.unpack_codes(self._split(qt)).reshape(qt.shape).to(dtype)
 
     # ---- grid (GPTQ and other methods choose the codes) -----------------------------
     def grid(self, qt: QTensor) -> Grid:
@@ -256,7 +259,7 @@ class KQuant(Format):
         dl = dl.reshape(rows, cols)
         if ml is None:
             assert self.zero is not None
-            return Grid(dl, torch.full_like(dl, self.zero), None, 0, self.qmax)
+            return Grid(dl, constant_like(dl, self.zero), None, 0, self.qmax)
         return Grid(dl, None, (-ml).reshape(rows, cols), 0, self.qmax)
 
     def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
@@ -322,11 +325,8 @@ class Q2K(KQuant):
         ml = (dmin[:, None] * (sc >> 4).to(torch.float32)).repeat_interleave(16, dim=1)
         return dl, ml
 
-    def decode(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        q = _unpack_2bit(f["qs"]).to(torch.float32)
-        dl, ml = self.sub_scales(f)
-        assert ml is not None
-        return dl * q - ml
+    def unpack_codes(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _unpack_2bit(f["qs"])
 
 
 class Q3K(KQuant):
@@ -378,13 +378,11 @@ class Q3K(KQuant):
         d = fp16_from_bytes(f["d"])
         return (d[:, None] * sc).repeat_interleave(16, dim=1), None
 
-    def decode(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+    def unpack_codes(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
         hmask = f["hmask"]
-        q = _unpack_2bit(f["qs"]).to(torch.float32)
         shifts = torch.arange(8, dtype=torch.uint8, device=hmask.device).reshape(1, 8, 1)
-        high = ((hmask[:, None, :] >> shifts) & 1).reshape(-1, QK_K).to(torch.float32)
-        dl, _ = self.sub_scales(f)
-        return dl * (q - 4 * (1 - high))
+        high = ((hmask[:, None, :] >> shifts) & 1).reshape(-1, QK_K)
+        return _unpack_2bit(f["qs"]) | (high << 2)
 
 
 class _Q45K(KQuant):
@@ -439,15 +437,6 @@ class _Q45K(KQuant):
         ml = (dmin[:, None] * lm).repeat_interleave(32, dim=1)
         return dl, ml
 
-    def unpack_codes(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The stored codes [NB, 256] (float32) of blocks split into their fields."""
-        raise NotImplementedError
-
-    def decode(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        q = self.unpack_codes(f)
-        dl, ml = self.sub_scales(f)
-        assert ml is not None
-        return dl * q - ml
 
 
 class Q4K(_Q45K):
@@ -458,7 +447,7 @@ class Q4K(_Q45K):
         return {"qs": _pack_4bit_64(L)}
 
     def unpack_codes(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        return _unpack_4bit_64(f["qs"]).to(torch.float32)
+        return _unpack_4bit_64(f["qs"])
 
 
 class Q5K(_Q45K):
@@ -477,7 +466,7 @@ class Q5K(_Q45K):
         q = _unpack_4bit_64(f["qs"])
         shifts = torch.arange(8, dtype=torch.uint8, device=qh.device).reshape(1, 8, 1)
         high = ((qh[:, None, :] >> shifts) & 1).reshape(-1, QK_K)
-        return (q | (high << 4)).to(torch.float32)
+        return q | (high << 4)
 
 
 class Q6K(KQuant):
@@ -519,19 +508,17 @@ class Q6K(KQuant):
         d = fp16_from_bytes(f["d"])
         return (d[:, None] * sc).repeat_interleave(16, dim=1), None
 
-    def decode(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+    def unpack_codes(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
         ql = f["ql"].reshape(-1, 2, 2, 32)  # [nb, half, part, l]
         qh = f["qh"].reshape(-1, 2, 1, 32)
         low = torch.stack([ql[:, :, 0] & 0x0F, ql[:, :, 1] & 0x0F, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], dim=2)
         shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=ql.device).reshape(1, 1, 4, 1)
         hi = (qh >> shifts) & 3
-        q = (low | (hi << 4)).reshape(-1, QK_K).to(torch.float32) - 32
-        dl, _ = self.sub_scales(f)
-        return dl * q
+        return (low | (hi << 4)).reshape(-1, QK_K)
 
 
-register(Q2K("q2_k", 2, "llama.cpp Q2_K: 2-bit, 16x16 with 4-bit scales and mins, 2.625 bpw"))
-register(Q3K("q3_k", 3, "llama.cpp Q3_K: 3-bit, 16x16 with 6-bit scales, 3.4375 bpw"))
-register(Q4K("q4_k", 4, "llama.cpp Q4_K: 4-bit, 8x32 with 6-bit scales and mins, 4.5 bpw"))
-register(Q5K("q5_k", 5, "llama.cpp Q5_K: 5-bit, 8x32 with 6-bit scales and mins, 5.5 bpw"))
-register(Q6K("q6_k", 6, "llama.cpp Q6_K: 6-bit, 16x16 with 8-bit scales, 6.5625 bpw"))
+register(Q2K("q2_k", 2, "llama.cpp Q2_K: 2-bit, 16x16 with 4-bit scales and mins, 2.625 bpw", fallback="q4_0"))
+register(Q3K("q3_k", 3, "llama.cpp Q3_K: 3-bit, 16x16 with 6-bit scales, 3.4375 bpw", fallback="q4_0"))
+register(Q4K("q4_k", 4, "llama.cpp Q4_K: 4-bit, 8x32 with 6-bit scales and mins, 4.5 bpw", fallback="q5_0"))
+register(Q5K("q5_k", 5, "llama.cpp Q5_K: 5-bit, 8x32 with 6-bit scales and mins, 5.5 bpw", fallback="q5_1"))
+register(Q6K("q6_k", 6, "llama.cpp Q6_K: 6-bit, 16x16 with 8-bit scales, 6.5625 bpw", fallback="q8_0"))

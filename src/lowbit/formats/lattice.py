@@ -202,10 +202,9 @@ class E8PFormat(Format):
                 rest = rest - cb[codes].reshape(w.shape) * scale
         return QTensor(self.name, tuple(w.shape), parts)
 
-    def dequantize(self, qt: QTensor) -> torch.Tensor:
-        codes = torch.stack([qt.parts["codes" + self.stage_suffix(st)].to(torch.int64) & 0xFFFF
-                             for st in range(self.stages)], dim=2)
-        return self.vector_grid(qt).values(codes)
+    def codes(self, qt: QTensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.stack([qt.parts["codes" + self.stage_suffix(st)].to(dtype) & 0xFFFF
+                            for st in range(self.stages)], dim=2)
 
     def storage_bits(self, shape: tuple[int, int]) -> int:
         return self.stages * (2 * shape[0] * shape[1] + 16 * shape[0])

@@ -105,10 +105,8 @@ class FourBitFormat(Format):
         scale2 = parts["absmax_scale"].repeat_interleave(DQ_BLOCK)[:nb]
         return DYNAMIC_MAP.to(scale2.device)[codes2] * scale2 + parts["absmax_offset"]
 
-    def dequantize(self, qt: QTensor) -> torch.Tensor:
-        codes = unpack_nibbles_lohi(qt.parts["codes"]).long().reshape(-1, BLOCK)
-        absmax = self._absmax(qt.parts)
-        return (self.levels.to(absmax.device)[codes] * absmax[:, None]).reshape(qt.shape)
+    def codes(self, qt: QTensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return unpack_nibbles_lohi(qt.parts["codes"]).to(dtype).reshape(qt.shape)
 
     # ---- grid (GPTQ and other methods choose the codes) -----------------------------
     has_grid = True

@@ -133,11 +133,12 @@ class SpQRFormat(Format):
         stats = [{k: v[g : g + 1] for k, v in st.items() if k not in ("scale", "zero")} for g in range(ng)]
         return self.encode((rows, cols), grid.nearest(w), stats)
 
+    def codes(self, qt: QTensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return unpack_bits(qt.parts["codes"], self.bits, qt.shape[1]).to(dtype)
+
     def dequantize(self, qt: QTensor) -> torch.Tensor:
-        rows, cols = qt.shape
-        codes = unpack_bits(qt.parts["codes"], self.bits, cols).to(torch.float32)
-        scale, zero = self._stats(qt)
-        out = ((codes.reshape(rows, -1, self.group) - zero[..., None]) * scale[..., None]).reshape(rows, cols)
+        """The grid's values of the codes, with the outliers written over them."""
+        out = super().dequantize(qt)
         idx = qt.parts["out_idx"].long()
         if idx.numel():
             out.view(-1)[idx] = qt.parts["out_val"].to(torch.float32)

@@ -14,22 +14,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from gguf.constants import GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from lowbit.errors import LowbitError
+from lowbit.model.gguf_file import VALUE_ENCODING
 
 ALIGNMENT = 32
-#: per GGUF value type (gguf-py's ids): the struct format of one value, and the numpy dtype of an array's items
-_ENCODING = {
-    GGUFValueType.UINT8: ("<B", "<u1"), GGUFValueType.INT8: ("<b", "<i1"),
-    GGUFValueType.UINT16: ("<H", "<u2"), GGUFValueType.INT16: ("<h", "<i2"),
-    GGUFValueType.UINT32: ("<I", "<u4"), GGUFValueType.INT32: ("<i", "<i4"),
-    GGUFValueType.UINT64: ("<Q", "<u8"), GGUFValueType.INT64: ("<q", "<i8"),
-    GGUFValueType.FLOAT32: ("<f", "<f4"), GGUFValueType.FLOAT64: ("<d", "<f8"),
-    GGUFValueType.BOOL: ("<?", "<u1"),
-}
-_SCALAR = {int(t): fmt for t, (fmt, _) in _ENCODING.items()}
-_NP = {int(t): dt for t, (_, dt) in _ENCODING.items()}
+_SCALAR = {t: fmt for t, (fmt, _) in VALUE_ENCODING.items()}
+_NP = {t: dt for t, (_, dt) in VALUE_ENCODING.items()}
 STRING, ARRAY = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY)
 
 
@@ -80,7 +72,6 @@ class GGUFStreamWriter:
 
     def add_tensor_info(self, name: str, shape: tuple[int, ...], gtype: int) -> None:
         """Declare a tensor (shape rows first, as numpy) before :meth:`begin`."""
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(gtype)]
         ne = tuple(int(d) for d in reversed(shape))

@@ -14,13 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from lowbit.errors import ModelLoadError
 
-# GGUF value types (gguf.GGUFValueType)
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
-STRING, ARRAY = 8, 9
+#: per GGUF value type (gguf-py's ids), the one table the reader, the writer (lowbit.io.gguf_write)
+#: and the fuzzer share: the struct format of one value, and the numpy dtype of an array's items
+VALUE_ENCODING: dict[int, tuple[str, str]] = {int(t): enc for t, enc in {
+    GGUFValueType.UINT8: ("<B", "<u1"), GGUFValueType.INT8: ("<b", "<i1"),
+    GGUFValueType.UINT16: ("<H", "<u2"), GGUFValueType.INT16: ("<h", "<i2"),
+    GGUFValueType.UINT32: ("<I", "<u4"), GGUFValueType.INT32: ("<i", "<i4"),
+    GGUFValueType.UINT64: ("<Q", "<u8"), GGUFValueType.INT64: ("<q", "<i8"),
+    GGUFValueType.FLOAT32: ("<f", "<f4"), GGUFValueType.FLOAT64: ("<d", "<f8"),
+    GGUFValueType.BOOL: ("<?", "<u1"),
+}.items()}  # fmt: skip
+_SCALAR = {t: fmt for t, (fmt, _) in VALUE_ENCODING.items()}
+_NP = {t: dt for t, (_, dt) in VALUE_ENCODING.items()}
+STRING, ARRAY, BOOL = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY), int(GGUFValueType.BOOL)
 MAX_DIMS = 4
 
 
@@ -99,7 +109,7 @@ class GGUFFile:
                 if n > (self.size - self._pos) // item:
                     raise self._fail(f"{what} claims {n} items")
                 arr = np.frombuffer(self._take(n * item, what), dtype=_NP[sub])
-                return (arr.astype(bool) if sub == 7 else arr).tolist(), sub
+                return (arr.astype(bool) if sub == BOOL else arr).tolist(), sub
             if sub == STRING:
                 if n > (self.size - self._pos) // 8:
                     raise self._fail(f"{what} claims {n} strings")
@@ -127,7 +137,6 @@ class GGUFFile:
 
     # ---- the file -------------------------------------------------------------------
     def _parse(self) -> None:
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
         if bytes(self._buf[:4]) != b"GGUF":
             raise ModelLoadError(f"{self.path}: not a GGUF file (magic {bytes(self._buf[:4])!r})")
@@ -196,7 +205,6 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """The tensor's stored bytes, rows first: [rows..., bytes per row] (memory-mapped)."""
         t = self.tensors[name]
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t.type)]
         row_bytes = t.ne[0] // block * type_size

@@ -14,11 +14,13 @@ for that type everywhere it fits, as ``llama-quantize --pure`` does.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from gguf import LlamaFileType
+
 from lowbit.errors import FormatError
-from lowbit.formats import get_format
+from lowbit.formats import exact_formats, get_format, registry_version
 
 
 @dataclass(frozen=True)
@@ -28,45 +30,118 @@ class FileType:
     default: str  # lowbit format of the default tensor type
     pure: bool = False
     description: str = ""
+    #: tensor types this file type refuses to make without an importance matrix (Q2_K_S: its Q2_K)
+    imatrix_types: tuple[str, ...] = ()
+
+    @property
+    def quantized(self) -> bool:
+        return self.default not in UNQUANTIZED
 
 
+#: the file types whose default type keeps floats
+UNQUANTIZED = ("f32", "fp16", "bf16")
+
+
+def llama_ftype(name: str) -> int:
+    """llama.cpp's ``llama_ftype`` id of file type ``name`` (``q4_k_m`` -> 15), read from gguf-py."""
+    key = {"f32": "ALL_F32", "fp16": "MOSTLY_F16"}.get(name, "MOSTLY_" + name.upper())
+    return int(LlamaFileType[key])
+
+
+def _ft(name: str, default: str, description: str, **kw: object) -> FileType:
+    return FileType(name, llama_ftype(name), default, description=description, **kw)  # type: ignore[arg-type]
+
+
+# llama.cpp's mixes: the rules in _mix_rule below name them; a new tensor type needs no entry here
+# (it gets a pure file type of its own from the registry: _build_file_types)
 _FT = [
-    FileType("f32", 0, "f32", description="F32 everywhere (no quantization)"),
-    FileType("fp16", 1, "fp16", description="FP16 everywhere, norms F32"),
-    FileType("bf16", 32, "bf16", description="BF16 everywhere, norms F32"),
-    FileType("q4_0", 2, "q4_0", description="Q4_0 everywhere, output Q6_K (with an imatrix the first ffn_down Q4_1)"),
-    FileType("q4_1", 3, "q4_1", description="Q4_1 everywhere, output Q6_K"),
-    FileType("q8_0", 7, "q8_0", description="Q8_0 everywhere"),
-    FileType("q5_0", 8, "q5_0", description="Q5_0 everywhere, output Q6_K (with an imatrix the first ffn_down Q5_1)"),
-    FileType("q5_1", 9, "q5_1", description="Q5_1 everywhere, output Q6_K"),
-    FileType("q2_k", 10, "q2_k", description="Q2_K mix: attn_v, ffn_down Q3_K/Q4_K, output Q6_K"),
-    FileType("q2_k_s", 21, "q2_k", description="Q2_K_S mix (needs an importance matrix)"),
-    FileType("q3_k_s", 11, "q3_k", description="Q3_K_S: Q3_K everywhere, output Q6_K"),
-    FileType("q3_k_m", 12, "q3_k", description="Q3_K_M mix: attn_v Q5_K/Q4_K, ffn_down, attn_output Q4_K/Q5_K"),
-    FileType("q3_k_l", 13, "q3_k", description="Q3_K_L mix: attn_v, ffn_down, attn_output Q5_K"),
-    FileType("q4_k_s", 14, "q4_k", description="Q4_K_S mix: first attn_v/ffn_down in Q5_K"),
-    FileType("q4_k_m", 15, "q4_k", description="Q4_K_M mix: half of attn_v and ffn_down in Q6_K"),
-    FileType("q5_k_s", 16, "q5_k", description="Q5_K_S: Q5_K everywhere, output Q6_K"),
-    FileType("q5_k_m", 17, "q5_k", description="Q5_K_M mix: half of attn_v and ffn_down in Q6_K"),
-    FileType("q6_k", 18, "q6_k", description="Q6_K everywhere"),
-    FileType("iq4_nl", 25, "iq4_nl", description="IQ4_NL everywhere, output Q6_K"),
-    FileType("iq4_xs", 30, "iq4_xs", description="IQ4_XS mix"),
-    # plain types, llama-quantize --pure (file type of the matching mix)
-    FileType("q3_k", 12, "q3_k", pure=True, description="Q3_K on every tensor that fits (--pure)"),
-    FileType("q4_k", 15, "q4_k", pure=True, description="Q4_K on every tensor that fits (--pure)"),
-    FileType("q5_k", 17, "q5_k", pure=True, description="Q5_K on every tensor that fits (--pure)"),
+    _ft("f32", "f32", "F32 everywhere (no quantization)"),
+    _ft("fp16", "fp16", "FP16 everywhere, norms F32"),
+    _ft("bf16", "bf16", "BF16 everywhere, norms F32"),
+    _ft("q4_0", "q4_0", "Q4_0 everywhere, output Q6_K (with an imatrix the first ffn_down Q4_1)"),
+    _ft("q4_1", "q4_1", "Q4_1 everywhere, output Q6_K"),
+    _ft("q8_0", "q8_0", "Q8_0 everywhere"),
+    _ft("q5_0", "q5_0", "Q5_0 everywhere, output Q6_K (with an imatrix the first ffn_down Q5_1)"),
+    _ft("q5_1", "q5_1", "Q5_1 everywhere, output Q6_K"),
+    _ft("q2_k", "q2_k", "Q2_K mix: attn_v, ffn_down Q3_K/Q4_K, output Q6_K"),
+    _ft("q2_k_s", "q2_k", "Q2_K_S mix (needs an importance matrix)", imatrix_types=("q2_k",)),
+    _ft("q3_k_s", "q3_k", "Q3_K_S: Q3_K everywhere, output Q6_K"),
+    _ft("q3_k_m", "q3_k", "Q3_K_M mix: attn_v Q5_K/Q4_K, ffn_down, attn_output Q4_K/Q5_K"),
+    _ft("q3_k_l", "q3_k", "Q3_K_L mix: attn_v, ffn_down, attn_output Q5_K"),
+    _ft("q4_k_s", "q4_k", "Q4_K_S mix: first attn_v/ffn_down in Q5_K"),
+    _ft("q4_k_m", "q4_k", "Q4_K_M mix: half of attn_v and ffn_down in Q6_K"),
+    _ft("q5_k_s", "q5_k", "Q5_K_S: Q5_K everywhere, output Q6_K"),
+    _ft("q5_k_m", "q5_k", "Q5_K_M mix: half of attn_v and ffn_down in Q6_K"),
+    _ft("q6_k", "q6_k", "Q6_K everywhere"),
+    _ft("iq4_nl", "iq4_nl", "IQ4_NL everywhere, output Q6_K"),
+    _ft("iq4_xs", "iq4_xs", "IQ4_XS mix"),
 ]  # fmt: skip
-FILE_TYPES: dict[str, FileType] = {f.name: f for f in _FT}
-#: llama-quantize --pure: the mixes' pure forms (their default type on every tensor that fits)
-PURE_OF = {"q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k", "q4_k_s": "q4_k", "q4_k_m": "q4_k",
-           "q5_k_s": "q5_k", "q5_k_m": "q5_k"}
-for _f in list(_FT):
-    if not _f.pure and _f.name not in PURE_OF and _f.default not in ("f32", "fp16", "bf16"):
-        FILE_TYPES[f"{_f.name}-pure"] = FileType(
-            f"{_f.name}-pure", _f.ftype, _f.default, pure=True,
-            description=f"{_f.default.upper()} on every tensor that fits, output and embedding too (--pure)")
-        PURE_OF[_f.name] = f"{_f.name}-pure"
-FILE_TYPES["f16"] = FILE_TYPES["fp16"]
+def _build_file_types() -> tuple[dict[str, FileType], dict[str, str]]:
+    """The file types: llama.cpp's mixes, and one pure file type per quantized GGUF type in the
+    format registry: the type's own name where no mix has it (``q4_k``), else ``<mix>-pure``
+    (``q4_0-pure``).  A pure type's ``general.file_type`` is llama.cpp's id for the type where
+    there is one, else that of the type's medium mix.  Also: each mix's pure form."""
+    table = {f.name: f for f in _FT}
+    pure_of: dict[str, str] = {}
+    mixes_of: dict[str, list[FileType]] = {}
+    for f in _FT:
+        mixes_of.setdefault(f.default, []).append(f)
+    for t in gguf_types():
+        mixes = mixes_of.get(t, [])
+        if t not in table:
+            try:
+                ftype = llama_ftype(t)
+            except KeyError:
+                medium = [m for m in mixes if m.name.endswith("_m")] or mixes
+                ftype = medium[0].ftype if medium else int(LlamaFileType.GUESSED)
+            table[t] = FileType(t, ftype, t, pure=True, description=f"{t.upper()} on every tensor that fits (--pure)")
+            for m in mixes:
+                pure_of[m.name] = t
+        for m in mixes:
+            if m.name not in pure_of:
+                table[f"{m.name}-pure"] = FileType(
+                    f"{m.name}-pure", m.ftype, t, pure=True,
+                    description=f"{t.upper()} on every tensor that fits, output and embedding too (--pure)")
+                pure_of[m.name] = f"{m.name}-pure"
+    table["f16"] = table["fp16"]
+    return table, pure_of
+
+
+def gguf_types() -> list[str]:
+    """Every quantized type of the format registry that a GGUF file holds (blocks, a GGML type)."""
+    return [f.name for f in exact_formats() if f.gguf_type is not None and f.block_size and f.name not in UNQUANTIZED]
+
+
+class _FileTypes(Mapping[str, FileType]):
+    """The file types by name, rebuilt whenever a format registers, so that a new GGUF type (one
+    file in lowbit/formats) is a file type, a search candidate and a listing row without an edit here."""
+
+    def __init__(self) -> None:
+        self._built_for = -1
+        self._table: dict[str, FileType] = {}
+        self._pure_of: dict[str, str] = {}
+
+    def _current(self) -> dict[str, FileType]:
+        if self._built_for != registry_version():
+            self._table, self._pure_of = _build_file_types()
+            self._built_for = registry_version()
+        return self._table
+
+    def __getitem__(self, key: str) -> FileType:
+        return self._current()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+    def pure_of(self, name: str) -> str:
+        self._current()
+        return self._pure_of[name]
+
+
+FILE_TYPES = _FileTypes()
 
 
 def pure_file_type(name: str) -> str:
@@ -75,9 +150,9 @@ def pure_file_type(name: str) -> str:
     ft = FILE_TYPES.get(key)
     if ft is None:
         raise FormatError(f"--pure takes a llama.cpp file type (q4_k_m, q4_0 ...), not '{name}'")
-    if ft.pure or ft.default in ("f32", "fp16", "bf16"):
+    if ft.pure or not ft.quantized:
         return ft.name
-    return PURE_OF[ft.name]
+    return FILE_TYPES.pure_of(ft.name)
 
 
 def file_type(name: str) -> FileType | None:
@@ -174,13 +249,13 @@ def allows_quantization(name: str, ndim: int) -> bool:
     return not any(s in name for s in ("ffn_gate_inp.weight", "position_embd", "token_types", "ssm_conv1d"))
 
 
-_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
-
-
 def _fallback(t: str, cols: int) -> str:
-    if cols % get_format(t).block_size == 0:
+    """llama.cpp's type for a tensor of type ``t`` whose rows do not fit ``t``'s blocks: the format's
+    own ``gguf_fallback``, else FP16."""
+    fmt = get_format(t)
+    if cols % fmt.block_size == 0:
         return t
-    r = _FALLBACK.get(t, t)
+    r = fmt.gguf_fallback or t
     if cols % get_format(r).block_size:
         r = "fp16"
     return r
@@ -196,7 +271,7 @@ def plan(tensors: Iterable[tuple[str, tuple[int, ...]]], ft: FileType, info: Mod
     n_attn_v = sum(1 for n in order if _category(n) in ("attn_v", "attn_qkv", "attn_kv_b"))
     st = {"attn_v": 0, "ffn_down": 0}
     out: dict[str, str | None] = {}
-    quantized_default = ft.default not in ("f32", "fp16", "bf16")
+    quantized_default = ft.quantized
     for name in order:
         shape = shapes[name]
         if not allows_quantization(name, len(shape)):
@@ -207,8 +282,8 @@ def plan(tensors: Iterable[tuple[str, tuple[int, ...]]], ft: FileType, info: Mod
             if not ft.pure:
                 new = _mix_rule(name, shape, ft, info, tied, has_imatrix, n_attn_v, st)
             new = _fallback(new, shape[-1])
-            if ft.ftype == 21 and new == "q2_k" and name != "token_embd.weight" and not has_imatrix:
-                raise FormatError(f"{name}: file type Q2_K_S needs an importance matrix (--imatrix)")
+            if new in ft.imatrix_types and name != "token_embd.weight" and not has_imatrix:
+                raise FormatError(f"{name}: file type {ft.name.upper()} needs an importance matrix (--imatrix)")
         out[name] = new
     return out
 

@@ -19,42 +19,45 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
+from gguf.constants import GGMLQuantizationType as T
+from gguf.constants import GGUFValueType as V
 
-from lowbit.io.gguf_write import GGUFStreamWriter, encode_value
+from lowbit.io.gguf_write import ARRAY, STRING, GGUFStreamWriter, encode_value
+from lowbit.model.gguf_file import VALUE_ENCODING
 
 # ---- seeds ----------------------------------------------------------------------------------------
 #: tensors of the seed GGUF: name (all of one length, so that one can overwrite another), rows-first
 #: shape, ggml type (F32, F16, Q8_0, Q4_K)
-GGUF_TENSORS = (("t.f32", (3, 8), 0), ("t.f16", (2, 32), 1), ("t.q80", (2, 64), 8), ("t.q4k", (1, 256), 12))
+GGUF_TENSORS = (("t.f32", (3, 8), int(T.F32)), ("t.f16", (2, 32), int(T.F16)), ("t.q80", (2, 64), int(T.Q8_0)),
+                ("t.q4k", (1, 256), int(T.Q4_K)))
 
 
 def seed_gguf(path: Path) -> bytes:
     """Write a small valid GGUF file (metadata of every kind, four tensor types) and return its bytes."""
-    import gguf
-
     rng = np.random.default_rng(0)
     w = GGUFStreamWriter(path)
-    w.add("general.architecture", 8, "llama")
-    w.add("general.alignment", 4, 32)
-    w.add("general.name", 8, "fuzz seed")
-    w.add("llama.block_count", 4, 1)
-    w.add("llama.rope.freq_base", 6, 10000.0)
-    w.add("tokenizer.ggml.add_bos_token", 7, True)
-    w.add("tokenizer.ggml.tokens", 9, ["<s>", "a", "bc", "déf"], sub_type=8)
-    w.add("tokenizer.ggml.scores", 9, [0.0, -1.0, -2.0, -3.0], sub_type=6)
-    inner = [encode_value(9, [1, 2], 4)[4:], encode_value(9, [3], 4)[4:]]
-    w.add_raw("fuzz.nested", struct.pack("<IIQ", 9, 9, len(inner)) + b"".join(inner))
+    w.add("general.architecture", V.STRING, "llama")
+    w.add("general.alignment", V.UINT32, 32)
+    w.add("general.name", V.STRING, "fuzz seed")
+    w.add("llama.block_count", V.UINT32, 1)
+    w.add("llama.rope.freq_base", V.FLOAT32, 10000.0)
+    w.add("tokenizer.ggml.add_bos_token", V.BOOL, True)
+    w.add("tokenizer.ggml.tokens", V.ARRAY, ["<s>", "a", "bc", "déf"], sub_type=V.STRING)
+    w.add("tokenizer.ggml.scores", V.ARRAY, [0.0, -1.0, -2.0, -3.0], sub_type=V.FLOAT32)
+    inner = [encode_value(V.ARRAY, [1, 2], V.UINT32)[4:], encode_value(V.ARRAY, [3], V.UINT32)[4:]]
+    w.add_raw("fuzz.nested", struct.pack("<IIQ", V.ARRAY, V.ARRAY, len(inner)) + b"".join(inner))
     data = {}
     for name, shape, gtype in GGUF_TENSORS:
         w.add_tensor_info(name, shape, gtype)
         x = rng.standard_normal(shape).astype(np.float32)
-        if gtype == 0:
+        if gtype == T.F32:
             data[name] = x
-        elif gtype == 1:
+        elif gtype == T.F16:
             data[name] = x.astype(np.float16)
-        elif gtype == 8:
-            data[name] = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+        elif gtype == T.Q8_0:
+            data[name] = gguf.quants.quantize(x, T.Q8_0)
         else:  # Q4_K: d and dmin of 0.01, random scales and codes
             blk = rng.integers(0, 256, size=(shape[0], 144), dtype=np.uint8)
             blk[:, 0:4] = np.frombuffer(np.array([0.01, 0.01], dtype=np.float16).tobytes(), dtype=np.uint8)
@@ -108,15 +111,15 @@ def gguf_fields(data: bytes) -> list[Field]:
 
     def value(vtype: int, label: str) -> None:
         nonlocal pos
-        if vtype == 8:
+        if vtype == STRING:
             string(label)
-        elif vtype == 9:
+        elif vtype == ARRAY:
             sub = u(4, "arrtype", label)
             n = u(8, "arrlen", label)
             for i in range(n):
                 value(sub, f"{label}[{i}]")
         else:
-            width = struct.calcsize("<" + "BbHhIif?xxQqd"[vtype])
+            width = struct.calcsize(VALUE_ENCODING[vtype][0])
             out.append(Field(pos, width, "scalar", label))
             pos += width
 
