@@ -328,42 +328,28 @@ def _positionals(args: argparse.Namespace) -> None:
         raise LowbitError("give an output: --out FILE.gguf or --out DIRECTORY (or MODEL OUT TYPE as llama-quantize takes them)")
 
 
-def _linear_formats(facts, scheme: str, has_imatrix: bool) -> dict[str, str] | None:  # type: ignore[no-untyped-def]
-    """The format each decoder linear layer gets under ``scheme`` (None: shapes unknown before loading)."""
-    from lowbit.model.policy import plan_model
-
-    if facts.tensors is None:
-        return None
-    entries = list(facts.tensors.items())
-    choices = plan_model(entries, scheme, facts.info, facts.tied, has_imatrix=has_imatrix)
-    lin = facts.linear_layers() or {}
-    return {n: choices[n].format for n in lin if n in choices and choices[n].quantized}
-
-
-def _check_plan(facts, scheme: str, has_imatrix: bool) -> None:  # type: ignore[no-untyped-def]
-    """A llama.cpp file type's per-tensor plan on this model, which refuses what llama.cpp refuses
-    (Q2_K_S without an importance matrix ...)."""
-    from lowbit.model.gguf_mix import file_type
-    from lowbit.model.policy import plan_model
-
-    if file_type(scheme) is not None and facts.tensors is not None:
-        plan_model(list(facts.tensors.items()), scheme, facts.info, facts.tied, has_imatrix=has_imatrix)
-
-
-def _check_export_on(facts, scheme: str, layout: str, has_imatrix: bool) -> None:  # type: ignore[no-untyped-def]
-    """The export ``layout`` can hold ``scheme`` on this model's linear layers: one format for all of
-    them, which the layout takes, with groups that divide every row."""
+def _check_on_model(facts, recipe: Recipe, has_imatrix: bool, layout: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    """What ``recipe`` needs on this model, from one per-tensor plan (with or without the importance
+    matrix, as it will be made): llama.cpp's refusals (Q2_K_S without an importance matrix ...), the
+    formats the method can produce, and, for an export ``layout``, one format for every linear layer
+    that the layout takes, with groups that divide every row.  Shapes unknown before loading: no check."""
     from lowbit.formats import get_format
     from lowbit.io.exports import get_export
+    from lowbit.model.policy import plan_model
 
-    fmts = _linear_formats(facts, scheme, has_imatrix)
-    if fmts is None:
+    if facts.tensors is None or recipe.scheme.act is not None:
         return
+    scheme = recipe.scheme.name
+    choices = plan_model(list(facts.tensors.items()), scheme, facts.info, facts.tied, has_imatrix=has_imatrix)
+    recipe.check_plan(choices)
+    if layout is None:
+        return
+    lin = facts.linear_layers() or {}
+    fmts = {n: choices[n].format for n in lin if n in choices and choices[n].quantized}
     kinds = sorted(set(fmts.values()))
     if len(kinds) != 1:
         raise LowbitError(f"--out-format {layout} takes one format for every linear layer; {scheme} gives "
                           f"{', '.join(kinds)} on {facts.path.name} (give a single format such as int4-asym-g64)")
-    lin = facts.linear_layers() or {}
     get_export(layout).check(get_format(kinds[0]), {n: lin[n] for n in fmts})
 
 
@@ -401,7 +387,6 @@ def _plan_single(args, src: Path, facts, out: Path, kind: str, device: str,  # t
                  imatrix_given: bool) -> QuantizeJob:
     from lowbit.io.hf_stream import can_stream
     from lowbit.model.gguf_mix import pure_file_type
-    from lowbit.model.policy import plan_model
 
     if args.exclude_types or args.types or args.sens_chunks is not None:
         raise LowbitError("--types, --exclude-types and --sens-chunks go with --target-bpw or --target-size")
@@ -415,11 +400,7 @@ def _plan_single(args, src: Path, facts, out: Path, kind: str, device: str,  # t
         raise LowbitError(f"{scheme} is a llama.cpp file type, written as a GGUF file: give an --out ending in .gguf "
                           f"(e.g. {out.name}.gguf), or --out-format lowbit for a lowbit checkpoint in these types")
     imatrix = _check_imatrix(args.imatrix)
-    if facts.tensors is not None and s.act is None:
-        recipe.check_plan(plan_model(list(facts.tensors.items()), scheme, facts.info, facts.tied))
-    if kind not in ("gguf", "checkpoint"):
-        _check_export_on(facts, scheme, kind, imatrix_given)
-    _check_plan(facts, scheme, imatrix_given)
+    _check_on_model(facts, recipe, imatrix_given, None if kind in ("gguf", "checkpoint") else kind)
     streamed_rtn = to_gguf and method == "rtn" and (src.is_file() or can_stream(src))
     streamed_calib = to_gguf and recipe.method.streams and can_stream(src)
     if device != "cpu" and not streamed_rtn and not (streamed_calib and device != "auto"):
@@ -715,8 +696,8 @@ def _in_memory_scheme(args: argparse.Namespace, facts, path: Path, static_hint: 
     if recipe is not None and recipe.imatrix:
         raise LowbitError(f"--format {recipe.label}: the importance matrix needs calibration; "
                           + static_hint.format(name=recipe.label))
-    if recipe is not None and recipe.scheme.act is None:
-        _check_plan(facts, recipe.scheme.name, False)
+    if recipe is not None:
+        _check_on_model(facts, recipe, False)
     if args.engine == "llama.cpp":
         import importlib.util
 
@@ -884,7 +865,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lowbit.eval.compare import default_out_dir
     from lowbit.io.outputs import REPORT, check_output
     from lowbit.model.calibrate import CalibConfig
-    from lowbit.model.policy import plan_model
 
     _check_ranges(args)
     facts = _inspect(args.model)
@@ -894,9 +874,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise LowbitError("--formats: give at least one format")
     specs = [Recipe.parse(f) for f in formats]
     for s in specs:  # what a file type needs on this model (Q2_K_S: an importance matrix ...), what a method takes
-        _check_plan(facts, s.scheme.name, s.imatrix)
-        if facts.tensors is not None and s.scheme.act is None:
-            s.check_plan(plan_model(list(facts.tensors.items()), s.scheme.name, facts.info, facts.tied))
+        _check_on_model(facts, s, s.imatrix)
     if any(s.needs_calibration or s.imatrix for s in specs):
         _check_ctx(facts, args.calib_ctx, "--calib-ctx")
     imatrix = _check_imatrix(args.imatrix)

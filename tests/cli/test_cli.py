@@ -121,6 +121,12 @@ def test_imatrix_then_quantize_and_compare_with_it(tmp_path):
     assert "| q4_k_m |" in r.stdout and "| q4_k_m+imatrix |" in r.stdout
     r = lowbit("quantize", "smollm2", "-f", "q2_k_s", "-o", str(tmp_path / "x.gguf"))
     _one_error_line(r, "Q2_K_S needs an importance matrix")
+    # with one it is made (the preflight plans the file as it will be written: with the matrix)
+    q2 = tmp_path / "q2_k_s.gguf"
+    r = lowbit("quantize", "smollm2", "-f", "q2_k_s", "--imatrix", str(im), "-o", str(q2), "--quiet")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "q2_k 27" in r.stdout, r.stdout
+    q2.unlink()
     r = lowbit("quantize", "smollm2", "-f", "q4_k_m", "--imatrix", str(out), "-o", str(tmp_path / "y.gguf"))
     _one_error_line(r, "smol-q4_k_m.gguf: not a valid importance matrix file")
     assert {p.name for p in tmp_path.iterdir()} == {"cmp", im.name, out.name}
