@@ -94,6 +94,23 @@ class GGML:
         self.lib.ggml_row_size.restype = ctypes.c_size_t
         self.lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
 
+    def dequantize(self, gtype: int, blocks: np.ndarray, n: int) -> np.ndarray:
+        """libggml's ``dequantize_row_*`` (the type's ``to_float``) of ``n`` values stored in ``blocks``."""
+        class Traits(ctypes.Structure):
+            _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                        ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                        ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
+
+        self.lib.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
+        self.lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+        traits = self.lib.ggml_get_type_traits(gtype).contents
+        assert traits.to_float, f"libggml has no to_float for type {gtype}"
+        to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(traits.to_float)
+        src = np.ascontiguousarray(blocks, dtype=np.uint8)
+        out = np.empty(n, dtype=np.float32)
+        to_float(src.ctypes.data, out.ctypes.data, n)
+        return out
+
     def quantize(self, gtype: int, w: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
         w = np.ascontiguousarray(w, dtype=np.float32)
         rows, cols = w.shape

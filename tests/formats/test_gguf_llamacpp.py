@@ -28,7 +28,7 @@ def _llama_cpp_quantize(src: Path, dst: Path, ftype: int) -> None:
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "fp16"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "fp16", "tq1_0", "tq2_0", "mxfp4_moe"])
 def test_file_tensors_identical_to_llama_quantize(fmt, smol_path, outdir):
     import gguf
 
@@ -115,3 +115,44 @@ def test_perplexity_agrees_with_llama_cpp(fmt, smol, smol_path, outdir):
     assert abs(ours["ppl"] / theirs["ppl"] - 1) < PPL_TOLERANCE, (ours["ppl"], theirs["ppl"])
     # both see the same damage from the format, to within llama.cpp's own activation rounding
     assert abs(ours["kld_mean"] - theirs["kld_mean"]) < 0.01 + 0.05 * ours["kld_mean"]
+
+
+def test_q1_0_on_rows_its_blocks_do_not_fit_is_refused_as_llama_quantize_refuses(smol_path, tmp_path):
+    """SmolLM2's rows of 576 are not a multiple of Q1_0's 128, and llama.cpp defines no fallback type
+    for Q1_0: llama-quantize fails, and lowbit refuses before writing anything."""
+    import llama_cpp
+
+    from lowbit.errors import FormatError
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = FILE_TYPES["q1_0"].ftype
+    p.allow_requantize = True
+    assert llama_cpp.llama_model_quantize(str(smol_path).encode(), str(tmp_path / "ref.gguf").encode(),
+                                          ctypes.byref(p)) != 0
+    with pytest.raises(FormatError, match="no fallback type for Q1_0"):
+        write_gguf(smol_path, tmp_path / "x.gguf", "q1_0", progress=False)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_llama_cpp_runs_what_it_has_no_file_type_for(fmt, smol, smol_path, outdir, llamacpp_vs_torch):
+    """NVFP4 (no llama-quantize file type) and MXFP4 on every tensor: llama.cpp loads the file and
+    computes what lowbit's model of the same tensors computes.  (The ternary types are checked by
+    their files' identity with llama-quantize's: a ternary SmolLM2 is too damaged for its logits to
+    agree under llama.cpp's 8-bit activations.)"""
+    import gguf
+
+    from lowbit.eval.data import eval_text
+    from lowbit.model import quantize_model
+    from lowbit.model.imatrix import imatrix_chunks
+
+    path = outdir / f"run-{fmt}.gguf"
+    write_gguf(smol_path, path, fmt, progress=False)
+    kinds = {t.tensor_type.name.lower() for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1}
+    assert kinds == {FILE_TYPES[fmt].default}, kinds
+    model = copy.deepcopy(smol.model)
+    quantize_model(model, fmt, progress=False)
+    chunk = imatrix_chunks(smol, eval_text(), n_ctx=256, max_chunks=1)[0]
+    kld, theirs, mine = llamacpp_vs_torch(path, model, chunk)
+    assert kld < 0.02, kld  # llama.cpp's CPU path rounds activations to 8 bits; nothing else differs
+    assert float((theirs.argmax(-1) == mine.argmax(-1)).double().mean()) > 0.85

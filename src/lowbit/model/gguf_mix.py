@@ -75,6 +75,10 @@ _FT = [
     _ft("q6_k", "q6_k", "Q6_K everywhere"),
     _ft("iq4_nl", "iq4_nl", "IQ4_NL everywhere, output Q6_K"),
     _ft("iq4_xs", "iq4_xs", "IQ4_XS mix"),
+    _ft("tq1_0", "tq1_0", "TQ1_0 (ternary) everywhere, token embedding Q4_K, output Q6_K"),
+    _ft("tq2_0", "tq2_0", "TQ2_0 (ternary) everywhere, token embedding Q4_K, output Q6_K"),
+    _ft("q1_0", "q1_0", "Q1_0 (sign bits) everywhere, output Q6_K (rows must be a multiple of 128)"),
+    _ft("mxfp4_moe", "mxfp4", "MXFP4 for MoE experts, Q8_0 for the rest (a dense model: Q8_0 everywhere)"),
 ]  # fmt: skip
 def _build_file_types() -> tuple[dict[str, FileType], dict[str, str]]:
     """The file types: llama.cpp's mixes, and one pure file type per quantized GGUF type in the
@@ -255,6 +259,9 @@ def _fallback(t: str, cols: int) -> str:
     fmt = get_format(t)
     if cols % fmt.block_size == 0:
         return t
+    if fmt.gguf_fallback is None and fmt.block_size > 32:
+        raise FormatError(f"rows of {cols} values do not fit {t.upper()}'s blocks of {fmt.block_size}, and llama.cpp "
+                          f"defines no fallback type for {t.upper()}")
     r = fmt.gguf_fallback or t
     if cols % get_format(r).block_size:
         r = "fp16"
@@ -281,7 +288,10 @@ def plan(tensors: Iterable[tuple[str, tuple[int, ...]]], ft: FileType, info: Mod
         if quantized_default:
             if not ft.pure:
                 new = _mix_rule(name, shape, ft, info, tied, has_imatrix, n_attn_v, st)
-            new = _fallback(new, shape[-1])
+            try:
+                new = _fallback(new, shape[-1])
+            except FormatError as exc:
+                raise FormatError(f"{name}: {exc}") from None
             if new in ft.imatrix_types and name != "token_embd.weight" and not has_imatrix:
                 raise FormatError(f"{name}: file type {ft.name.upper()} needs an importance matrix (--imatrix)")
         out[name] = new
@@ -302,11 +312,13 @@ def _mix_rule(name: str, shape: tuple[int, ...], ft: FileType, info: ModelInfo, 
     n_layer = info.n_layer
     if cat == "output" or (tied and cat == "token_embd"):
         cols = shape[-1]
-        if falcon or cols % get_format(new).block_size:
+        if f == "mxfp4_moe" or falcon or cols % get_format(new).block_size:
             return "q8_0"
         return "q6_k" if new != "q8_0" else new
+    if f == "mxfp4_moe":  # experts (3-D tensors) take MXFP4; a dense model has none
+        return "q8_0"
     if cat == "token_embd":
-        return new
+        return "q4_k" if f in ("tq1_0", "tq2_0") else new
     if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
         i = st["attn_v"]
         if f == "q2_k":
