@@ -90,32 +90,150 @@ def write_json(cmp: Comparison, path: Path, extra: dict[str, object] | None = No
     write_report_json(path, doc, owned)
 
 
+#: the families a plot colours formats by, in legend order
+FAMILIES = ("llama.cpp legacy", "llama.cpp K", "llama.cpp IQ", "integer", "float / codebook", "activations",
+            "calibrated", "searched", "other")
+
+
+def family_of(label: str) -> str:
+    """The family of a comparison row's format label (``q4_k_m+imatrix``, ``int4-g128+gptq``, ``w8a8``...)."""
+    from lowbit.model.recipe import Recipe
+
+    if label.startswith(("mix", "searched")) or "@" in label:
+        return "searched"
+    try:
+        r = Recipe.parse(label)
+    except LowbitError:
+        return "other"
+    if r.method.name != "rtn":
+        return "calibrated"
+    if r.scheme.act is not None:
+        return "activations"
+    name = r.scheme.file_type.default if r.scheme.file_type is not None else r.scheme.name
+    if name.startswith("iq"):
+        return "llama.cpp IQ"
+    if name.endswith("_k"):
+        return "llama.cpp K"
+    if name.startswith("int"):
+        return "integer"
+    if name.startswith("spqr"):
+        return "calibrated"
+    if name[:1] in ("q", "t") and name[1:2].isdigit() or name.startswith("tq"):
+        return "llama.cpp legacy"
+    return "float / codebook"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: none with at most their bits has less loss
+    (sorted by bits)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front: list[int] = []
+    best = float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+#: where a label may sit, in points from its marker (right first, then around it, then further out)
+_OFFSETS = [(5, 3), (5, -10), (-5, 3), (-5, -10), (0, 8), (0, -15)] + [
+    (round(r * dx), round(r * dy) - (8 if dy < 0 else 0))
+    for r in (14, 24, 36, 50, 66, 84) for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
+
+
+def place_labels(ax, xs: list[float], ys: list[float], texts: list[str], fontsize: float = 7) -> list:  # type: ignore[no-untyped-def]
+    """Annotate each point with its text where it overlaps no other label and no marker, trying the
+    offsets of ``_OFFSETS`` in turn (a leader line joins a label set further out to its point); where
+    none is free, the least crowded one.  Returns the annotations."""
+    from matplotlib.text import Text
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    centres = ax.transData.transform(list(zip(xs, ys, strict=True))) if xs else []
+    pad = 3.0 * fig.dpi / 72  # a marker's half width, in pixels
+    gap = 1.0 * fig.dpi / 72  # labels keep this far apart
+    markers = [(cx - pad, cy - pad, cx + pad, cy + pad) for cx, cy in centres]
+    placed: list[tuple[float, float, float, float]] = []
+
+    def overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    out = []
+    for k in sorted(range(len(xs)), key=lambda i: (xs[i], ys[i])):
+        best = None
+        for dx, dy in _OFFSETS:
+            far = abs(dx) > 6 or dy > 4 or dy < -11
+            ann = ax.annotate(texts[k], (xs[k], ys[k]), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                              ha="left" if dx >= 0 else "right",
+                              arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5} if far else None)
+            ann.update_positions(renderer)
+            e = Text.get_window_extent(ann, renderer)  # the text alone, not its leader line
+            box = (e.x0 - gap, e.y0 - gap, e.x1 + gap, e.y1 + gap)
+            cost = sum(overlap(box, b) for b in placed) + sum(overlap(box, m) for j, m in enumerate(markers) if j != k)
+            if box[0] < frame.x0 or box[2] > frame.x1 or box[1] < frame.y0 or box[3] > frame.y1:
+                cost += (box[2] - box[0]) * (box[3] - box[1])  # outside the axes: as bad as covering a label
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, box)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        assert best is not None
+        placed.append(best[2])
+        out.append(best[1])
+    return out
+
+
 def plot(cmp: Comparison, path: Path, owned: bool = False) -> None:
     """Two panels against whole-model bits per weight: mean KLD and perplexity (both log scale, the
-    original's perplexity drawn as a line)."""
+    original's perplexity drawn as a line).  Formats are coloured by family, the Pareto front (the
+    least loss at each size) is drawn, and labels are set where they overlap nothing."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     rows = cmp.rows()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, label, log in ((axes[0], "kld_mean", "mean KL divergence vs original", True),
-                                (axes[1], "ppl", "perplexity (original: dashed line)", True)):
-        xs = [r["bpw"] for r in rows]
-        ys = [max(float(r[key]), 1e-7) if log else float(r[key]) for r in rows]
-        ax.scatter(xs, ys, s=28, zorder=3)
-        for r, x, y in zip(rows, xs, ys, strict=True):
-            ax.annotate(str(r["format"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        if log:
-            ax.set_yscale("log")
+    fams = [family_of(str(r["format"])) for r in rows]
+    colours = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(FAMILIES)}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    for ax, key, label in ((axes[0], "kld_mean", "mean KL divergence vs original"),
+                           (axes[1], "ppl", "perplexity (original: dotted line)")):
+        xs = [float(r["bpw"]) for r in rows]  # type: ignore[arg-type]
+        ys = [max(float(r[key]), 1e-7) for r in rows]  # type: ignore[arg-type]
+        for fam in FAMILIES:
+            idx = [i for i, f in enumerate(fams) if f == fam]
+            if idx:
+                ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], s=30, zorder=3, color=colours[fam], label=fam)
+        front = pareto_front(list(zip(xs, ys, strict=True)))
+        if len(front) > 1:
+            ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="0.35", linestyle="--",
+                    linewidth=1, zorder=2, label="Pareto front")
+        ax.set_yscale("log")
         if key == "ppl":
-            ax.axhline(cmp.base["ppl"], color="grey", linestyle="--", linewidth=1)
+            ax.axhline(cmp.base["ppl"], color="grey", linestyle=":", linewidth=1)
+            if ys and max(ys) / min(ys) < 20:  # a narrow range: plain numbers, not powers of ten
+                plain = FuncFormatter(lambda v, _: f"{v:g}")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("bits per weight (whole model)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
+        ax.margins(x=0.08, y=0.12)
+    axes[0].legend(fontsize=8, loc="upper right", framealpha=0.85)
     fig.suptitle(f"{cmp.model}: loss against size ({cmp.tokens} tokens of {cmp.text})", fontsize=10)
     fig.tight_layout()
+    for ax, key in ((axes[0], "kld_mean"), (axes[1], "ppl")):  # once the layout is final
+        place_labels(ax, [float(r["bpw"]) for r in rows], [max(float(r[key]), 1e-7) for r in rows],  # type: ignore[arg-type]
+                     [str(r["format"]) for r in rows])
     save_png(fig, path, owned)
 
 
