@@ -16,6 +16,7 @@ import torch
 
 from lowbit.formats import get_format
 from lowbit.model.gguf_mix import gguf_types
+from lowbit.testing.synthetic import importance_like
 
 TYPES = gguf_types()
 SHAPES = [(3, 512), (8, 1536)]
@@ -32,11 +33,7 @@ def weights(shape: tuple[int, int], seed: int) -> np.ndarray:
     return w
 
 
-def importance(cols: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed + 1000)
-    im = (rng.standard_normal(cols) ** 2 * rng.lognormal(0, 1.5, cols)).astype(np.float32)
-    im[rng.integers(0, cols, 3)] = 0.0
-    return im
+importance = importance_like
 
 
 def test_the_registry_has_the_gguf_types_lowbit_writes():

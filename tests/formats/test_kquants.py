@@ -11,6 +11,7 @@ from gguf import quants
 
 from lowbit.errors import FormatError
 from lowbit.formats import get_format
+from lowbit.testing.synthetic import importance_like
 
 KQ = {"q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K,
       "iq4_nl": T.IQ4_NL, "iq4_xs": T.IQ4_XS}  # fmt: skip
@@ -34,12 +35,7 @@ def _awkward(shape: tuple[int, int], seed: int) -> np.ndarray:
     return w
 
 
-def _imatrix(cols: int, seed: int) -> np.ndarray:
-    """Mean squared activations look like this: positive, heavy-tailed, a few zero columns."""
-    rng = np.random.default_rng(seed + 1000)
-    im = (rng.standard_normal(cols) ** 2 * rng.lognormal(0, 1.5, cols)).astype(np.float32)
-    im[rng.integers(0, cols, 3)] = 0.0
-    return im
+_imatrix = importance_like
 
 
 @pytest.mark.parametrize("name", list(KQ))

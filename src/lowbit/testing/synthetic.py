@@ -14,10 +14,21 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
 from lowbit.model.load import resolve_model_path
+
+
+def importance_like(cols: int, seed: int) -> np.ndarray:
+    """An importance vector that looks like llama-imatrix's mean squared activations: positive and
+    heavy-tailed, with a few zero columns (seeded; float32 ``[cols]``)."""
+    rng = np.random.default_rng(seed + 1000)
+    im = (rng.standard_normal(cols) ** 2 * rng.lognormal(0, 1.5, cols)).astype(np.float32)
+    im[rng.integers(0, cols, 3)] = 0.0
+    return im
+
 
 #: the shapes of Llama-2-7B
 LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
