@@ -264,16 +264,15 @@ def test_a_mix_of_iq4_and_f16_tensors_runs_in_llama_cpp(small, setup, tmp_path, 
 
 
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.7.ffn_down.weight"])
-def test_dither_takes_the_weights_off_the_grid_they_were_distributed_on(smol_weights, name):
+def test_dither_takes_the_weights_off_the_grid_they_were_distributed_on(smol_weights, name, monkeypatch):
     """What bench/mixsearch.py --dither 0.1 relies on: the bundled SmolLM2 weights sit on Q4_1's grid, so
     Q4_1 and Q5_1 with an importance matrix reproduce them exactly; after noise of 0.1 x row RMS their
     error is within 15% of what it is on the same weights dithered twice as much (no free lunch left)."""
-    import sys
     from pathlib import Path
 
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
     from mixsearch import dither
 
     w = smol_weights[name]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,9 @@ import pytest
 from lowbit.errors import LowbitError
 from lowbit.eval.compare import compare
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+#: the benchmark scripts' folder: put on sys.path by the one test that imports from it, for that test
+#: alone (monkeypatch.syspath_prepend), so that its modules never shadow installed ones elsewhere
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def test_done_entries_are_kept_and_the_rest_measured(small):
@@ -32,6 +33,7 @@ def test_done_entries_from_another_original_are_refused(small):
 
 
 def test_partial_rows_resume_only_with_the_same_settings(small, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
     import _common
 
     monkeypatch.setattr(_common, "OUT", tmp_path)

@@ -71,11 +71,11 @@ def test_the_gemv_splits_columns_and_the_gemm_takes_other_tiles():
     x = torch.randn(4, 768)
     ref = x.double() @ w.t()
     for split in (1, 2, 5):  # 768 columns = 6 slices of 128: 5 leaves one program two of them
-        y = table.gemv(x.to(DEV), *k._args(), split=split)
+        y = table.gemv(x.to(DEV), *k.kernel_args(), split=split)
         assert _relative(y, ref) <= 1e-5, split
     x = torch.randn(40, 768)
     for bm, bn, bk in ((16, 32, 32), (32, 16, 128)):
-        y = table.gemm(x.to(DEV), *k._args(), bm=bm, bn=bn, bk=bk)
+        y = table.gemm(x.to(DEV), *k.kernel_args(), bm=bm, bn=bn, bk=bk)
         assert _relative(y, x.double() @ w.t()) <= 1e-5, (bm, bn, bk)
 
 
@@ -99,11 +99,11 @@ def test_importing_lowbit_and_its_backends_does_not_import_triton():
 
 
 def test_the_gpu_benchmark_runs(tmp_path):
-    """bench/kernels.py end to end on tiny shapes (on CPU tensors under the interpreter without a
+    """bench/gpu_kernels.py end to end on tiny shapes (on CPU tensors under the interpreter without a
     GPU), so that the one device call it is kept for does not fail on the script itself."""
     env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0")}
     dev = ["--device", DEV] if DEV == "cpu" else []
-    out = subprocess.run([sys.executable, "kernels.py", *dev, "--shapes", "48x256", "--batches", "1,16",
+    out = subprocess.run([sys.executable, "gpu_kernels.py", *dev, "--shapes", "48x256", "--batches", "1,16",
                           "--formats", "int4-g128,q8_0", "--iters", "1", "--copy-mb", "4", "--rotate-mb", "1",
                           "--out", str(tmp_path / "k")], cwd=ROOT / "bench", env=env, capture_output=True,
                          text=True)

@@ -34,19 +34,20 @@ class E8PKernel(Kernel):
         self.patterns = pats.to(torch.float32).contiguous()
         self.parity = parity.to(torch.uint8).contiguous()
 
-    def _args(self) -> tuple:
+    def kernel_args(self) -> tuple:
+        """The packed weight as the compiled kernel takes it, in its argument order."""
         return (self.codes, self.scale, self.patterns, self.parity)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # [..., cols] in x's dtype in and out: the compiled module flattens and converts
-        return loaded_kernels().e8p_matmul(x, *self._args(), GEMV_MAX_M)
+        return loaded_kernels().e8p_matmul(x, *self.kernel_args(), GEMV_MAX_M)
 
     def dequantize(self) -> torch.Tensor:
-        return loaded_kernels().e8p_dequantize(*self._args())
+        return loaded_kernels().e8p_dequantize(*self.kernel_args())
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._args())
+        return sum(t.numel() * t.element_size() for t in self.kernel_args())
 
 
 def _build(fmt: Format, qt: QTensor) -> Kernel | None:

@@ -44,15 +44,16 @@ class Q8DotKernel(Kernel):
         self.scale = tw.scale.to(torch.float32).contiguous()
         self.base = tw.base.to(torch.float32).contiguous()
 
-    def _args(self) -> tuple:
+    def kernel_args(self) -> tuple:
+        """The packed weight as the compiled kernel takes it, in its argument order."""
         return (self.codes, self.scale, self.base, self.rows, self.cols, self.group, self.bits, self.center)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # [..., cols] in x's dtype in and out: the compiled module flattens and converts
-        return loaded_kernels().q8_matmul(x, *self._args(), GEMV_MAX_M)
+        return loaded_kernels().q8_matmul(x, *self.kernel_args(), GEMV_MAX_M)
 
     def dequantize(self) -> torch.Tensor:
-        return loaded_kernels().q8_dequantize(*self._args())
+        return loaded_kernels().q8_dequantize(*self.kernel_args())
 
     @property
     def nbytes(self) -> int:

@@ -49,7 +49,8 @@ class TritonTableKernel(Kernel):
         self.scale = tw.scale.to(torch.float32).contiguous()
         self.base = tw.base.to(torch.float32).contiguous()
 
-    def _args(self) -> tuple:
+    def kernel_args(self) -> tuple:
+        """The packed weight as the compiled kernel takes it, in its argument order."""
         return (self.codes, self.table, self.scale, self.base, self.group, self.bits, self.identity)
 
     def __call__(self, x: torch.Tensor, **tiles: int) -> torch.Tensor:
@@ -61,9 +62,9 @@ class TritonTableKernel(Kernel):
         if x2.shape[0] == 0:
             y = x2.new_zeros((0, self.rows))
         elif x2.shape[0] <= prog.GEMV_MAX_M:
-            y = prog.gemv(x2, *self._args(), **tiles)
+            y = prog.gemv(x2, *self.kernel_args(), **tiles)
         else:
-            y = prog.gemm(x2, *self._args(), **tiles)
+            y = prog.gemm(x2, *self.kernel_args(), **tiles)
         return y.reshape(*x.shape[:-1], self.rows).to(x.dtype)
 
     @property

@@ -7,9 +7,9 @@ that the GPU's L2 cache does not flatter either.  Reported per row: time, achiev
 weight, scales and activations moved, over time) as a fraction of the device's measured copy
 bandwidth, speedup over FP16, and the kernel's relative error against the FP16 product.
 
-    python bench/kernels.py                                   # the shapes, batches 1,4,16,64
-    python bench/kernels.py --formats int4-g128,q4_k --dtype bf16
-    TRITON_INTERPRET=1 python bench/kernels.py --device cpu --shapes 64x128 --batches 1,16 --iters 1
+    python bench/gpu_kernels.py                                   # the shapes, batches 1,4,16,64
+    python bench/gpu_kernels.py --formats int4-g128,q4_k --dtype bf16
+    TRITON_INTERPRET=1 python bench/gpu_kernels.py --device cpu --shapes 64x128 --batches 1,16 --iters 1
         # (a smoke run of the script itself on CPU tensors; its times mean nothing)
 
 Prints a table and writes bench/results/kernels-<device>.{json,md} (``--out`` to choose).
@@ -80,7 +80,7 @@ def table_kernel(fmt_name: str, w: torch.Tensor, chunk_rows: int = 2048):  # typ
     for r0 in range(0, w.shape[0], chunk_rows):
         tw = table_weight(fmt, fmt.quantize(w[r0 : r0 + chunk_rows].contiguous()))
         if tw is None:
-            raise SystemExit(f"bench/kernels.py: {fmt_name} on {tuple(w.shape)} is not a table-coded weight")
+            raise SystemExit(f"bench/gpu_kernels.py: {fmt_name} on {tuple(w.shape)} is not a table-coded weight")
         parts.append(tw)
     t0 = parts[0]
     tw = TableWeight(w.shape[0], w.shape[1], t0.group, t0.bits, torch.cat([p.codes.long() for p in parts]), t0.table,
@@ -102,7 +102,7 @@ def _copies(k, n: int) -> list:  # type: ignore[no-untyped-def]
 def _shape(s: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)x(\d+)", s.strip())
     if m is None:
-        raise SystemExit(f"bench/kernels.py: --shapes: '{s}' is not OUTxIN")
+        raise SystemExit(f"bench/gpu_kernels.py: --shapes: '{s}' is not OUTxIN")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
     import triton
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (TRITON_INTERPRET: times mean nothing)"
-    return {"command": command("kernels.py"), "machine": machine(args.device), "device_name": name,
+    return {"command": command("gpu_kernels.py"), "machine": machine(args.device), "device_name": name,
             "triton": triton.__version__, "copy_bandwidth_gbps": copy_bw / 1e9, "rotate_mb": args.rotate_mb,
             "iters": args.iters, "rows": rows}
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     args.shapes = [_shape(s) for s in args.shapes.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("bench/kernels.py: no CUDA GPU here (for a smoke run on CPU: TRITON_INTERPRET=1 ... --device cpu)")
+        raise SystemExit("bench/gpu_kernels.py: no CUDA GPU here (for a smoke run on CPU: TRITON_INTERPRET=1 ... --device cpu)")
     res = run(args)
     stem = args.out or OUT / ("kernels-" + re.sub(r"[^a-z0-9]+", "-", res["device_name"].lower()).strip("-")[:40])
     stem.parent.mkdir(parents=True, exist_ok=True)
