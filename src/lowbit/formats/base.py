@@ -330,6 +330,25 @@ def ggml_type(name: str) -> GGMLType:
     return GGMLType(int(t), block, type_size)
 
 
+class GGMLBlocks(Format):
+    """A format stored as one tensor of ggml blocks (part ``blocks``): its GGML id, block size and
+    bytes per block read from gguf-py (:func:`ggml_type`), and the bits those blocks take."""
+
+    type_size: int = 0
+
+    def use_ggml_type(self, name: str) -> None:
+        """Take the id, block size and block bytes of the GGML type ``name``."""
+        t = ggml_type(name)
+        self.gguf_type, self.block_size, self.type_size = t.type_id, t.block, t.type_size
+
+    def blocks(self, qt: QTensor) -> torch.Tensor:
+        """``qt``'s blocks, one per row: ``[n_blocks, type_size]`` uint8."""
+        return qt.parts["blocks"].reshape(-1, self.type_size)
+
+    def storage_bits(self, shape: tuple[int, int]) -> int:
+        return shape[0] * (shape[1] // self.block_size) * self.type_size * 8
+
+
 def constant_like(t: torch.Tensor, value: float) -> torch.Tensor:
     """``value`` in every position of ``t``'s shape, as a read-only expanded view (no memory per
     weight): a grid's constant zero point."""

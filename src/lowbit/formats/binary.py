@@ -12,12 +12,11 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats.base import (
-    Format,
+    GGMLBlocks,
     Grid,
     QTensor,
     fp16_bytes,
     fp16_from_bytes,
-    ggml_type,
     map_row_chunks,
     pack_bits,
     register,
@@ -29,15 +28,12 @@ from lowbit.formats.ggml_ref import seqsum
 LEVELS = (-1.0, 1.0)
 
 
-class Q1(Format):
+class Q1(GGMLBlocks):
     has_grid = True
 
     def __init__(self) -> None:
         self.name = "q1_0"
-        t = ggml_type(self.name)
-        self.gguf_type = t.type_id
-        self.block_size = t.block
-        self.type_size = t.type_size
+        self.use_ggml_type(self.name)
         self.description = "llama.cpp Q1_0: sign bits, FP16 mean magnitude per block of 128, 1.125 bpw"
 
     def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
@@ -53,27 +49,21 @@ class Q1(Format):
         blocks = map_row_chunks(run, rows, cols, w.device).reshape(rows, -1)
         return QTensor(self.name, (rows, cols), {"blocks": blocks})
 
-    def _blocks(self, qt: QTensor) -> torch.Tensor:
-        return qt.parts["blocks"].reshape(-1, self.type_size)
-
     def grid(self, qt: QTensor) -> Grid:
         """Per weight ``d * (-1, +1)[bit]``."""
-        d = fp16_from_bytes(self._blocks(qt)[:, :2])
+        d = fp16_from_bytes(self.blocks(qt)[:, :2])
         scale = d[:, None].expand(-1, self.block_size).reshape(qt.shape)
         return Grid(scale, None, None, 0, 1, torch.tensor(LEVELS, dtype=torch.float32))
 
     def codes(self, qt: QTensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return unpack_bits(self._blocks(qt)[:, 2:], 1, self.block_size).reshape(qt.shape).to(dtype)
+        return unpack_bits(self.blocks(qt)[:, 2:], 1, self.block_size).reshape(qt.shape).to(dtype)
 
     def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
         rows, _ = qt.shape
-        b = self._blocks(qt)
+        b = self.blocks(qt)
         bits = pack_bits(codes.reshape(-1, self.block_size).clamp(0, 1).to(torch.uint8), 1)
         return QTensor(self.name, qt.shape, {"blocks": torch.cat([b[:, :2], bits], dim=1).reshape(rows, -1)},
                        dict(qt.meta))
-
-    def storage_bits(self, shape: tuple[int, int]) -> int:
-        return shape[0] * (shape[1] // self.block_size) * self.type_size * 8
 
 
 register(Q1())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.base import Format, Grid, QTensor, ggml_type, map_row_chunks, register
+from lowbit.formats.base import GGMLBlocks, Grid, QTensor, map_row_chunks, register
 from lowbit.formats.ggml_ref import sdiv
 
 #: ggml's kvalues_mxfp4: twice the E2M1 values, in code order
@@ -76,7 +76,7 @@ def ue4m3_half(b: torch.Tensor) -> torch.Tensor:
     return torch.where((b == 0) | (b == 0x7F), 0.0, raw * 0.5).to(torch.float32)
 
 
-class FP4Blocks(Format):
+class FP4Blocks(GGMLBlocks):
     """E2M1 codes in ggml blocks; subclasses fit and decode the scales."""
 
     has_grid = True
@@ -87,10 +87,7 @@ class FP4Blocks(Format):
 
     def __init__(self, name: str, description: str, fallback: str | None) -> None:
         self.name = name
-        t = ggml_type(name)
-        self.gguf_type = t.type_id
-        self.block_size = t.block
-        self.type_size = t.type_size
+        self.use_ggml_type(name)
         self.description = description
         self.gguf_fallback = fallback
 
@@ -116,27 +113,21 @@ class FP4Blocks(Format):
         blocks = map_row_chunks(run, rows, cols, w.device, chunk_weights=1 << 18).reshape(rows, -1)
         return QTensor(self.name, (rows, cols), {"blocks": blocks})
 
-    def _blocks(self, qt: QTensor) -> torch.Tensor:
-        return qt.parts["blocks"].reshape(-1, self.type_size)
-
     def grid(self, qt: QTensor) -> Grid:
-        d = self.decode_scales(self._blocks(qt)[:, : self.scale_bytes]).reshape(-1, 1)
+        d = self.decode_scales(self.blocks(qt)[:, : self.scale_bytes]).reshape(-1, 1)
         scale = d.expand(-1, self.group).reshape(qt.shape)
         return Grid(scale, None, None, 0, 15, torch.tensor(KVALUES, dtype=torch.float32))
 
     def codes(self, qt: QTensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        q = self._blocks(qt)[:, self.scale_bytes :].reshape(-1, self.group // 2)
+        q = self.blocks(qt)[:, self.scale_bytes :].reshape(-1, self.group // 2)
         return unpack_halves(q).reshape(qt.shape).to(dtype)
 
     def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
         rows, _ = qt.shape
-        b = self._blocks(qt)
+        b = self.blocks(qt)
         q = pack_halves(codes.reshape(-1, self.group).clamp(0, 15).to(torch.uint8)).reshape(b.shape[0], -1)
         out = torch.cat([b[:, : self.scale_bytes], q], dim=1)
         return QTensor(self.name, qt.shape, {"blocks": out.reshape(rows, -1)}, dict(qt.meta))
-
-    def storage_bits(self, shape: tuple[int, int]) -> int:
-        return shape[0] * (shape[1] // self.block_size) * self.type_size * 8
 
 
 class MXFP4(FP4Blocks):

@@ -18,13 +18,12 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats.base import (
-    Format,
+    GGMLBlocks,
     Grid,
     QTensor,
     constant_like,
     fp16_bytes,
     fp16_from_bytes,
-    ggml_type,
     map_row_chunks,
     register,
 )
@@ -59,17 +58,15 @@ def _unpack_base3(b: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([(((b * 3**k) & 0xFF) * 3) >> 8 for k in range(n)], dim=-2).to(torch.uint8)
 
 
-class Ternary(Format):
+class Ternary(GGMLBlocks):
     """TQ1_0 or TQ2_0: ternary codes against one FP16 scale per 256 weights."""
 
-    block_size = QK_K
     has_grid = True
 
     def __init__(self, name: str, description: str) -> None:
         self.name = name
-        t = ggml_type(name)
-        self.gguf_type = t.type_id
-        self.type_size = t.type_size
+        self.use_ggml_type(name)
+        assert self.block_size == QK_K, f"{name}: gguf-py's block size differs from lowbit's"
         self.description = description
         # llama-quant.cpp's tensor_type_fallback: rows that do not fit 256-blocks get Q4_0
         self.gguf_fallback = "q4_0"
@@ -95,26 +92,20 @@ class Ternary(Format):
         blocks = map_row_chunks(run, rows, cols, w.device).reshape(rows, -1)
         return QTensor(self.name, (rows, cols), {"blocks": blocks})
 
-    def _blocks(self, qt: QTensor) -> torch.Tensor:
-        return qt.parts["blocks"].reshape(-1, self.type_size)
-
     def grid(self, qt: QTensor) -> Grid:
         """Per weight ``d * (q - 1)``, codes 0..2."""
-        d = fp16_from_bytes(self._blocks(qt)[:, -2:])
+        d = fp16_from_bytes(self.blocks(qt)[:, -2:])
         scale = d[:, None].expand(-1, QK_K).reshape(qt.shape)
         return Grid(scale, constant_like(scale, 1.0), None, 0, 2)
 
     def codes(self, qt: QTensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return self.unpack(self._blocks(qt)).reshape(qt.shape).to(dtype)
+        return self.unpack(self.blocks(qt)).reshape(qt.shape).to(dtype)
 
     def with_codes(self, qt: QTensor, codes: torch.Tensor) -> QTensor:
         rows, _ = qt.shape
-        b = self._blocks(qt)
+        b = self.blocks(qt)
         q = codes.reshape(-1, QK_K).clamp(0, 2).to(torch.uint8)
         return QTensor(self.name, qt.shape, {"blocks": self.pack(q, b[:, -2:]).reshape(rows, -1)}, dict(qt.meta))
-
-    def storage_bits(self, shape: tuple[int, int]) -> int:
-        return shape[0] * (shape[1] // QK_K) * self.type_size * 8
 
 
 class TQ1(Ternary):
