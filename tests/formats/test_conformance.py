@@ -78,6 +78,14 @@ def _weights(fmt: Format, shape: tuple[int, int], salt: int = 0) -> torch.Tensor
     return w
 
 
+def quantize(fmt: Format, w: torch.Tensor) -> QTensor:
+    """``fmt.quantize(w)``, with a flat importance matrix for the formats that need one (flat, so that
+    column slices see what the whole sees; the libggml byte tests use real-looking ones)."""
+    if not fmt.requires_imatrix:
+        return fmt.quantize(w)
+    return fmt.quantize(w, imatrix=torch.ones(w.shape[1]))
+
+
 _CACHE: dict[str, tuple[torch.Tensor, QTensor]] = {}
 
 
@@ -86,7 +94,7 @@ def _quantized(name: str) -> tuple[torch.Tensor, QTensor]:
     if name not in _CACHE:
         fmt = FORMATS[name]
         w = _weights(fmt, (ROWS, _cols(fmt)))
-        _CACHE[name] = (w, fmt.quantize(w))
+        _CACHE[name] = (w, quantize(fmt, w))
     return _CACHE[name]
 
 
@@ -109,7 +117,7 @@ def value_bits(fmt: Format, shape: tuple[int, int]) -> float:
     bpw = fmt.bits_per_weight(shape)
     if not fmt.calibratable or fmt.vector_dim:
         return bpw
-    qt = fmt.quantize(torch.zeros(shape))
+    qt = quantize(fmt, torch.zeros(shape))
     g = fmt.grid(qt)
     n = len(g.levels) if g.levels is not None else g.qmax - g.qmin + 1
     return bpw - (math.ceil(math.log2(n)) - math.log2(n))
@@ -176,7 +184,7 @@ def test_roundtrip_keeps_shape_and_error_within_the_bits(name):
     assert roundtrip_problems(fmt, w, fmt.dequantize(qt)) == []
     # all zeros: nothing to divide by
     z = torch.zeros(ROWS, _cols(fmt))
-    dz = fmt.dequantize(fmt.quantize(z))
+    dz = fmt.dequantize(quantize(fmt, z))
     assert dz.shape == z.shape and torch.equal(dz, z)
 
 
@@ -185,7 +193,7 @@ def test_quantize_is_deterministic_and_leaves_its_input_alone(name):
     fmt = FORMATS[name]
     w, qt = _quantized(name)
     x = w.clone()
-    again = fmt.quantize(x)
+    again = quantize(fmt, x)
     assert torch.equal(x, w)
     assert _same_layout(again, qt)
     for k, v in qt.parts.items():
@@ -210,12 +218,12 @@ def test_columns_that_break_a_block_are_refused_and_others_taken(name):
     base = _cols(fmt)
     if fmt.block_size:
         with pytest.raises(FormatError):
-            fmt.quantize(torch.randn(ROWS, base + 1))
+            quantize(fmt, torch.randn(ROWS, base + 1))
         return
     # no block: any column count, ragged last groups and bit-packed rows that end mid-byte included
     shape = (ROWS, base + 37)
     w = _weights(fmt, shape, salt=2)
-    qt = fmt.quantize(w)
+    qt = quantize(fmt, w)
     assert tuple(qt.shape) == shape
     assert roundtrip_problems(fmt, w, fmt.dequantize(qt)) == []
     assert qt.nbytes() * 8 == fmt.tensor_bits(qt) == fmt.storage_bits(shape)
@@ -316,9 +324,9 @@ def test_join_columns_of_slices_is_the_whole(name):
     w = _weights(fmt, (ROWS, cols), salt=1)
     sizes = [sg, 2 * sg, cols - 3 * sg]
     bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(3) if sizes[i]]
-    pieces = [fmt.quantize(w[:, a:b].contiguous()) for a, b in bounds]
+    pieces = [quantize(fmt, w[:, a:b].contiguous()) for a, b in bounds]
     joined = fmt.join_columns(pieces)
-    whole = fmt.quantize(w)
+    whole = quantize(fmt, w)
     assert joined.format == fmt.name and tuple(joined.shape) == (ROWS, cols)
     assert joined.nbytes() * 8 == fmt.storage_bits((ROWS, cols))
     assert torch.equal(fmt.dequantize(joined), torch.cat([fmt.dequantize(p) for p in pieces], dim=1))

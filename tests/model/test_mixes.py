@@ -64,7 +64,7 @@ def test_mix_matches_llama_quantize(ft, smol_path, outdir):
         assert types["Q8_0"] >= 1
 
 
-@pytest.mark.parametrize("ft", ["q4_k_m", "q3_k_m", "q2_k_s", "q4_0", "iq4_xs"])
+@pytest.mark.parametrize("ft", ["q4_k_m", "q3_k_m", "q2_k_s", "q4_0", "iq4_xs", "iq2_xxs", "iq2_xs"])
 def test_mix_with_imatrix_matches_llama_quantize(ft, smol_path, smol_imatrix, outdir):
     ours, ref = outdir / f"lowbit-im-{ft}.gguf", outdir / f"llama-im-{ft}.gguf"
     write_gguf(smol_path, ours, ft, progress=False, imatrix=smol_imatrix)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -148,6 +148,9 @@ class Format:
     uses_imatrix: bool = False
     #: True where quantizing needs an importance matrix (llama.cpp's IQ1/IQ2 types assert one)
     requires_imatrix: bool = False
+    #: True where llama-quantize refuses to write this type without one (llama-quant.cpp's
+    #: tensor_requires_imatrix: IQ1_S/M, IQ2_XXS/XS/S, IQ3_XXS), even where ggml could
+    llama_needs_imatrix: bool = False
 
     def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
         """Quantize ``w`` ([rows, cols]); ``name`` names the tensor in errors; ``imatrix`` is one
@@ -328,6 +331,16 @@ def ggml_type(name: str) -> GGMLType:
         raise FormatError(f"gguf-py knows no GGML type {name.upper()}") from None
     block, type_size = GGML_QUANT_SIZES[t]
     return GGMLType(int(t), block, type_size)
+
+
+def ggml_quant_class(name: str) -> Any:
+    """gguf-py's class for the GGML type ``name`` (its block decoder and, for the i-quants, grids)."""
+    from gguf import quants
+
+    cls = getattr(quants, name.upper(), None)
+    if cls is None:
+        raise FormatError(f"gguf-py has no decoder for GGML type {name.upper()}")
+    return cls
 
 
 class GGMLBlocks(Format):

@@ -178,7 +178,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
             slx = slx + wxi * new_l
             sl2 = sl2 + wi * new_l * new_l
             ok = ok & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[i] = torch.where(ok, new_l, Li)
+            L[i] = torch.where(ok, torch.remainder(new_l, 256), Li)
             sumlx = torch.where(ok, slx, sumlx)
             suml2 = torch.where(ok, sl2, suml2)
     scale = torch.where(suml2 > 0, sumlx / _safe(suml2), torch.zeros_like(sumlx))
@@ -252,13 +252,16 @@ def make_qkx_quants(
 
 
 def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml's make_qp_quants (non-negative ``x`` [n, G], weights ``qw``): (scale [G], L [n, G])."""
+    """ggml's make_qp_quants (``x`` [n, G], weights ``qw``): (scale [G], L [n, G] as ggml stores it,
+    uint8).  ``x`` is non-negative for Q2_K; the i-quants pass runs with one negated magnitude."""
     n = x.shape[0]
     mx = x.amax(dim=0).clamp(min=0.0)
     zero = mx < GROUP_MAX_EPS
     smx = torch.where(zero, torch.ones_like(mx), mx)
     iscale = sdiv(float(nmax), smx)
-    L = torch.round(iscale * x)
+    # ggml keeps L in uint8: a negative level (the i-quants pass one flipped magnitude) wraps mod 256
+    # where L is stored and read, while the sums take the int value
+    L = torch.remainder(torch.round(iscale * x), 256)
     scale = sdiv(1.0, iscale)
     diff = x - scale * L
     best = seqsum(qw * diff * diff)
@@ -273,10 +276,11 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.
         take = mse < best
         best = torch.where(take, mse, best)
         iscale = torch.where(take, isc, iscale)
-    L = torch.round(iscale * x).clamp_(max=nmax)
+    lv = torch.round(iscale * x).clamp_(max=nmax)
     wx = qw * x
-    sumlx = seqsum(wx * L)
-    suml2 = seqsum(qw * L * L)
+    sumlx = seqsum(wx * lv)
+    suml2 = seqsum(qw * lv * lv)
+    L = torch.remainder(lv, 256)
     for _ in range(5):
         for i in range(n):
             wi, wxi, xi, Li = qw[i], wx[i], x[i], L[i]
@@ -288,7 +292,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.
             slx = slx + wxi * new_l
             sl2 = sl2 + wi * new_l * new_l
             ok = ok & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[i] = torch.where(ok, new_l, Li)
+            L[i] = torch.where(ok, torch.remainder(new_l, 256), Li)
             sumlx = torch.where(ok, slx, sumlx)
             suml2 = torch.where(ok, sl2, suml2)
     scale = torch.where(suml2 > 0, sumlx / _safe(suml2), torch.zeros_like(sumlx))

@@ -75,6 +75,8 @@ _FT = [
     _ft("q6_k", "q6_k", "Q6_K everywhere"),
     _ft("iq4_nl", "iq4_nl", "IQ4_NL everywhere, output Q6_K"),
     _ft("iq4_xs", "iq4_xs", "IQ4_XS mix"),
+    _ft("iq2_xxs", "iq2_xxs", "IQ2_XXS mix (needs an imatrix): attn_v Q2_K/Q4_K, first ffn_down Q2_K, output Q5_K"),
+    _ft("iq2_xs", "iq2_xs", "IQ2_XS mix (needs an imatrix): attn_v Q2_K/Q4_K, first ffn_down Q2_K, output Q5_K"),
     _ft("tq1_0", "tq1_0", "TQ1_0 (ternary) everywhere, token embedding Q4_K, output Q6_K"),
     _ft("tq2_0", "tq2_0", "TQ2_0 (ternary) everywhere, token embedding Q4_K, output Q6_K"),
     _ft("q1_0", "q1_0", "Q1_0 (sign bits) everywhere, output Q6_K (rows must be a multiple of 128)"),
@@ -276,7 +278,7 @@ def plan(tensors: Iterable[tuple[str, tuple[int, ...]]], ft: FileType, info: Mod
     order = llama_order(shapes)
     tied = "output.weight" not in shapes
     n_attn_v = sum(1 for n in order if _category(n) in ("attn_v", "attn_qkv", "attn_kv_b"))
-    st = {"attn_v": 0, "ffn_down": 0}
+    st = {"attn_v": 0, "ffn_down": 0, "ffn_gate": 0, "ffn_up": 0}
     out: dict[str, str | None] = {}
     quantized_default = ft.quantized
     for name in order:
@@ -292,7 +294,8 @@ def plan(tensors: Iterable[tuple[str, tuple[int, ...]]], ft: FileType, info: Mod
                 new = _fallback(new, shape[-1])
             except FormatError as exc:
                 raise FormatError(f"{name}: {exc}") from None
-            if new in ft.imatrix_types and name != "token_embd.weight" and not has_imatrix:
+            needs = new in ft.imatrix_types or get_format(new).llama_needs_imatrix
+            if needs and name not in ("token_embd.weight", "output.weight") and not has_imatrix:
                 raise FormatError(f"{name}: file type {ft.name.upper()} needs an importance matrix (--imatrix)")
         out[name] = new
     return out
@@ -300,6 +303,10 @@ def plan(tensors: Iterable[tuple[str, tuple[int, ...]]], ft: FileType, info: Mod
 
 def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+#: the file types llama.cpp gives its 1-2-bit rules (attn_v, the first ffn_down in more bits)
+_IQ_LOW = ("iq2_xxs", "iq2_xs", "iq1_s", "iq2_s", "iq2_m", "iq1_m")
 
 
 def _mix_rule(name: str, shape: tuple[int, ...], ft: FileType, info: ModelInfo, tied: bool, has_imatrix: bool,
@@ -314,16 +321,47 @@ def _mix_rule(name: str, shape: tuple[int, ...], ft: FileType, info: ModelInfo, 
         cols = shape[-1]
         if f == "mxfp4_moe" or falcon or cols % get_format(new).block_size:
             return "q8_0"
+        if f in _IQ_LOW or f == "iq3_xxs":
+            return "q5_k"
         return "q6_k" if new != "q8_0" else new
     if f == "mxfp4_moe":  # experts (3-D tensors) take MXFP4; a dense model has none
         return "q8_0"
     if cat == "token_embd":
+        if f in ("iq2_xxs", "iq2_xs", "iq1_s", "iq1_m"):
+            return "q2_k"
+        if f in ("iq2_s", "iq2_m", "iq3_xxs"):
+            return "iq3_s"
         return "q4_k" if f in ("tq1_0", "tq2_0") else new
+    if f in _IQ_LOW:
+        iq2sm = f in ("iq2_s", "iq2_m")
+        if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
+            new = "q4_k" if info.n_gqa >= 4 or info.n_expert >= 4 else ("iq3_s" if iq2sm else "q2_k")
+            st["attn_v"] += 1
+        elif info.n_expert == 8 and cat == "attn_k":
+            new = "q4_k"
+        elif cat == "ffn_down":
+            if st["ffn_down"] < n_layer // 8:
+                new = "iq3_s" if iq2sm else "q2_k"
+            st["ffn_down"] += 1
+        elif cat == "attn_output":
+            if info.n_expert == 8:
+                new = "q5_k"
+            elif f in ("iq1_s", "iq1_m"):
+                new = "iq2_xxs"
+            elif iq2sm:
+                new = "iq3_s"
+        return new
     if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
         i = st["attn_v"]
         if f == "q2_k":
             new = "q4_k" if info.n_gqa >= 4 else "q3_k"
         elif f == "q2_k_s" and info.n_gqa >= 4:
+            new = "q4_k"
+        elif f == "iq3_xxs":
+            new = "q4_k" if info.n_gqa >= 4 else ("iq3_s" if not has_imatrix else "iq3_xxs")
+        elif f in ("iq3_xs", "iq3_s") and info.n_gqa >= 4:
+            new = "q4_k"
+        elif f == "iq3_m":
             new = "q4_k"
         elif f == "q3_k_m":
             new = "q5_k" if i < 2 else "q4_k"
@@ -342,7 +380,11 @@ def _mix_rule(name: str, shape: tuple[int, ...], ft: FileType, info: ModelInfo, 
         st["attn_v"] = i + 1
         return new
     if cat == "attn_k":
-        return "q8_0" if info.n_expert == 8 else new
+        if info.n_expert == 8:
+            return "q8_0"
+        return {"iq3_xs": "iq3_xxs", "iq3_xxs": "iq2_s"}.get(f, new)
+    if cat == "attn_q":
+        return {"iq3_xs": "iq3_xxs", "iq3_xxs": "iq2_s"}.get(f, new)
     if cat == "ffn_down":
         i = st["ffn_down"]
         if info.n_expert > 1:
@@ -354,8 +396,12 @@ def _mix_rule(name: str, shape: tuple[int, ...], ft: FileType, info: ModelInfo, 
         elif f == "q2_k_s":
             if i < n // 8:
                 new = "q4_k"
+        elif f == "iq3_xxs" and not has_imatrix:
+            new = "q4_k" if i < n // 8 else "q3_k"
         elif f == "q3_k_m":
             new = "q5_k" if i < n // 16 else ("q4_k" if (not falcon or _more_bits(i, n)) else "q3_k")
+        elif f == "iq3_m" and (i < n // 8 or (info.n_expert == 8 and _more_bits(i, n))):
+            new = "q4_k"
         elif f == "q3_k_l":
             new = "q4_k" if falcon else "q5_k"
         elif f == "q4_k_m":
@@ -376,15 +422,27 @@ def _mix_rule(name: str, shape: tuple[int, ...], ft: FileType, info: ModelInfo, 
     if cat == "attn_output":
         if not falcon:
             if info.n_expert == 8:
-                if f in ("q2_k", "q3_k_s", "q3_k_m", "iq4_nl", "q4_k_s", "q4_k_m", "iq4_xs"):
+                if f in ("q2_k", "iq3_xs", "iq3_xxs", "q3_k_s", "q3_k_m", "iq4_nl", "q4_k_s", "q4_k_m", "iq3_s",
+                         "iq3_m", "iq4_xs"):
                     new = "q5_k"
             elif f == "q2_k":
                 new = "q3_k"
-            elif f == "q3_k_m":
+            elif f == "iq3_xxs":
+                new = "iq3_s"
+            elif f in ("q3_k_m", "iq3_m"):
                 new = "q4_k"
             elif f == "q3_k_l":
                 new = "q5_k"
         elif f == "q3_k_l":
             new = "q4_k"
+        return new
+    if cat in ("ffn_gate", "ffn_up"):
+        i = st[cat]
+        if info.n_expert > 1:
+            m = re.match(r"blk\.(\d+)\.", name)
+            i = int(m.group(1)) if m else i
+        if f == "iq3_xs" and n_layer // 8 <= i < 7 * n_layer // 8:
+            new = "iq3_xxs"
+        st[cat] += 1
         return new
     return new
