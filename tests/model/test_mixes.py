@@ -4,6 +4,7 @@ bytes, from the same original, with and without an importance matrix."""
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from pathlib import Path
 
@@ -64,7 +65,11 @@ def test_mix_matches_llama_quantize(ft, smol_path, outdir):
         assert types["Q8_0"] >= 1
 
 
-@pytest.mark.parametrize("ft", ["q4_k_m", "q3_k_m", "q2_k_s", "q4_0", "iq4_xs", "iq2_xxs", "iq2_xs"])
+# the 1-3-bit i-quant mixes here are one per family of rules (IQ1_M: attn_output IQ2_XXS; IQ2_M:
+# IQ3_S for attn_v/attn_output/first ffn_down; IQ3_XS: IQ3_XXS attn_q/k and middle ffn_gate/up), at 1-2
+# minutes each; the per-tensor types of every mix are checked against llama-quantize --dry-run below,
+# and the bytes of every type in tests/formats/test_iquants_grid.py
+@pytest.mark.parametrize("ft", ["q4_k_m", "q3_k_m", "q2_k_s", "q4_0", "iq4_xs", "iq1_m", "iq2_m", "iq3_xs"])
 def test_mix_with_imatrix_matches_llama_quantize(ft, smol_path, smol_imatrix, outdir):
     ours, ref = outdir / f"lowbit-im-{ft}.gguf", outdir / f"llama-im-{ft}.gguf"
     write_gguf(smol_path, ours, ft, progress=False, imatrix=smol_imatrix)
@@ -170,3 +175,122 @@ def test_fast_dequantize_equals_gguf_py(smol_path):
         ours = dequantize_raw(int(t.tensor_type), np.asarray(t.data))
         ref = gguf.quants.dequantize(t.data, t.tensor_type)
         assert np.array_equal(ours.reshape(ref.shape), ref), t.name
+
+
+# ---- per-tensor types against llama-quantize --dry-run, on every model at hand -------------
+IQ_MIXES = ["iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m"]
+
+
+def _dry_run_types(src: Path, ft_name: str, imatrix_file: Path | None) -> dict[str, str] | None:
+    """llama-quantize --dry-run's type for every tensor of ``src`` under ``ft_name`` (the file type's
+    id, --pure for the pure ones; an importance matrix only sets what the rules see), or None where
+    it fails."""
+    import re
+    import subprocess
+
+    import llama_cpp
+
+    ft = FILE_TYPES[ft_name]
+    exe = Path(llama_cpp.__file__).parent / "lib" / "llama-quantize"
+    args = [str(exe), "--dry-run", "--allow-requantize", *(["--pure"] if ft.pure else []),
+            *(["--imatrix", str(imatrix_file)] if imatrix_file else []), str(src), str(ft.ftype)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        return None
+    types = {}
+    for m in re.finditer(r"\] (\S+)\s+- \[[^]]*\], type =\s*(\S+), size =[^\n(]*(?:\((\S+)\))?", out.stdout + out.stderr):
+        types[m.group(1)] = (m.group(3) or m.group(2)).lower()
+    return types
+
+
+@functools.cache
+def _model_facts(src: Path) -> tuple[ModelInfo, dict[str, tuple[int, ...]], dict[str, str]]:
+    """(what llama.cpp's rules read, each tensor's shape, each tensor's stored type) of a GGUF file."""
+    import gguf
+
+    from lowbit.model.gguf_mix import info_from_gguf
+
+    r = gguf.GGUFReader(src)
+    fields = {k: f.contents() for k, f in r.fields.items() if k.count(".") >= 1 and not k.startswith("tokenizer")}
+    info = info_from_gguf(fields, str(r.fields["general.architecture"].contents()))
+    shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in r.tensors}
+    return info, shapes, {t.name: t.tensor_type.name.lower() for t in r.tensors}
+
+
+def _our_types(src: Path, ft_name: str, has_imatrix: bool) -> dict[str, str]:
+    from lowbit.formats import get_format
+
+    info, shapes, kept = _model_facts(src)
+    types = plan(list(shapes.items()), file_type(ft_name), info, has_imatrix=has_imatrix)
+    names = {}
+    for name, t in types.items():
+        if t is None:
+            names[name] = kept[name]
+        else:
+            from gguf import GGMLQuantizationType
+
+            names[name] = GGMLQuantizationType(get_format(t).gguf_type).name.lower()
+    return names
+
+
+@pytest.fixture(scope="module")
+def models_at_hand(smol_path) -> list[Path]:
+    """SmolLM2 (bundled), and the optional models of scripts/get_models.sh where installed: Qwen2.5-
+    Coder-1.5B is the one whose every row fits 256-weight super-blocks."""
+    from lowbit.errors import LowbitError
+    from lowbit.model.load import resolve_model_path
+
+    paths = [smol_path]
+    for name in ("qwen2.5-coder-1.5b", "gemma3-270m"):
+        try:
+            paths.append(Path(resolve_model_path(name)))
+        except LowbitError:
+            pass
+    return paths
+
+
+@pytest.fixture(scope="module")
+def flat_imatrix_files(models_at_hand, tmp_path_factory) -> dict[Path, Path]:
+    """An importance-matrix file per model (flat values: the dry run reads only that there is one)."""
+    import gguf
+
+    from lowbit.io.imatrix import write_imatrix
+    from lowbit.model.imatrix_collect import Imatrix, ImatrixEntry
+
+    out = {}
+    d = tmp_path_factory.mktemp("imatrix")
+    for src in models_at_hand:
+        r = gguf.GGUFReader(src)
+        entries = {t.name: ImatrixEntry(np.ones((1, int(t.shape[0])), np.float32), np.ones(1, np.float32))
+                   for t in r.tensors if len(t.shape) >= 2 and t.name.endswith(".weight")}
+        out[src] = d / f"{src.stem}.imatrix.gguf"
+        write_imatrix(Imatrix(entries, ["flat"], 1, 512), out[src])
+    return out
+
+
+#: file types llama-quantize does not have (NVFP4 on every tensor: tests/formats/test_gguf_llamacpp.py
+#: has llama.cpp run lowbit's file instead)
+LOWBIT_ONLY = {"nvfp4"}
+
+
+@pytest.mark.parametrize("ft", [f for f in FILE_TYPES if FILE_TYPES[f].quantized and f != "f16" and f not in LOWBIT_ONLY])
+def test_every_file_type_plans_what_llama_quantize_plans(ft, models_at_hand, flat_imatrix_files):
+    """Every file type's type per tensor equals llama-quantize --dry-run's (same binary, same rules),
+    with and without an importance matrix, on SmolLM2, and on Qwen2.5-Coder-1.5B and Gemma-3-270M
+    where scripts/get_models.sh installed them.  lowbit refuses where llama.cpp would refuse to
+    quantize (a 1-3-bit i-quant without an importance matrix, which the dry run does not check), and
+    where llama.cpp fails (Q1_0 on rows its blocks do not fit)."""
+    from lowbit.errors import FormatError
+
+    for src in models_at_hand:
+        for im in (None, flat_imatrix_files[src]):
+            theirs = _dry_run_types(src, ft, im)
+            try:
+                ours = _our_types(src, ft, im is not None)
+            except FormatError as exc:
+                assert (im is None and "importance matrix" in str(exc)) or theirs is None, (src.name, exc)
+                continue
+            assert theirs is not None, (src.name, "llama-quantize refused what lowbit plans")
+            assert ours.keys() == theirs.keys()
+            wrong = {n: (ours[n], theirs[n]) for n in ours if ours[n] != theirs[n]}
+            assert not wrong, (src.name, im is not None, list(wrong.items())[:6])

@@ -394,14 +394,16 @@ def measure(loaded: LoadedModel, chunks: torch.Tensor, imatrix: dict[str, np.nda
     for n, key, p in bar:
         w = p.detach().to(torch.float32).reshape(p.shape[0], -1)
         cols = w.shape[1]
+        g = gguf_name(n)
+        im = imatrix.get(g) if g is not None else None
         types = candidate_types(cols, types_pool)
+        if im is None:  # llama.cpp makes its 1-3-bit i-quants only with an importance matrix
+            types = [t for t in types if not get_format(t).llama_needs_imatrix]
         if not types:
             raise LowbitError(f"{key}: no allowed type fits rows of {cols} values")
         prev = old.get(n)
         if prev is not None and tuple(prev.shape) != tuple(w.shape):
             raise LowbitError(f"{key}: the earlier sensitivities are for shape {prev.shape}, the model has {tuple(w.shape)}")
-        g = gguf_name(n)
-        im = imatrix.get(g) if g is not None else None
         imp = torch.ones(cols) if im is None else torch.as_tensor(np.asarray(im, np.float32))
         imp = imp.to(w.device)
         if imp.numel() != cols:

@@ -115,9 +115,10 @@ class IQGrid(GGMLBlocks):
         return True
 
     # ---- the layout (per type) -------------------------------------------------------------
-    def pack(self, d: torch.Tensor, ls: torch.Tensor, gi: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    def pack(self, d: torch.Tensor, ls: torch.Tensor, gi: torch.Tensor, signs: torch.Tensor,
+             skip: torch.Tensor) -> torch.Tensor:
         """(stored d [NB], 4-bit scales [NB, 256 // sub], grid indices [NB, 256 // dim], sign
-        bits [NB, 32]) -> blocks [NB, type_size] uint8."""
+        bits [NB, 32], the blocks stored as zero [NB, 256 // sub]) -> blocks [NB, type_size] uint8."""
         raise NotImplementedError
 
     def unpack(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -234,7 +235,7 @@ class IQGrid(GGMLBlocks):
         if self.zero_empty:
             gi = torch.where(empty[:, None], torch.zeros_like(gi), gi)
             signs = torch.where(empty[:, None], torch.zeros_like(signs), signs)
-        return self.pack(d, ls, gi, signs)
+        return self.pack(d, ls, gi, signs, skip.reshape(nb, nsub))
 
     # ---- the Format interface ------------------------------------------------------------
     def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:

@@ -26,7 +26,7 @@ class IQ2XXS(IQGrid):
     qp_start = True
     n_cand = 6
 
-    def pack(self, d, ls, gi, signs):
+    def pack(self, d, ls, gi, signs, skip):
         nb = d.shape[0]
         g = gi.reshape(nb, 8, 4).to(torch.uint8)
         s = signs.reshape(nb, 8, 4)
@@ -50,7 +50,7 @@ class IQ2XS(IQGrid):
     requires_imatrix = True
     sub = 16
 
-    def pack(self, d, ls, gi, signs):
+    def pack(self, d, ls, gi, signs, skip):
         nb = d.shape[0]
         q = gi | (signs << 9)  # [NB, 32] uint16
         qb = torch.stack([q & 0xFF, q >> 8], dim=2).reshape(nb, 64).to(torch.uint8)
@@ -79,7 +79,7 @@ class IQ2S(IQGrid):
     d_factor = f32(0.9875)
     zero_empty = False
 
-    def pack(self, d, ls, gi, signs):
+    def pack(self, d, ls, gi, signs, skip):
         nb = d.shape[0]
         qh = (gi >> 8).reshape(nb, 8, 4) << (2 * torch.arange(4, device=gi.device))
         qh = qh.sum(dim=2)

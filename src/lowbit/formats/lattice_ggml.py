@@ -24,7 +24,7 @@ import torch
 from lowbit.formats.base import ggml_quant_class
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lattice:
     """One i-quant grid, in the quantizer's units, with its neighbour lists."""
 
@@ -38,6 +38,16 @@ class Lattice:
     flat: torch.Tensor  # every off-grid point's neighbours in order, one list after another (int64)
     start: torch.Tensor  # [P]: where point p's list starts in ``flat``
     count: torch.Tensor  # [P]: its length
+
+    @property
+    def nlev(self) -> int:
+        """Levels per coordinate among the grid's points."""
+        return int(self.levels.max()) + 1
+
+    @functools.cached_property
+    def term_offset(self) -> torch.Tensor:
+        """[N, dim]: coordinate i's level of each point as ``i * nlev + l`` (into a run's error terms)."""
+        return (self.levels + self.nlev * torch.arange(self.dim)[None, :]).to(torch.int16)
 
     def index(self, L: torch.Tensor) -> torch.Tensor:
         """Levels ``L`` [dim, ...] (int64) -> their lattice index [...]: level k at bits ``bits*k``."""
@@ -98,48 +108,69 @@ def lattice(qtype: str, bits: int, nwant: int, max_level: int) -> Lattice:
 _RUNS = 32768
 
 
-def best_neighbour(lat: Lattice, u: torch.Tensor, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """ggml's ``iq2_find_best_neighbour`` / ``iq3_find_best_neighbour`` for many runs at once.
+def best_neighbour(lat: Lattice, u: torch.Tensor, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                   shift: torch.Tensor | None = None) -> torch.Tensor:
+    """ggml's ``iq2_find_best_neighbour`` / ``iq3_find_best_neighbour`` (``shift`` None) or
+    ``iq1_find_best_neighbour2`` for many runs at once.
 
-    ``u`` [M] off-grid lattice indices, ``x`` and ``w`` [dim, M] the runs' magnitudes and error
-    weights, ``scale`` [M]: the grid index of the neighbour with the least ``sum w*(scale*q - x)^2``
-    (summed in ggml's order; the first in list order on a tie)."""
+    ``u`` [M] off-grid lattice indices, ``x`` and ``w`` [dim, M] the runs' values and error weights,
+    ``scale`` [M]: the grid index of the neighbour with the least ``sum w*(scale*q - x)^2`` (summed
+    in ggml's order; the first in list order on a tie), where a point's ``q`` is its ``2l + 1``, or,
+    given ``shift`` [M] (IQ1's +-delta), ``l - 1 + shift``."""
     if u.numel() > _RUNS:
         return torch.cat([best_neighbour(lat, u[s : s + _RUNS], x[:, s : s + _RUNS], w[:, s : s + _RUNS],
-                                         scale[s : s + _RUNS]) for s in range(0, u.numel(), _RUNS)])
+                                         scale[s : s + _RUNS], None if shift is None else shift[s : s + _RUNS])
+                          for s in range(0, u.numel(), _RUNS)])
     dev = x.device
     m = u.numel()
-    p = lat.row.to(dev)[u]
-    cnt = lat.count.to(dev)[p]
-    seg = torch.repeat_interleave(torch.arange(m, device=dev), cnt)  # the run each entry belongs to
-    first = torch.cumsum(cnt, 0) - cnt
-    k = torch.arange(seg.numel(), device=dev) - first[seg]
-    idx = lat.flat.to(dev)[lat.start.to(dev)[p][seg] + k]  # the candidate grid points, in list order
-    q = lat.pos.to(dev)[idx]  # [T, dim]
-    sc, xs, ws = scale[seg], x[:, seg], w[:, seg]
-    d2 = torch.zeros(idx.shape, dtype=torch.float32, device=dev)
-    for i in range(lat.dim):
-        diff = sc * q[:, i] - xs[i]
-        d2 += ws[i] * diff * diff
-    least = torch.full((m,), torch.inf, device=dev).scatter_reduce(0, seg, d2, "amin")
-    at = torch.where(d2 == least[seg], torch.arange(seg.numel(), device=dev), seg.numel())
-    pick = torch.full((m,), seg.numel(), device=dev, dtype=torch.int64).scatter_reduce(0, seg, at, "amin")
-    return idx[pick]
+    # torch's index_select with int32 indices is many times faster than tensor[index] here
+    sel = torch.index_select
+    p = sel(lat.row.to(dev), 0, u)
+    cnt = sel(lat.count.to(dev), 0, p)
+    seg = torch.repeat_interleave(torch.arange(m, device=dev, dtype=torch.int32), cnt)  # each entry's run
+    first = (torch.cumsum(cnt, 0) - cnt).to(torch.int32)
+    at0 = sel(sel(lat.start.to(dev), 0, p).to(torch.int32) - first, 0, seg)
+    k = torch.arange(seg.numel(), device=dev, dtype=torch.int32) + at0
+    idx = sel(lat.flat.to(dev), 0, k)  # the candidate grid points, in list order
+    # every term w_i * (scale*q - x_i)^2 a run can meet takes one of nlev values per coordinate:
+    # compute those once per run ([M, dim, nlev], ggml's float32 steps), then sum the gathered terms
+    nlev = lat.nlev
+    lv = torch.arange(nlev, device=dev, dtype=torch.float32)
+    if shift is None:
+        q = (2 * lv + 1)[None, None, :]
+    else:
+        q = ((lv - 1)[None, :] + shift[:, None])[:, None, :]
+    diff = scale[:, None, None] * q - x.t()[:, :, None]
+    terms = (w.t()[:, :, None] * diff * diff).reshape(-1)
+    base = seg * (lat.dim * nlev)
+    loff = sel(lat.term_offset.to(dev), 0, idx)  # [T, dim] int16
+    d2 = sel(terms, 0, base + loff[:, 0])
+    for i in range(1, lat.dim):
+        d2 += sel(terms, 0, base + loff[:, i])
+    seg64 = seg.long()
+    least = torch.full((m,), torch.inf, device=dev).scatter_reduce(0, seg64, d2, "amin")
+    n = seg.numel()
+    at = torch.where(d2 == sel(least, 0, seg), torch.arange(n, device=dev, dtype=torch.int32), n)
+    pick = torch.full((m,), n, device=dev, dtype=torch.int32).scatter_reduce(0, seg64, at, "amin")
+    return sel(idx, 0, pick)
 
-def nearest_on_grid(lat: Lattice, L: torch.Tensor, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def nearest_on_grid(lat: Lattice, L: torch.Tensor, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                    shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs with levels ``L`` [dim, M] (int64, already rounded and clamped) moved onto the grid as
     ggml does: a point in the grid stays, one outside becomes its best neighbour
-    (:func:`best_neighbour` with ``x``, ``w`` [dim, M] and ``scale`` [M]).
+    (:func:`best_neighbour` with ``x``, ``w`` [dim, M], ``scale`` [M] and ``shift``).
 
     Returns (grid index [M], the levels on the grid [dim, M], whether the rounded point was in the grid [M])."""
     dev = L.device
+    sel = torch.index_select
     u = lat.index(L)
-    gi = lat.kmap.to(dev)[u]
+    gi = sel(lat.kmap.to(dev), 0, u)
     on = gi >= 0
     if not bool(on.all()):
         off = (~on).nonzero()[:, 0]
-        gi = gi.clone()
-        gi[off] = best_neighbour(lat, u[off], x[:, off], w[:, off], scale[off])
-        L = lat.levels.to(dev)[gi].T
+        found = best_neighbour(lat, sel(u, 0, off), sel(x, 1, off), sel(w, 1, off), sel(scale, 0, off),
+                               None if shift is None else sel(shift, 0, off))
+        gi = gi.index_copy(0, off, found)
+        L = sel(lat.levels.to(dev), 0, gi).t()
     return gi, L, on
