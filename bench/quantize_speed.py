@@ -73,7 +73,7 @@ from lowbit.formats import get_format
 from lowbit.model.gguf_mix import FILE_TYPES
 from lowbit.model.load import resolve_model_path
 mixed = {f.default for f in FILE_TYPES.values() if not f.pure}
-types = {n: {"pure": ft.pure, "default": ft.default, "quantized": ft.quantized, "imatrix_only": bool(ft.imatrix_types),
+types = {n: {"pure": ft.pure, "default": ft.default, "quantized": ft.quantized, "imatrix_only": bool(ft.imatrix_types) or get_format(ft.default).llama_needs_imatrix,
              "takes_imatrix": get_format(ft.default).uses_imatrix or bool(ft.imatrix_types),
              "llama_cpp_has": not (ft.pure and ft.default == n and n not in mixed)}
          for n, ft in FILE_TYPES.items() if n != "f16"}

@@ -70,12 +70,50 @@ def fit(weight: torch.Tensor, xval: torch.Tensor, L: torch.Tensor) -> tuple[torc
     return seqsum(weight * xval * q), seqsum(weight * q * q)
 
 
-class IQGrid(GGMLBlocks):
-    """A grid i-quant: the parameters below, and ``pack`` / ``unpack`` for its bytes."""
+class SuperBlockFormat(GGMLBlocks):
+    """An i-quant of 256-weight super-blocks: ``superblocks`` makes the bytes of many at once; this
+    class checks the arguments and runs it over slices of rows."""
 
     uses_imatrix = True
     llama_needs_imatrix = True
     gguf_fallback = "iq4_nl"  # llama-quant.cpp: every i-quant falls back to IQ4_NL
+    #: weights per slice of rows (the searches hold a few tensors of this size per candidate)
+    chunk_weights = 1 << 18
+
+    def __init__(self, name: str, description: str) -> None:
+        self.name = name
+        self.description = description
+        self.use_ggml_type(name)
+
+    @property
+    def joinable(self) -> bool:
+        """Super-blocks are independent, so column slices of whole super-blocks join (no grid is
+        exposed: calibration methods cannot choose these codes)."""
+        return True
+
+    def superblocks(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+        """Super-blocks ``x`` and their importance ``qw`` (or None) [NB, 256] -> blocks [NB, type_size]."""
+        raise NotImplementedError
+
+    def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
+        w = self.check(w, name)
+        rows, cols = w.shape
+        if imatrix is None and self.requires_imatrix:
+            raise FormatError(f"{name}: {self.name} needs an importance matrix (--imatrix), as llama.cpp's does")
+        qw = None if imatrix is None else check_imatrix(imatrix, cols, name).to(w.device)
+
+        def run(r0: int, r1: int) -> torch.Tensor:
+            x = w[r0:r1].reshape(-1, QK_K)
+            q = None if qw is None else qw.reshape(1, -1).expand(r1 - r0, -1).reshape(-1, QK_K)
+            return self.superblocks(x, q)
+
+        blocks = map_row_chunks(run, rows, cols, w.device, chunk_weights=self.chunk_weights).reshape(rows, -1)
+        return QTensor(self.name, (rows, cols), {"blocks": blocks})
+
+
+class IQGrid(SuperBlockFormat):
+    """A grid i-quant: the parameters below, and ``pack`` / ``unpack`` for its bytes."""
+
     # ---- per type --------------------------------------------------------------------------
     dim = 8  # weights per grid point
     bits = 2  # bits per coordinate of a lattice index
@@ -99,20 +137,9 @@ class IQGrid(GGMLBlocks):
     d_factor = 1.0  # the stored super-scale is d * d_factor
     zero_empty = True  # a super-block with every scale zero: zero codes too (else they stay)
 
-    def __init__(self, name: str, description: str) -> None:
-        self.name = name
-        self.description = description
-        self.use_ggml_type(name)
-
     @property
     def lattice(self) -> Lattice:
         return lattice(self.name, self.bits, self.nwant, self.kmax - 1)
-
-    @property
-    def joinable(self) -> bool:
-        """Super-blocks are independent, so column slices of whole super-blocks join (no grid is
-        exposed: calibration methods cannot choose these codes)."""
-        return True
 
     # ---- the layout (per type) -------------------------------------------------------------
     def pack(self, d: torch.Tensor, ls: torch.Tensor, gi: torch.Tensor, signs: torch.Tensor,
@@ -194,7 +221,6 @@ class IQGrid(GGMLBlocks):
 
     # ---- a super-block -------------------------------------------------------------------
     def superblocks(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-        """Super-blocks ``x`` and their importance ``qw`` (or None) [NB, 256] -> blocks [NB, type_size]."""
         nb = x.shape[0]
         sub, nsub = self.sub, QK_K // self.sub
         xt = x.t()
@@ -237,22 +263,7 @@ class IQGrid(GGMLBlocks):
             signs = torch.where(empty[:, None], torch.zeros_like(signs), signs)
         return self.pack(d, ls, gi, signs, skip.reshape(nb, nsub))
 
-    # ---- the Format interface ------------------------------------------------------------
-    def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
-        w = self.check(w, name)
-        rows, cols = w.shape
-        if imatrix is None and self.requires_imatrix:
-            raise FormatError(f"{name}: {self.name} needs an importance matrix (--imatrix), as llama.cpp's does")
-        qw = None if imatrix is None else check_imatrix(imatrix, cols, name).to(w.device)
-
-        def run(r0: int, r1: int) -> torch.Tensor:
-            x = w[r0:r1].reshape(-1, QK_K)
-            q = None if qw is None else qw.reshape(1, -1).expand(r1 - r0, -1).reshape(-1, QK_K)
-            return self.superblocks(x, q)
-
-        blocks = map_row_chunks(run, rows, cols, w.device, chunk_weights=1 << 18).reshape(rows, -1)
-        return QTensor(self.name, (rows, cols), {"blocks": blocks})
-
+    # ---- decoding --------------------------------------------------------------------------
     def dequantize(self, qt: QTensor) -> torch.Tensor:
         d, ls, gi, sb = self.unpack(self.blocks(qt))
         dev = d.device

@@ -19,17 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lowbit.errors import FormatError
-from lowbit.formats.base import (
-    GGMLBlocks,
-    QTensor,
-    check_imatrix,
-    fp16_bytes,
-    fp16_from_bytes,
-    map_row_chunks,
-    register,
-)
+from lowbit.formats.base import QTensor, fp16_bytes, fp16_from_bytes, register
 from lowbit.formats.ggml_ref import csqrt, f32, sdiv, seqsum
+from lowbit.formats.igrid import SuperBlockFormat
 from lowbit.formats.lattice_ggml import Lattice, lattice, nearest_on_grid
 
 QK_K = 256
@@ -81,53 +73,38 @@ def split_levels(idx: torch.Tensor, i1: torch.Tensor, i2: torch.Tensor) -> torch
     return torch.empty_like(ls).scatter_(0, idx, ls)
 
 
-class IQ1(GGMLBlocks):
-    uses_imatrix = True
-    llama_needs_imatrix = True
-    gguf_fallback = "iq4_nl"
+class IQ1(SuperBlockFormat):
     sub = 32
     eps = 0.0
-
-    def __init__(self, name: str, description: str) -> None:
-        self.name = name
-        self.description = description
-        self.use_ggml_type(name)
+    chunk_weights = 1 << 17  # 1122 candidates per block of 32
 
     @property
     def lattice(self) -> Lattice:
         return lattice("iq1_s", 2, 3, 2)  # IQ1_M shares IQ1_S's grid and neighbour lists
 
-    @property
-    def joinable(self) -> bool:
-        return True
-
-    def weights(self, x: torch.Tensor, qw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Super-blocks [NB, 256] -> (blocks xb [sub, G], error weights [sub, G])."""
+    def sorted_blocks(self, x: torch.Tensor, qw: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Super-blocks [NB, 256] -> (blocks xb [sub, G], error weights, all-zero blocks [G], the sort
+        order of each block [sub, G], w*x and w in that order)."""
         nsub = QK_K // self.sub
         xt = x.t()
         sig = sdiv(2.0 * seqsum(xt * xt), float(QK_K)).repeat_interleave(nsub)[None, :]
         xb = x.reshape(-1, self.sub).t().contiguous()
-        if qw is None:
-            return xb, xb * xb
-        return xb, qw.reshape(-1, self.sub).t() * csqrt(sig + xb * xb)
+        weight = xb * xb if qw is None else qw.reshape(-1, self.sub).t() * csqrt(sig + xb * xb)
+        skip = xb.abs().amax(dim=0) < self.eps
+        _, idx = torch.sort(xb, dim=0, stable=True)  # glibc's qsort here is a merge sort: stable
+        return xb, weight, skip, idx, (weight * xb).gather(0, idx), weight.gather(0, idx)
 
-    def superblocks(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
-        w = self.check(w, name)
-        rows, cols = w.shape
-        if imatrix is None and self.requires_imatrix:
-            raise FormatError(f"{name}: {self.name} needs an importance matrix (--imatrix), as llama.cpp's does")
-        qw = None if imatrix is None else check_imatrix(imatrix, cols, name).to(w.device)
-
-        def run(r0: int, r1: int) -> torch.Tensor:
-            x = w[r0:r1].reshape(-1, QK_K)
-            q = None if qw is None else qw.reshape(1, -1).expand(r1 - r0, -1).reshape(-1, QK_K)
-            return self.superblocks(x, q)
-
-        blocks = map_row_chunks(run, rows, cols, w.device, chunk_weights=1 << 17).reshape(rows, -1)
-        return QTensor(self.name, (rows, cols), {"blocks": blocks})
+    @staticmethod
+    def split_choice(qx: torch.Tensor, q2: torch.Tensor, idx: torch.Tensor, i1: torch.Tensor, i2: torch.Tensor,
+                     per: int) -> tuple[torch.Tensor, ...]:
+        """The winning candidate (``per`` delta choices per split) -> (no winner [G], scale [G] made
+        positive, levels [sub, G] (flipped with it), flipped [G], the winner's delta choice [G])."""
+        choice = select(qx, q2)
+        ch = choice.clamp(min=0)
+        scale = qx.gather(0, ch[None])[0] / _safe(q2.gather(0, ch[None])[0])
+        L = split_levels(idx, i1[ch // per], i2[ch // per])
+        neg = scale < 0
+        return choice < 0, torch.where(neg, -scale, scale), torch.where(neg[None, :], 2 - L, L), neg, ch % per
 
     def decode(self, qt: QTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scale per run [NB, 32], delta per run [NB, 32], grid index per run [NB, 32])."""
@@ -170,13 +147,9 @@ class IQ1S(IQ1):
 
     def superblocks(self, x, qw):
         nb = x.shape[0]
-        xb, weight = self.weights(x, qw)
-        dev = xb.device
-        g = xb.shape[1]
-        skip = xb.abs().amax(dim=0) < self.eps
-        _, idx = torch.sort(xb, dim=0, stable=True)
-        sx = prefix((weight * xb).gather(0, idx))
-        sw = prefix(weight.gather(0, idx))
+        xb, weight, skip, idx, wx, ws = self.sorted_blocks(x, qw)
+        dev, g = xb.device, xb.shape[1]
+        sx, sw = prefix(wx), prefix(ws)
         i1, i2 = (t.to(dev) for t in pairs(32))
         a, b, c = sx[i1] - sx[0], sx[i2] - sx[i1], sx[32] - sx[i2]
         aw, bw, cw = sw[i1] - sw[0], sw[i2] - sw[i1], sw[32] - sw[i2]
@@ -187,16 +160,9 @@ class IQ1S(IQ1):
             cands.append((qx, q2))
         qx = torch.stack([cands[0][0], cands[1][0]], dim=1).reshape(-1, g)  # per split: x_p, then x_m
         q2 = torch.stack([cands[0][1], cands[1][1]], dim=1).reshape(-1, g)
-        choice = select(qx, q2)
-        skip = skip | (choice < 0)
-        ch = choice.clamp(min=0)
-        scale = qx.gather(0, ch[None])[0] / _safe(q2.gather(0, ch[None])[0])
-        sign = torch.where(ch % 2 == 0, 1.0, -1.0)
-        L = split_levels(idx, i1[ch // 2], i2[ch // 2])
-        neg = scale < 0
-        L = torch.where(neg[None, :], 2 - L, L)
-        scale = torch.where(neg, -scale, scale)
-        sign = torch.where(neg, -sign, sign)
+        none, scale, L, neg, v = self.split_choice(qx, q2, idx, i1, i2, 2)
+        skip = skip | none
+        sign = torch.where((v == 0) != neg, 1.0, -1.0)
         shift = (sign * DELTA)[None, :].expand(4, -1)
         gi, L, all_on = self.on_grid(L, xb, weight, scale, shift)
         scale = self.refit(L, xb, weight, shift, scale, ~all_on)
@@ -241,13 +207,8 @@ class IQ1M(IQ1):
 
     def superblocks(self, x, qw):
         nb = x.shape[0]
-        xb, weight = self.weights(x, qw)
-        dev = xb.device
-        g = xb.shape[1]
-        skip = xb.abs().amax(dim=0) < self.eps
-        _, idx = torch.sort(xb, dim=0, stable=True)
-        wx = (weight * xb).gather(0, idx)
-        ws = weight.gather(0, idx)
+        xb, weight, skip, idx, wx, ws = self.sorted_blocks(x, qw)
+        dev, g = xb.device, xb.shape[1]
         half = idx >= 8
         zero = torch.zeros_like(wx)
         px = [prefix(torch.where(half, zero, wx)), prefix(torch.where(half, wx, zero))]
@@ -266,15 +227,8 @@ class IQ1M(IQ1):
             q2m.append(tw * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2)
         qx = torch.stack([qxp[0] + qxp[1], qxp[0] + qxm[1], qxm[0] + qxp[1], qxm[0] + qxm[1]], dim=1).reshape(-1, g)
         q2 = torch.stack([q2p[0] + q2p[1], q2p[0] + q2m[1], q2m[0] + q2p[1], q2m[0] + q2m[1]], dim=1).reshape(-1, g)
-        choice = select(qx, q2)
-        skip = skip | (choice < 0)
-        ch = choice.clamp(min=0)
-        scale = qx.gather(0, ch[None])[0] / _safe(q2.gather(0, ch[None])[0])
-        k = ch % 4
-        L = split_levels(idx, i1[ch // 4], i2[ch // 4])
-        neg = scale < 0
-        L = torch.where(neg[None, :], 2 - L, L)
-        scale = torch.where(neg, -scale, scale)
+        none, scale, L, neg, k = self.split_choice(qx, q2, idx, i1, i2, 4)
+        skip = skip | none
         k = torch.where(neg, 3 - k, k)
         shift = torch.stack([torch.where(k < 2, DELTA, -DELTA), torch.where(k % 2 == 0, DELTA, -DELTA)])  # [2, G]
         gi, L, all_on = self.on_grid(L, xb, weight, scale, shift)
