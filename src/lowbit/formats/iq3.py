@@ -5,7 +5,7 @@ levels 0..7 per coordinate) and the signs go by 8 (IQ3_XXS: 7 stored, the parity
 8), times a 4-bit scale per 32 weights of an FP16 super-scale per 256.  The quantizer is ggml's
 ``quantize_row_iq3_xxs_impl`` / ``quantize_row_iq3_s_impl``, the shared search of
 :mod:`lowbit.formats.igrid` with these types' parameters.  ggml quantizes both with or without an
-importance matrix; llama-quantize refuses IQ3_XXS without one.
+importance matrix; llama-quantize refuses IQ3_XXS without one, not IQ3_S.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class IQ3S(IQ3):
     """``quantize_row_iq3_s_impl``: 19 candidates, no run counted on the grid before one wins, a
     refit of every run; all 8 signs stored."""
 
+    llama_needs_imatrix = False  # llama-quant.cpp's tensor_requires_imatrix leaves IQ3_S out
     nwant = 3
     on_at_start = False
     refit_all = True
