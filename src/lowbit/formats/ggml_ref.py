@@ -178,7 +178,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
             slx = slx + wxi * new_l
             sl2 = sl2 + wi * new_l * new_l
             ok = ok & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[i] = torch.where(ok, torch.remainder(new_l, 256), Li)
+            L[i] = torch.where(ok, new_l, Li)
             sumlx = torch.where(ok, slx, sumlx)
             suml2 = torch.where(ok, sl2, suml2)
     scale = torch.where(suml2 > 0, sumlx / _safe(suml2), torch.zeros_like(sumlx))
