@@ -94,7 +94,8 @@ def csqrt(t: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(t.to(torch.float64)).to(torch.float32)
 
 
-def _safe(d: torch.Tensor) -> torch.Tensor:
+def one_where_zero(d: torch.Tensor) -> torch.Tensor:
+    """``d`` with its zeros replaced by ones: a divisor for a ``torch.where`` that discards those lanes."""
     return torch.where(d == 0, torch.ones_like(d), d)
 
 
@@ -128,7 +129,7 @@ def make_qx_quants(
         lv = torch.round(iscale * x).clamp_(-nmax, nmax - 1)
         sumlx = seqsum(wx * lv)
         suml2 = seqsum(w * lv * lv)
-        scale = torch.where(suml2 != 0, sumlx / _safe(suml2), torch.zeros_like(sumlx))
+        scale = torch.where(suml2 != 0, sumlx / one_where_zero(suml2), torch.zeros_like(sumlx))
         L = lv + nmax
         if return_early:
             half = f32(0.5) * (scale + sdiv(1.0, iscale))
@@ -147,7 +148,7 @@ def make_qx_quants(
                 take = (s_l2 > 0) & (s_lx * s_lx > best * s_l2)
                 if bool(take.any()):
                     sel = torch.where(take, isc, sel)
-                    scale = torch.where(take, s_lx / _safe(s_l2), scale)
+                    scale = torch.where(take, s_lx / one_where_zero(s_l2), scale)
                     best = torch.where(take, scale * s_lx, best)
             L = torch.round(sel[None, :] * x).clamp_(-nmax, nmax - 1) + nmax
     scale = torch.where(zero, torch.zeros_like(scale), scale)
@@ -181,7 +182,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
             L[i] = torch.where(ok, new_l, Li)
             sumlx = torch.where(ok, slx, sumlx)
             suml2 = torch.where(ok, sl2, suml2)
-    scale = torch.where(suml2 > 0, sumlx / _safe(suml2), torch.zeros_like(sumlx))
+    scale = torch.where(suml2 > 0, sumlx / one_where_zero(suml2), torch.zeros_like(sumlx))
     L = L + nmax
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero[None, :], torch.zeros_like(L), L)
@@ -237,7 +238,7 @@ def make_qkx_quants(
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / sD
             pos = this_min > 0
             this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-            this_scale = torch.where(pos, sum_xl / _safe(sum_l2), this_scale)
+            this_scale = torch.where(pos, sum_xl / one_where_zero(sum_l2), this_scale)
             cur = err(this_scale, this_min, la)
             take = ok & (cur < best) & ~empty
             sel_isc = torch.where(take, isc, sel_isc)
@@ -295,7 +296,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.
             L[i] = torch.where(ok, torch.remainder(new_l, 256), Li)
             sumlx = torch.where(ok, slx, sumlx)
             suml2 = torch.where(ok, sl2, suml2)
-    scale = torch.where(suml2 > 0, sumlx / _safe(suml2), torch.zeros_like(sumlx))
+    scale = torch.where(suml2 > 0, sumlx / one_where_zero(suml2), torch.zeros_like(sumlx))
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero[None, :], torch.zeros_like(L), L)
     return scale, L

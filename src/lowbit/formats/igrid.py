@@ -26,7 +26,7 @@ import torch
 
 from lowbit.errors import FormatError
 from lowbit.formats.base import GGMLBlocks, QTensor, check_imatrix, map_row_chunks
-from lowbit.formats.ggml_ref import GROUP_MAX_EPS, csqrt, f32_lin, make_qp_quants, sdiv, seqsum
+from lowbit.formats.ggml_ref import GROUP_MAX_EPS, csqrt, f32_lin, make_qp_quants, one_where_zero, sdiv, seqsum
 from lowbit.formats.lattice_ggml import Lattice, lattice, nearest_on_grid
 
 QK_K = 256
@@ -60,10 +60,6 @@ def signed_magnitudes(xb: torch.Tensor, weight: torch.Tensor, parity: bool) -> t
     return xval, s & 127
 
 
-def _safe(t: torch.Tensor) -> torch.Tensor:
-    return torch.where(t == 0, torch.ones_like(t), t)
-
-
 def fit(weight: torch.Tensor, xval: torch.Tensor, L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum w*x*q, sum w*q*q) with ``q = 2L + 1``, ggml's sequential sums."""
     q = (2 * L + 1).to(torch.float32)
@@ -94,6 +90,17 @@ class SuperBlockFormat(GGMLBlocks):
     def superblocks(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         """Super-blocks ``x`` and their importance ``qw`` (or None) [NB, 256] -> blocks [NB, type_size]."""
         raise NotImplementedError
+
+    @staticmethod
+    def odd_levels(scales: torch.Tensor, lmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block scales [NB, n] against a super-scale, as every i-quant rounds them: ``d = max /
+        (2 lmax + 1)`` and ``l = clamp(nearest_int(0.5 * (scale / d - 1)), 0, lmax)``, so that
+        ``(2l + 1) d`` is the block's scale.  Returns (d [NB] unscaled, l [NB, n] int64, all zero [NB])."""
+        max_scale = scales.amax(dim=1)
+        d = sdiv(max_scale, float(2 * lmax + 1))
+        idd = sdiv(1.0, one_where_zero(d))
+        ls = torch.round(0.5 * (idd[:, None] * scales - 1)).clamp_(0, lmax).to(torch.int64)
+        return d, ls, max_scale == 0
 
     def quantize(self, w: torch.Tensor, name: str = "tensor", imatrix: torch.Tensor | None = None) -> QTensor:
         w = self.check(w, name)
@@ -201,7 +208,7 @@ class IQGrid(SuperBlockFormat):
             La, on_a = self.to_grid(self.level_round(idv, xval), xval, waux, sdiv(1.0, idv))
             sqx, sq2 = fit(weight, xval, La)
             take = (sq2 > 0) & (sqx * sqx > best * sq2)
-            scale = torch.where(take, sqx / _safe(sq2), scale)
+            scale = torch.where(take, sqx / one_where_zero(sq2), scale)
             best = torch.where(take, scale * sqx, best)
             L = torch.where(take[None, :], La, L)
             on = torch.where(take[None, :], on_a, on)
@@ -211,12 +218,12 @@ class IQGrid(SuperBlockFormat):
         else:
             redo = (~on).any(dim=0) & (scale > 0)
             off = redo[None, :] if self.refit_all else (redo[None, :] & ~on)
-            use = off.expand(r, -1).repeat_interleave(self.dim, dim=0) if self.refit_all else off.repeat_interleave(self.dim, dim=0)
+            use = off.expand(r, -1).repeat_interleave(self.dim, dim=0)
         redo = redo & ~skip
-        L2, _ = self.to_grid(self.level_round(sdiv(1.0, _safe(scale)), xval), xval, waux, scale)
+        L2, _ = self.to_grid(self.level_round(sdiv(1.0, one_where_zero(scale)), xval), xval, waux, scale)
         L = torch.where(use, L2, L)
         sqx, sq2 = fit(weight, xval, L)
-        scale = torch.where(redo & (sq2 > 0), sqx / _safe(sq2), scale)
+        scale = torch.where(redo & (sq2 > 0), sqx / one_where_zero(sq2), scale)
         return scale, L, skip
 
     # ---- a super-block -------------------------------------------------------------------
@@ -246,12 +253,7 @@ class IQGrid(SuperBlockFormat):
         scale = torch.where(skip, torch.zeros_like(scale), scale)
         gi = torch.where(skip[None, :], torch.zeros_like(gi), gi)
         signs = torch.where(skip[None, :], torch.zeros_like(signs), signs)
-        scales = scale.reshape(nb, nsub)
-        max_scale = scales.amax(dim=1)
-        d = sdiv(max_scale, 31.0)
-        idd = sdiv(1.0, _safe(d))
-        ls = torch.round(0.5 * (idd[:, None] * scales - 1)).clamp_(0, 15).to(torch.int64)
-        empty = max_scale == 0
+        d, ls, empty = self.odd_levels(scale.reshape(nb, nsub), 15)
         if self.d_factor != 1.0:
             d = d * self.d_factor
         d = torch.where(empty, torch.zeros_like(d), d)

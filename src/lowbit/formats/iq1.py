@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lowbit.formats.base import QTensor, fp16_bytes, fp16_from_bytes, register
-from lowbit.formats.ggml_ref import csqrt, f32, sdiv, seqsum
+from lowbit.formats.ggml_ref import csqrt, f32, one_where_zero, sdiv, seqsum
 from lowbit.formats.igrid import SuperBlockFormat
 from lowbit.formats.lattice_ggml import Lattice, lattice, nearest_on_grid
 
@@ -29,10 +29,6 @@ DELTA = 0.125  # IQ1S_DELTA = IQ1M_DELTA
 X_P = (-1 + DELTA, DELTA, 1 + DELTA)
 X_M = (-1 - DELTA, -DELTA, 1 - DELTA)
 FLT_MAX = float(np.finfo(np.float32).max)
-
-
-def _safe(t: torch.Tensor) -> torch.Tensor:
-    return torch.where(t == 0, torch.ones_like(t), t)
 
 
 def prefix(t: torch.Tensor) -> torch.Tensor:
@@ -54,7 +50,7 @@ def select(qx: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
     """ggml's running choice over candidates [C, G]: a candidate wins where ``sumq2 > 0`` and
     ``sumqx^2 > best * sumq2``, then ``best = (sumqx / sumq2) * sumqx``.  The winner per block, or -1."""
     qxx = qx * qx
-    gain = (qx / _safe(q2)) * qx
+    gain = (qx / one_where_zero(q2)) * qx
     ok = q2 > 0
     best = torch.full(qx.shape[1:], -FLT_MAX, dtype=qx.dtype, device=qx.device)
     choice = torch.full(qx.shape[1:], -1, dtype=torch.int64, device=qx.device)
@@ -101,7 +97,7 @@ class IQ1(SuperBlockFormat):
         positive, levels [sub, G] (flipped with it), flipped [G], the winner's delta choice [G])."""
         choice = select(qx, q2)
         ch = choice.clamp(min=0)
-        scale = qx.gather(0, ch[None])[0] / _safe(q2.gather(0, ch[None])[0])
+        scale = qx.gather(0, ch[None])[0] / one_where_zero(q2.gather(0, ch[None])[0])
         L = split_levels(idx, i1[ch // per], i2[ch // per])
         neg = scale < 0
         return choice < 0, torch.where(neg, -scale, scale), torch.where(neg[None, :], 2 - L, L), neg, ch % per
@@ -135,7 +131,7 @@ class IQ1(SuperBlockFormat):
         q = (L - 1).to(torch.float32) + shift.repeat_interleave(8, dim=0)
         wq = weight * q
         sqx, sq2 = seqsum(wq * xb), seqsum(wq * q)
-        return torch.where(redo & (sqx > 0) & (sq2 > 0), sqx / _safe(sq2), scale)
+        return torch.where(redo & (sqx > 0) & (sq2 > 0), sqx / one_where_zero(sq2), scale)
 
 
 class IQ1S(IQ1):
@@ -169,12 +165,7 @@ class IQ1S(IQ1):
         scale = torch.where(skip, torch.zeros_like(scale), scale)
         sign = torch.where(skip, torch.ones_like(sign), sign)
         gi = torch.where(skip[None, :], torch.zeros_like(gi), gi)
-        scales = scale.reshape(nb, 8)
-        max_scale = scales.amax(dim=1)
-        empty = max_scale == 0
-        d = sdiv(max_scale, 15.0)
-        idd = sdiv(1.0, _safe(d))
-        ls = torch.round(0.5 * (idd[:, None] * scales - 1)).clamp_(0, 7).to(torch.int64)
+        d, ls, empty = self.odd_levels(scale.reshape(nb, 8), 7)
         ls = ls | torch.where(sign.reshape(nb, 8) < 0, 8, 0)
         ls = torch.where(empty[:, None], torch.zeros_like(ls), ls)
         d = torch.where(empty, torch.zeros_like(d), d * f32(1.125))
@@ -236,12 +227,7 @@ class IQ1M(IQ1):
         scale = torch.where(skip, torch.zeros_like(scale), scale)
         k = torch.where(skip, torch.zeros_like(k), k)
         gi = torch.where(skip[None, :], torch.zeros_like(gi), gi)
-        scales = scale.reshape(nb, 16)
-        max_scale = scales.amax(dim=1)
-        empty = max_scale == 0
-        d = sdiv(max_scale, 15.0)
-        idd = sdiv(1.0, _safe(d))
-        ls = torch.round(0.5 * (idd[:, None] * scales - 1)).clamp_(0, 7).to(torch.int64)  # [NB, 16]
+        d, ls, empty = self.odd_levels(scale.reshape(nb, 16), 7)  # ls [NB, 16]
         # the super-scale refit over the whole super-block, on the stored points and deltas
         lat = self.lattice
         shift = torch.stack([torch.where(k < 2, DELTA, -DELTA), torch.where(k % 2 == 0, DELTA, -DELTA)])
@@ -252,7 +238,7 @@ class IQ1M(IQ1):
         wq = weight * q
         sqx = seqsum((wq * xb).t().reshape(nb, QK_K).t())
         sq2 = seqsum((wq * q).t().reshape(nb, QK_K).t())
-        d = torch.where(sq2 > 0, sqx / _safe(sq2), d)
+        d = torch.where(sq2 > 0, sqx / one_where_zero(sq2), d)
         dbits = fp16_bytes(d * f32(1.1125)).to(torch.int64)
         u16 = dbits[:, 0] | (dbits[:, 1] << 8)
         ls4 = ls.reshape(nb, 4, 4)
