@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,10 @@ from lowbit.io.outputs import GGUF, GGUF_KEY, SEAL_PLACEHOLDER, check_output, co
 from lowbit.model.gguf_file import GGUFFile
 from lowbit.model.gguf_mix import FILE_TYPES, ModelInfo, file_type, info_from_gguf, llama_order, plan
 from lowbit.model.quantize import QuantReport, TensorRecord
+
+#: values per row chunk of a tensor being quantized (16 MiB of float32): big enough that torch's
+#: vectorized work dominates, small enough that the largest tensor's temporaries stay bounded
+CHUNK_VALUES = 1 << 22
 
 _SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization_version", "general.quantized_by",
               "lowbit.output"}
@@ -86,7 +90,7 @@ for _n in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k
 
 def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True,
                imatrix: dict[str, np.ndarray] | None = None, device: str | torch.device = "cpu",
-               resume: bool = False, force: bool = False) -> QuantReport:
+               resume: bool = False, force: bool = False, chunk_values: int = CHUNK_VALUES) -> QuantReport:
     """Quantize the GGUF file ``src`` to ``fmt_name`` (a llama.cpp file type such as ``q4_k_m``)
     and write ``out``; metadata copied byte for byte.  A tensor whose source type already is its
     target type is copied byte for byte, as llama.cpp does.  With ``resume`` an interrupted run
@@ -109,9 +113,13 @@ def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True,
     def raw(name: str) -> tuple[int, np.ndarray]:
         return gf.tensors[name].type, gf.raw(name)
 
+    def load_rows(name: str, r0: int, r1: int) -> np.ndarray:
+        return dequantize_raw(gf.tensors[name].type, gf.raw(name)[r0:r1])
+
     fp = fingerprint([src], format=fmt_name, imatrix=array_digest(imatrix)) if resume else None
     return write_tensors(out, arch, None, entries, load, fmt_name, info, str(src), progress, imatrix, raw, device,
-                         raw_kv=raw_kv, fingerprint=fp, force=force)
+                         raw_kv=raw_kv, fingerprint=fp, force=force, load_rows=load_rows,
+                         chunk_values=chunk_values)
 
 
 def _collected_kv(arch: str, metadata: Callable[[Any], None]) -> list[tuple[str, bytes]]:
@@ -139,12 +147,18 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
                   device: str | torch.device | Callable[[str], str | torch.device] = "cpu", raw_kv: list[tuple[str, bytes]] | None = None, measure_error: bool = False,
                   prequantized: dict[str, QTensor] | None = None,
                   types: dict[str, str | None] | None = None,
-                  fingerprint: dict[str, Any] | None = None, force: bool = False) -> QuantReport:
+                  fingerprint: dict[str, Any] | None = None, force: bool = False,
+                  load_rows: Callable[[str, int, int], np.ndarray] | None = None,
+                  chunk_values: int = CHUNK_VALUES) -> QuantReport:
     """Write a GGUF file, streaming: metadata first (``raw_kv``, encoded entries as copied from a
     source file, and/or what ``metadata(writer)`` adds to a gguf-py writer), then every tensor of
     ``entries`` (GGUF name, shape rows first), loaded as float32 by ``load``, in the type llama.cpp's
     rules give it under file type ``fmt_name``, in llama.cpp's tensor order, one tensor in memory at
     a time.  ``raw(name)`` gives a source tensor's type and bytes, for tensors copied unchanged;
+    ``load_rows(name, r0, r1)``, where given, reads rows r0:r1 alone (as float32).  A tensor is quantized
+    in chunks of whole rows of about ``chunk_values`` values each, so that peak memory is one chunk's
+    values and temporaries, not the largest tensor's (the bytes are the same: every GGUF type
+    quantizes each row on its own).
     ``prequantized`` holds tensors already quantized (by GPTQ, AWQ ...) in their planned type, rows in
     GGUF order, written as they are.
     ``imatrix`` maps GGUF tensor names to importance vectors (one weight per column).  The
@@ -229,9 +243,29 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
             writer.write_tensor(name, _as_array(tfmt.name, pq.to("cpu").parts))
             report.tensors.append(TensorRecord(name, shape, tfmt.name, True, tfmt.storage_bits(pq.shape), None))
             return
-        w = load(name)
-        _check_finite(w, source, name)
+        rows = shape[0]
+        cols = int(np.prod(shape[1:], dtype=np.int64))
+        by_rows = len(shape) >= 2  # a vector (a norm's weight) is one piece
+        step = max(1, chunk_values // max(cols, 1)) if by_rows else max(rows, 1)
+        spans = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+        full: list[np.ndarray] = []
+
+        def rows_of(r0: int, r1: int) -> np.ndarray:
+            """Rows r0:r1 as float32 [r1 - r0, cols], checked finite; read in row chunks where the source
+            allows it (``load_rows``), else sliced from the tensor loaded once."""
+            if load_rows is not None and by_rows:
+                w = load_rows(name, r0, r1)
+            else:
+                if not full:
+                    full.append(load(name))
+                w = full[0][r0:r1]
+            w = np.ascontiguousarray(w, dtype=np.float32).reshape(r1 - r0, cols)
+            _check_finite(w, source, name)
+            return w
+
         if name in copied:
+            for r0, r1 in spans:  # the values are checked, the bytes copied
+                rows_of(r0, r1)
             data = raw(name)[1]  # type: ignore[misc]
             writer.write_tensor(name, data)
             kept = gguf.GGMLQuantizationType(copied[name]).name.lower()
@@ -239,26 +273,33 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
                                                8 * int(np.asarray(data).nbytes), 0.0))
             return
         if target is None:
-            writer.write_tensor(name, np.ascontiguousarray(w, dtype=np.float32))
-            report.tensors.append(TensorRecord(name, shape, "f32", False, 32 * w.size, 0.0))
+            writer.write_tensor_parts(name, (rows_of(r0, r1) for r0, r1 in spans))
+            report.tensors.append(TensorRecord(name, shape, "f32", False, 32 * rows * cols, 0.0))
             return
         tfmt = get_format(target)
         dev = device(name) if callable(device) else device
-        wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(shape[0], -1)).to(dev)
-        del w
         # a type the matrix does not change leaves its entry unread, and unchecked
         im = imatrix.get(name) if tfmt.uses_imatrix else None
-        if im is not None and np.asarray(im).size != wt.shape[1]:
+        if im is not None and np.asarray(im).size != cols:
             raise FormatError(f"importance matrix entry {name} has {np.asarray(im).size} values, "
-                              f"the tensor has {wt.shape[1]} columns")
-        qt = tfmt.quantize(wt, name=f"{source}:{name}",
-                           imatrix=None if im is None else torch.as_tensor(np.asarray(im, np.float32), device=wt.device))
-        writer.write_tensor(name, _as_array(tfmt.name, qt.to("cpu").parts))
-        err = None
-        if measure_error:
-            num = ((tfmt.dequantize(qt) - wt) ** 2).sum(dtype=torch.float64)
-            err = float(num / (wt * wt).sum(dtype=torch.float64).clamp_min(1e-30))
-        report.tensors.append(TensorRecord(name, shape, tfmt.name, True, tfmt.storage_bits(tuple(wt.shape)), err))
+                              f"the tensor has {cols} columns")
+        imt = None if im is None else torch.as_tensor(np.asarray(im, np.float32), device=dev)
+        sq = [0.0, 0.0]
+
+        def quantized() -> Iterator[np.ndarray]:
+            # every GGUF type quantizes each row on its own (as ggml does), so row chunks give the bytes
+            # of the whole tensor; only one chunk's float32 values and temporaries are in memory
+            for r0, r1 in spans:
+                wt = torch.from_numpy(rows_of(r0, r1)).to(dev)
+                qt = tfmt.quantize(wt, name=f"{source}:{name}", imatrix=imt)
+                yield _as_array(tfmt.name, qt.to("cpu").parts)
+                if measure_error:
+                    sq[0] += float(((tfmt.dequantize(qt) - wt) ** 2).sum(dtype=torch.float64))
+                    sq[1] += float((wt * wt).sum(dtype=torch.float64))
+
+        writer.write_tensor_parts(name, quantized())
+        err = sq[0] / max(sq[1], 1e-30) if measure_error else None
+        report.tensors.append(TensorRecord(name, shape, tfmt.name, True, tfmt.storage_bits((rows, cols)), err))
 
     done = 0
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -129,6 +130,11 @@ class GGUFStreamWriter:
         return self._fh.tell()
 
     def write_tensor(self, name: str, data: np.ndarray) -> None:
+        self.write_tensor_parts(name, [data])
+
+    def write_tensor_parts(self, name: str, parts: Iterable[np.ndarray]) -> None:
+        """Write the next declared tensor from consecutive pieces of its bytes (row chunks quantized
+        one after another), each written as it comes; their total must be the declared size."""
         if self._fh is None:
             raise RuntimeError("begin() first")
         if self._next >= len(self._tensors):
@@ -136,10 +142,16 @@ class GGUFStreamWriter:
         want, _, _, n_bytes = self._tensors[self._next]
         if name != want:
             raise LowbitError(f"{self.path}: tensor {name} written where {want} was declared")
-        buf = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-        if buf.size != n_bytes:
-            raise LowbitError(f"{self.path}: tensor {name} has {buf.size} bytes, {n_bytes} were declared")
-        self._fh.write(memoryview(buf))
+        written = 0
+        for data in parts:
+            buf = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+            written += buf.size
+            if written > n_bytes:
+                break
+            self._fh.write(memoryview(buf))
+        if written != n_bytes:
+            raise LowbitError(f"{self.path}: tensor {name} has {'more than ' if written > n_bytes else ''}{written} bytes, "
+                              f"{n_bytes} were declared")
         self._fh.write(b"\0" * (-n_bytes % ALIGNMENT))
         self._next += 1
 
