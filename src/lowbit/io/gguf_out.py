@@ -368,10 +368,10 @@ def resumable_part(out: Path) -> Path:
 
 class Journal:
     """Progress of a resumable GGUF write, ``.<name>.part-resume.json`` beside the partial file
-    ``.<name>.part``: the fingerprint of the inputs and arguments, the SHA-256 of the header, and
-    after each finished tensor its index, the file length and the report records so far.  The
-    partial file is fsynced before the journal is replaced (write, fsync, rename), so the journal
-    never claims more than the disk holds.  A rerun whose fingerprint and header match truncates
+    ``.<name>.part``: a first line with the fingerprint of the inputs and arguments and the SHA-256
+    of the header, then after each finished tensor a line with its index, the file length and its
+    report record (:meth:`read` puts them together).  The partial file is fsynced before each line
+    is written, so the journal never claims more than the disk holds.  A rerun whose fingerprint and header match truncates
     the partial file to the last finished tensor and goes on; anything else starts over.  The
     output is renamed into place only once complete, then the journal is removed.  An exclusive
     lock (flock) on the partial file keeps two runs from writing it at once."""
@@ -386,6 +386,7 @@ class Journal:
         self.header_sha256 = ""
         self.done = 0
         self.n = 0
+        self._saved: int | None = None  # records in the journal file (None: not written by this run)
         self._lock_fh: Any = None
 
     def _say(self, text: str, report: QuantReport | None = None) -> None:
@@ -422,7 +423,7 @@ class Journal:
         if not self.path.exists():
             return 0
         try:
-            state = json.loads(self.path.read_text())
+            state = self.read(self.path)
             done, offset = int(state["done"]), int(state["offset"])
             records = state["records"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -447,18 +448,42 @@ class Journal:
         self._say(f"lowbit: resuming after tensor {done} of {n} ({self.part})", report)
         return done
 
+    @staticmethod
+    def read(path: Path) -> dict[str, Any]:
+        """The state a journal file records: its first line (fingerprint, header digest, tensor
+        count ...) with ``done``, ``offset`` and ``records`` brought up to its last complete line."""
+        lines = path.read_text().split("\n")
+        state = json.loads(lines[0])
+        for line in lines[1:]:
+            try:
+                step = json.loads(line)
+            except ValueError:  # a line cut short by a crash (or the empty end): the lines before it hold
+                break
+            state["done"], state["offset"] = step["done"], step["offset"]
+            state["records"].extend(step["records"])
+        return state
+
     def save(self, done: int, offset: int, report: QuantReport) -> None:
+        """Record that ``done`` tensors (ending at ``offset``, already fsynced) are written.  The first
+        save writes the whole state (write, fsync, rename); later ones append a line with the new
+        records, so a save costs the same at the last tensor as at the first."""
+        recs = [[t.name, list(t.shape), t.format, t.quantized, t.bits, t.rel_error] for t in report.tensors]
+        if self._saved is None or not self.path.exists():
+            state = {"lowbit_journal": 2, "out": str(self.out), "fingerprint": self.fingerprint,
+                     "header_sha256": self.header_sha256, "n_tensors": self.n, "done": done, "offset": offset,
+                     "records": recs}
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(state) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(self.path)
+        else:
+            # losing this line to a crash only means redoing its tensors: the partial file is fsynced first
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"done": done, "offset": offset, "records": recs[self._saved:]}) + "\n")
+        self._saved = len(recs)
         self.done = done
-        state = {"lowbit_journal": 1, "out": str(self.out), "fingerprint": self.fingerprint,
-                 "header_sha256": self.header_sha256, "n_tensors": self.n, "done": done, "offset": offset,
-                 "records": [[t.name, list(t.shape), t.format, t.quantized, t.bits, t.rel_error]
-                             for t in report.tensors]}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(self.path)
 
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)

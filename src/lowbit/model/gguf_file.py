@@ -9,6 +9,7 @@ file and the problem, never a huge allocation or a crash.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,10 @@ _SCALAR = {t: fmt for t, (fmt, _) in VALUE_ENCODING.items()}
 _NP = {t: dt for t, (_, dt) in VALUE_ENCODING.items()}
 STRING, ARRAY, BOOL = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY), int(GGUFValueType.BOOL)
 MAX_DIMS = 4
+
+
+#: parsed headers by (path, size): the SHA-1 and length of the header bytes, its entries and tensors
+_PARSED: dict[tuple[str, int], tuple[bytes, int, dict, dict]] = {}
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,18 @@ class GGUFFile:
         self._pos = 0
         self.kv: dict[str, KV] = {}
         self.tensors: dict[str, TensorInfo] = {}
+        key = (str(self.path.resolve()), self.size)
+        hit = _PARSED.get(key)
+        if hit is not None and hit[1] <= self.size and hashlib.sha1(self._buf[: hit[1]]).digest() == hit[0]:
+            # the same header bytes parse to the same entries (a file is often opened several times
+            # in one command, and a tokenizer's strings take most of a parse)
+            self.kv, self.tensors, self._pos = dict(hit[2]), dict(hit[3]), hit[1]
+            return
         self._parse()
+        _PARSED.pop(key, None)
+        _PARSED[key] = (hashlib.sha1(self._buf[: self._pos]).digest(), self._pos, dict(self.kv), dict(self.tensors))
+        while len(_PARSED) > 4:
+            _PARSED.pop(next(iter(_PARSED)))
 
     # ---- primitive reads, every one bounds-checked ----------------------------------
     def _fail(self, what: str) -> ModelLoadError:
