@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lowbit.formats import get_format
-from lowbit.io.gguf_out import write_gguf, write_tensors
+from lowbit.io.gguf_out import HALF_FIELDS, dequantize_raw, finite_rows, write_gguf, write_tensors
 from lowbit.model.gguf_file import GGUFFile
 from lowbit.model.gguf_mix import ModelInfo, gguf_types
 from lowbit.model.load import resolve_model_path
@@ -58,3 +58,37 @@ def test_a_file_read_in_row_chunks_is_the_file_read_whole(tmp_path):
         write_gguf(src, out, "q4_k_m", progress=False, chunk_values=values)
         digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("tname", sorted(HALF_FIELDS))
+def test_finite_rows_from_the_scales_agree_with_dequantization(tname):
+    """Random bytes (about 1 in 32 float16 fields is then Inf or NaN): a row is finite by its
+    scales exactly when all its dequantized values are."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[tname]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(zlib.crc32(tname.encode()))
+    data = rng.integers(0, 256, size=(400, 2 * size), dtype=np.uint8)  # 400 rows of two blocks
+    ok = finite_rows(int(qtype), data)
+    values = dequantize_raw(int(qtype), data).reshape(400, 2 * block)
+    assert ok is not None and 10 < int((~ok).sum()) < 390
+    np.testing.assert_array_equal(ok, np.isfinite(values).all(axis=1))
+
+
+def test_a_copied_tensor_with_a_nan_scale_is_refused(tmp_path):
+    import gguf
+
+    from lowbit.errors import FormatError
+
+    src = resolve_model_path("smollm2")
+    gf = GGUFFile(src)
+    name = next(n for n, t in gf.tensors.items() if gguf.GGMLQuantizationType(t.type).name == "Q4_1")
+    bad = tmp_path / "bad.gguf"
+    data = bytearray(src.read_bytes())
+    off = gf.tensors[name].offset + 5 * 20  # the 6th block's scale
+    data[off : off + 2] = np.array([np.nan], np.float16).tobytes()
+    bad.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match=f"{name} has NaN or Inf values in 1 rows"):
+        write_gguf(bad, tmp_path / "out.gguf", "q4_1", progress=False)
+    assert not (tmp_path / "out.gguf").exists()

@@ -77,6 +77,39 @@ def dequantize_raw(gtype: int, data: np.ndarray) -> np.ndarray:
     return gguf.quants.dequantize(data, gguf.GGMLQuantizationType(gtype)).astype(np.float32, copy=False)
 
 
+#: byte offsets of the float16 fields (block scales, minimums) in one block of each type whose values
+#: are finite exactly when those fields are: every other field is a small integer, so a value is a
+#: finite float32 product of them (at most 65504 x 63 x 127)
+HALF_FIELDS: dict[str, tuple[int, ...]] = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "IQ4_NL": (0,), "IQ4_XS": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,),
+    "TQ1_0": (52,), "TQ2_0": (64,),
+}
+
+
+def finite_rows(gtype: int, data: np.ndarray) -> np.ndarray | None:
+    """Whether each row of stored bytes ``[rows, row bytes]`` dequantizes to finite values, read from
+    the float16 fields alone (:data:`HALF_FIELDS`) without dequantizing; None for a type not there."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(gtype)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return np.isfinite(np.asarray(data).view(np.float32)).all(axis=-1)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return np.isfinite(np.asarray(data).view(np.float16)).all(axis=-1)
+    offsets = HALF_FIELDS.get(qtype.name)
+    if offsets is None:
+        return None
+    type_size = gguf.GGML_QUANT_SIZES[qtype][1]
+    blocks = np.asarray(data).reshape(data.shape[0], -1, type_size)
+    ok = np.ones(data.shape[0], dtype=bool)
+    for off in offsets:
+        half = np.ascontiguousarray(blocks[:, :, off : off + 2]).view(np.float16)
+        ok &= np.isfinite(half).reshape(data.shape[0], -1).all(axis=1)
+    return ok
+
+
 def fmt_type_size(fmt: Format) -> int:
     return fmt.storage_bits((1, fmt.block_size)) // 8
 
@@ -118,7 +151,7 @@ def write_gguf(src: Path, out: Path, fmt_name: str, progress: bool = True,
 
     fp = fingerprint([src], format=fmt_name, imatrix=array_digest(imatrix)) if resume else None
     return write_tensors(out, arch, None, entries, load, fmt_name, info, str(src), progress, imatrix, raw, device,
-                         raw_kv=raw_kv, fingerprint=fp, force=force, load_rows=load_rows,
+                         raw_kv=raw_kv, fingerprint=fp, force=force, load_rows=load_rows, release=gf.release,
                          chunk_values=chunk_values)
 
 
@@ -149,13 +182,15 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
                   types: dict[str, str | None] | None = None,
                   fingerprint: dict[str, Any] | None = None, force: bool = False,
                   load_rows: Callable[[str, int, int], np.ndarray] | None = None,
+                  release: Callable[[str], None] | None = None,
                   chunk_values: int = CHUNK_VALUES) -> QuantReport:
     """Write a GGUF file, streaming: metadata first (``raw_kv``, encoded entries as copied from a
     source file, and/or what ``metadata(writer)`` adds to a gguf-py writer), then every tensor of
     ``entries`` (GGUF name, shape rows first), loaded as float32 by ``load``, in the type llama.cpp's
     rules give it under file type ``fmt_name``, in llama.cpp's tensor order, one tensor in memory at
     a time.  ``raw(name)`` gives a source tensor's type and bytes, for tensors copied unchanged;
-    ``load_rows(name, r0, r1)``, where given, reads rows r0:r1 alone (as float32).  A tensor is quantized
+    ``load_rows(name, r0, r1)``, where given, reads rows r0:r1 alone (as float32), and ``release(name)``
+    is called once a tensor is written (to drop its source pages from memory).  A tensor is quantized
     in chunks of whole rows of about ``chunk_values`` values each, so that peak memory is one chunk's
     values and temporaries, not the largest tensor's (the bytes are the same: every GGUF type
     quantizes each row on its own).
@@ -264,9 +299,15 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
             return w
 
         if name in copied:
-            for r0, r1 in spans:  # the values are checked, the bytes copied
-                rows_of(r0, r1)
             data = raw(name)[1]  # type: ignore[misc]
+            # the values are checked (from their scales where the type allows: no dequantization), the bytes copied
+            ok = finite_rows(copied[name], data.reshape(rows, -1)) if by_rows else None
+            if ok is None:
+                for r0, r1 in spans:
+                    rows_of(r0, r1)
+            elif not ok.all():
+                raise FormatError(f"{source}: tensor {name} has NaN or Inf values in {int((~ok).sum())} rows; "
+                                  "refusing to quantize")
             writer.write_tensor(name, data)
             kept = gguf.GGMLQuantizationType(copied[name]).name.lower()
             report.tensors.append(TensorRecord(name, shape, target or kept, target is not None,
@@ -311,6 +352,8 @@ def write_tensors(out: Path, arch: str, metadata: Callable[[Any], None] | None,
                    initial=done, total=len(order), leave=False)
         for i, name in enumerate(bar, start=done):
             one(name)
+            if release is not None:
+                release(name)
             if journal is not None:
                 journal.save(i + 1, writer.sync(), report)
         writer.close()

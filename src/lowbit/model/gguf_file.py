@@ -218,6 +218,21 @@ class GGUFFile:
         kv = self.kv.get(key)
         return default if kv is None else kv.value
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's resident memory (the mapping stays valid: a later
+        read loads them from the file again).  Streaming a file tensor by tensor keeps the resident
+        set at what one tensor needs rather than the whole file."""
+        import mmap
+
+        t = self.tensors[name]
+        mm = getattr(self._mm, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(self.size, t.offset + t.n_bytes)
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def raw(self, name: str) -> np.ndarray:
         """The tensor's stored bytes, rows first: [rows..., bytes per row] (memory-mapped)."""
         t = self.tensors[name]
